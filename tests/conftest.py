@@ -11,7 +11,7 @@ import denselora_app.denselora  # noqa: F401  (registers DenseLoRA with PEFT)
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
     values = dict(
-        vocab_size=128,
+        vocab_size=320,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=3,
@@ -37,3 +37,198 @@ def model() -> LlamaForCausalLM:
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(chat_template: bool = True):
+    """A byte-level BPE tokenizer trained in milliseconds, with ChatML special tokens (vocabulary < 320)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=310,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = ["the quick brown fox jumps over the lazy dog", "what is the capital of a country?", "answer: yes no"]
+    tok.train_from_iterator(corpus * 10, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    if chat_template:
+        fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def embedded_cache_root(tmp_path_factory):
+    """A DENSELORA_CACHE folder shared by the whole test session, so the embedded default is converted at most once."""
+    return tmp_path_factory.mktemp("denselora-cache")
+
+
+@pytest.fixture
+def embedded_model_dir(embedded_cache_root, monkeypatch):
+    """The embedded default's converted folder (a Path), with DENSELORA_CACHE set to the session's cache.
+
+    Converting takes ~20 s, once per session."""
+    from pathlib import Path
+
+    from denselora_app.models import EMBEDDED_DEFAULT, ensure_local
+
+    monkeypatch.setenv("DENSELORA_CACHE", str(embedded_cache_root))
+    return Path(ensure_local(EMBEDDED_DEFAULT))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes tens of seconds (converts the embedded GGUF model); -m 'not slow' skips")
+
+
+# ---- the app in its own process (tests/test_app.py, tests/test_browser.py) --------------------------------------
+
+import json  # noqa: E402  (this section's imports stay with it)
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_REPO = Path(__file__).resolve().parent.parent
+
+# Rows made of words the tiny tokenizer knows, in the `messages` layout.
+APP_DATA_ROWS = [
+    {"messages": [{"role": "user", "content": f"what is the capital of {c}?"},
+                  {"role": "assistant", "content": "the quick brown fox"}]}
+    for c in ("a", "the", "a country", "the dog", "a fox", "the lazy dog", "no", "yes")
+]
+
+
+@pytest.fixture(scope="session")
+def app_model_dir(tmp_path_factory):
+    """A tiny LLaMA model folder (config.json + safetensors + tokenizer with a chat template) for the app tests."""
+    folder = tmp_path_factory.mktemp("app-tiny-model")
+    tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def app_data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("app-data") / "facts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in APP_DATA_ROWS))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class AppProcess:
+    """`python app.py` running on its own port, with its runs and presets in a test folder."""
+
+    url: str
+    workdir: Path
+    process: subprocess.Popen
+    seconds_to_first_page: float
+
+    @property
+    def runs(self) -> Path:
+        return self.workdir / "runs"
+
+    @property
+    def presets(self) -> Path:
+        return self.workdir / "presets"
+
+    @property
+    def log(self) -> str:
+        return (self.workdir / "app.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def launch_app(workdir: Path, timeout: float = 180.0) -> AppProcess:
+    """Start app.py as `make run` does, on a free port (GRADIO_SERVER_PORT), and wait until it serves its page."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / "presets").exists():
+        shutil.copytree(_REPO / "presets", workdir / "presets")
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "DENSELORA_RUNS": str(workdir / "runs"),
+           "DENSELORA_PRESETS": str(workdir / "presets"), "GRADIO_ANALYTICS_ENABLED": "False",
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    url = f"http://127.0.0.1:{port}/"
+    started = time.monotonic()
+    with open(workdir / "app.log", "ab") as log:
+        process = subprocess.Popen([sys.executable, "app.py"], cwd=_REPO, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    while time.monotonic() - started < timeout:
+        if process.poll() is not None:
+            raise AssertionError(f"app.py exited with {process.returncode}:\n{(workdir / 'app.log').read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return AppProcess(url, workdir, process, time.monotonic() - started)
+        except OSError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"app.py did not serve {url} within {timeout} s:\n{(workdir / 'app.log').read_text()}")
+
+
+def stop_workers(runs: Path, timeout: float = 60.0) -> None:
+    """End every training worker still running under `runs` (they outlive the app by design)."""
+    import psutil
+
+    pids = []
+    for status_file in runs.glob("*/status.json"):
+        status = json.loads(status_file.read_text() or "{}")
+        if status.get("state") in ("queued", "running") and status.get("pid"):
+            pids.append(int(status["pid"]))
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)  # the worker's graceful stop
+            alive.append(psutil.Process(pid))
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    _, still = psutil.wait_procs(alive, timeout=timeout)
+    for proc in still:
+        proc.kill()
+
+
+def wait_until(predicate, timeout: float = 180.0, interval: float = 0.5, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy (returned), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -20,6 +20,13 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda t: t,
 }
 
+# d act(u) / du applied to an incoming gradient: (grad, u) -> grad * act'(u), the kernels autograd itself uses.
+ACTIVATION_GRADS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "gelu": lambda grad, u: torch.ops.aten.gelu_backward(grad, u, approximate="none"),
+    "silu": torch.ops.aten.silu_backward,
+    "identity": lambda grad, u: grad,
+}
+
 NOT_MERGEABLE = (
     "DenseLoRA adapters cannot be merged into the base weights: the update act(D(M(act(E(x))))) is nonlinear in x, "
     "so no weight matrix W0 + dW reproduces it. Keep the adapter as it is (save_pretrained / PeftModel.from_pretrained"
@@ -93,12 +100,14 @@ class Linear(nn.Module, DenseLoraLayer):
         self.update_layer(adapter_name, **update_kwargs)
 
     def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """The adapter's additive update for input ``x``, in the adapter's dtype."""
+        """The adapter's additive update for input ``x``, in the adapter's dtype (or autocast's, under autocast)."""
         encoder, decoder = self.shared[adapter_name]
-        act = ACTIVATIONS[self.activation[adapter_name]]
-        x = self._cast_input_dtype(x, encoder.weight.dtype)
-        hidden = act(encoder(self.denselora_dropout[adapter_name](x)))
-        return act(decoder(self.denselora_M[adapter_name](hidden))) * self.scaling[adapter_name]
+        x = self.denselora_dropout[adapter_name](self._cast_input_dtype(x, encoder.weight.dtype))
+        weights = (encoder.weight, self.denselora_M[adapter_name].weight, decoder.weight)
+        activation, scaling = self.activation[adapter_name], self.scaling[adapter_name]
+        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+            return dense_update_for_training(x, *weights, activation, scaling)
+        return dense_update(x, *weights, activation, scaling)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -112,6 +121,91 @@ class Linear(nn.Module, DenseLoraLayer):
 
     def __repr__(self) -> str:
         return "denselora." + super().__repr__()
+
+
+def dense_update(
+    x: torch.Tensor,
+    encoder_weight: torch.Tensor,
+    dense_weight: torch.Tensor,
+    decoder_weight: torch.Tensor,
+    activation: str,
+    scaling: float,
+) -> torch.Tensor:
+    """The DenseLoRA update ``scaling * act(D(M(act(E(x)))))``, written as the plain formula (the reference)."""
+    act = ACTIVATIONS[activation]
+    hidden = act(nn.functional.linear(x, encoder_weight))
+    return act(nn.functional.linear(nn.functional.linear(hidden, dense_weight), decoder_weight)) * scaling
+
+
+def dense_update_for_training(
+    x: torch.Tensor,
+    encoder_weight: torch.Tensor,
+    dense_weight: torch.Tensor,
+    decoder_weight: torch.Tensor,
+    activation: str,
+    scaling: float,
+) -> torch.Tensor:
+    """``dense_update`` with a backward pass that stores only rank-r activations (see ``_DenseUpdate``).
+
+    Under autocast everything is cast to autocast's dtype first, as autocast itself would for these matmuls, so the
+    custom backward sees one dtype throughout; autograd casts the weights' gradients back to their own dtype.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, encoder_weight, dense_weight, decoder_weight = (
+            t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in (x, encoder_weight, dense_weight, decoder_weight)
+        )
+    return _DenseUpdate.apply(x, encoder_weight, dense_weight, decoder_weight, activation, scaling)
+
+
+class _DenseUpdate(torch.autograd.Function):
+    """``dense_update`` with a hand-written backward that recomputes the decoder's output instead of storing it.
+
+    Plain autograd would keep ``D(M(h))`` (one value per output feature and token) for the outer activation's
+    backward: more memory than LoRA, whose stored activations are all rank-r wide. Here only ``x`` (already kept by
+    the frozen base layer), ``E x``, ``act(E x)`` and ``M act(E x)`` are stored, and the backward spends one extra
+    r-wide matmul to rebuild ``D(M(h))``. Gradients are the same as autograd's up to float rounding order.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        encoder_weight: torch.Tensor,
+        dense_weight: torch.Tensor,
+        decoder_weight: torch.Tensor,
+        activation: str,
+        scaling: float,
+    ) -> torch.Tensor:
+        act = ACTIVATIONS[activation]
+        encoded = nn.functional.linear(x, encoder_weight)
+        hidden = act(encoded)
+        mixed = nn.functional.linear(hidden, dense_weight)
+        out = act(nn.functional.linear(mixed, decoder_weight)) * scaling
+        ctx.save_for_backward(x, encoded, hidden, mixed, encoder_weight, dense_weight, decoder_weight)
+        ctx.activation, ctx.scaling = activation, scaling
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, encoded, hidden, mixed, encoder_weight, dense_weight, decoder_weight = ctx.saved_tensors
+        act_grad = ACTIVATION_GRADS[ctx.activation]
+        need_x, need_encoder, need_dense, need_decoder = ctx.needs_input_grad[:4]
+        # Through the outer activation, at the rebuilt decoder output.
+        grad_decoded = act_grad(grad * ctx.scaling, nn.functional.linear(mixed, decoder_weight))
+        grad_decoder = _weight_grad(grad_decoded, mixed) if need_decoder else None
+        grad_mixed = grad_decoded @ decoder_weight
+        grad_dense = _weight_grad(grad_mixed, hidden) if need_dense else None
+        grad_encoded = act_grad(grad_mixed @ dense_weight, encoded)
+        grad_encoder = _weight_grad(grad_encoded, x) if need_encoder else None
+        grad_x = grad_encoded @ encoder_weight if need_x else None
+        return grad_x, grad_encoder, grad_dense, grad_decoder, None, None
+
+
+def _weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Gradient of ``linear(inputs, W)`` with respect to W, summed over every leading (batch, token) dimension."""
+    return grad_out.reshape(-1, grad_out.shape[-1]).T @ inputs.reshape(-1, inputs.shape[-1])
 
 
 def feature_sizes(base_layer: nn.Module) -> tuple[int, int]:

@@ -1,0 +1,179 @@
+"""RunConfig: the one typed configuration a run is made from, in the app, the CLI and presets (YAML in, YAML out)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+SAMPLE_DATA = "sample:studio_facts"
+PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+METHODS = ("denselora", "lora")
+ACTIVATIONS = ("gelu", "silu", "identity")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it and says what is accepted."""
+
+
+def _field(default: Any, help: str, **checks: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass
+class RunConfig:
+    # --- what to train
+    model: str = _field(EMBEDDED_MODEL, "Base model: 'embedded:SmolLM2-135M-Instruct', a Hub id, a folder or a .gguf file.")
+    data: str = _field(SAMPLE_DATA, "Training data: a .jsonl/.json/.csv/.parquet/.txt file, a Hub dataset, or the sample.")
+    data_format: str = _field("auto", "Row layout; 'auto' detects it from the columns.", choices=DATA_FORMATS)
+    train_on_inputs: bool = _field(False, "Also train on prompt tokens (the paper's setting); default trains answers only.")
+    val_size: float = _field(0.0, "Validation rows: a count (>= 1), a fraction (< 1), or 0 for none.", min=0)
+    cutoff_len: int = _field(512, "Longest example in tokens; longer ones are truncated.", min=8)
+    # --- the adapter
+    method: str = _field("denselora", "Adapter method: 'denselora' or 'lora' (PEFT's LoRA, the baseline).", choices=METHODS)
+    r: int = _field(16, "Rank.", min=1)
+    alpha: float = _field(32.0, "Scaling numerator: updates are scaled by alpha / r.", min_exclusive=0)
+    dropout: float = _field(0.05, "Dropout on the adapter input.", min=0, max_exclusive=1)
+    target_modules: list[str] = _field(PAPER_TARGETS, "Linear layer names to adapt (name suffixes, e.g. q_proj).")
+    activation: str = _field("gelu", "DenseLoRA nonlinearity (ablations: silu, identity).", choices=ACTIVATIONS)
+    # --- optimisation
+    learning_rate: float = _field(3e-4, "Peak learning rate.", min_exclusive=0)
+    num_epochs: float = _field(2.0, "Passes over the training rows (ignored when max_steps > 0).", min_exclusive=0)
+    max_steps: int = _field(-1, "Optimizer steps to run; -1 uses num_epochs.", min=-1)
+    batch_size: int = _field(4, "Rows per device per forward pass.", min=1)
+    grad_accum: int = _field(4, "Forward passes per optimizer step (effective batch = batch_size x grad_accum).", min=1)
+    warmup_steps: int = _field(100, "Linear learning-rate warmup, in optimizer steps.", min=0)
+    lr_scheduler: str = _field("linear", "Learning-rate schedule after warmup.", choices=SCHEDULERS)
+    weight_decay: float = _field(0.0, "AdamW weight decay.", min=0)
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm; 0 disables clipping.", min=0)
+    seed: int = _field(42, "Random seed for initialisation, shuffling and the validation split.", min=0)
+    gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
+    # --- bookkeeping
+    logging_steps: int = _field(1, "Optimizer steps between metric lines (loss, lr, grad norm, tokens/s).", min=1)
+    eval_steps: int = _field(0, "Steps between validation passes; 0 evaluates only at the end (needs val_size).", min=0)
+    save_steps: int = _field(50, "Steps between checkpoints (resume points).", min=1)
+    save_total_limit: int = _field(3, "Checkpoints kept on disk (oldest removed first).", min=1)
+    run_name: str = _field("", "A name for the run folder; empty picks one from the method, rank and time.")
+    # --- where it runs
+    device: str = _field("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    dtype: str = _field("auto", "Base model weights: auto (bf16/fp16 on GPU, fp32 on CPU) or a dtype.", choices=DTYPES)
+    trust_remote_code: bool = _field(False, "Run model code shipped with a Hub model. Only for models you trust.")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check(f, getattr(self, f.name)))
+        if not self.target_modules:
+            raise ConfigError("target_modules is empty: name at least one Linear layer to adapt, e.g. [q_proj, v_proj].")
+
+    # --- YAML in, YAML out
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        if not isinstance(values, dict):
+            raise ConfigError(f"A run configuration is a mapping of keys to values, got {type(values).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                hint = difflib.get_close_matches(str(key), known, n=1)
+                raise ConfigError(f"Unknown key '{key}'." + (f" Did you mean '{hint[0]}'?" if hint else "")
+                                  + f" Known keys: {', '.join(sorted(known))}.")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"Configuration file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        try:
+            return cls.from_dict(values or {})
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    def with_overrides(self, assignments: list[str]) -> RunConfig:
+        """Apply CLI-style ``key=value`` strings; values are parsed as YAML (so 8, 3e-4, true, [q_proj] work)."""
+        values = self.to_dict()
+        for assignment in assignments:
+            key, sep, raw = assignment.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--set expects key=value, got '{assignment}'.")
+            try:
+                values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                values[key.strip()] = raw
+        return RunConfig.from_dict(values)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size * self.grad_accum
+
+
+def _check(f: dataclasses.Field, value: Any) -> Any:
+    """Coerce harmless forms (int for a float, str for a one-item list) and reject wrong types and ranges."""
+    expected = typing.get_type_hints(RunConfig)[f.name]
+    name, meta = f.name, f.metadata
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}.")
+    elif expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"{name} must be a whole number, got {value!r}.")
+    elif expected is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}.")
+        value = float(value)
+    elif expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be text, got {value!r}.")
+        value = value.strip()
+    elif typing.get_origin(expected) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of names, got {value!r}.")
+        value = list(dict.fromkeys(value))
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{name} must be one of {', '.join(meta['choices'])}; got {value!r}.")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{name} must be at least {meta['min']}, got {value!r}.")
+    if "min_exclusive" in meta and value <= meta["min_exclusive"]:
+        raise ConfigError(f"{name} must be greater than {meta['min_exclusive']}, got {value!r}.")
+    if "max_exclusive" in meta and value >= meta["max_exclusive"]:
+        raise ConfigError(f"{name} must be less than {meta['max_exclusive']}, got {value!r}.")
+    return value
+
+
+def field_help(name: str) -> str:
+    """The help text of a RunConfig field, for CLI and UI labels."""
+    return next(f.metadata["help"] for f in dataclasses.fields(RunConfig) if f.name == name)

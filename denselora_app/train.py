@@ -1,0 +1,234 @@
+"""The training recipe, top to bottom: data -> base model -> adapter -> Hugging Face Trainer -> adapter on disk.
+
+Runs the same in the background worker, in the foreground CLI and under ``torchrun``/``accelerate launch`` (the
+Trainer brings DDP, FSDP and DeepSpeed). Everything a user watches is written to the run folder by ``RunCallback``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from peft import get_peft_model
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from .config import SAMPLE_DATA, RunConfig
+from .data import SAMPLE_DATA as SAMPLE_DATA_FILE
+from .data import prepare_data
+from .methods import build_peft_config
+from .models import load_model, load_tokenizer
+from .runs import Run, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def data_source(cfg: RunConfig) -> str:
+    return str(SAMPLE_DATA_FILE) if cfg.data == SAMPLE_DATA else cfg.data
+
+
+def process_state(device: str) -> PartialState:
+    """This process's place in a (possibly distributed) run; the first call fixes it for the Trainer too.
+
+    accelerate only sets up CPU-only multi-process training (gloo) when told the run is on the CPU.
+    """
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available()
+                                 and not torch.backends.mps.is_available())
+    return PartialState(cpu=on_cpu)
+
+
+def train(run: Run, resume: bool = False, show_progress: bool = False) -> str:
+    """Train ``run`` to the end or to a stop request; returns the final state, 'completed' or 'stopped'."""
+    cfg = run.config()
+    state = process_state(cfg.device)
+    set_seed(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    data = prepare_data(
+        data_source(cfg),
+        tokenizer,
+        fmt=cfg.data_format,
+        cutoff_len=cfg.cutoff_len,
+        train_on_inputs=cfg.train_on_inputs,
+        val_size=cfg.val_size,
+        seed=cfg.seed,
+    )
+    if state.is_main_process:
+        write_json_atomic(run.path / "data_report.json", data.report.to_dict())
+        log.info("Data: %s", data.report.summary())
+
+    device = str(state.device) if cfg.device == "auto" else cfg.device
+    model = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    base_parameters = sum(p.numel() for p in model.parameters())
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # the frozen embeddings must pass gradients on to the adapters
+    peft_model = get_peft_model(model, build_peft_config(cfg))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    log.info("%s r=%d: %s trainable parameters (%.4f%% of %s)", cfg.method, cfg.r, f"{trainable:,}",
+             100 * trainable / base_parameters, f"{base_parameters:,}")
+
+    has_eval = data.eval is not None
+    weights_dtype = model.dtype
+    args = TrainingArguments(
+        output_dir=str(run.checkpoints_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if has_eval and cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps or None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=weights_dtype == torch.bfloat16,
+        fp16=weights_dtype == torch.float16,
+        use_cpu=torch.device(device).type == "cpu",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        disable_tqdm=not show_progress,
+        report_to="none",
+    )
+    checkpoint = run.last_checkpoint() if resume else None
+    if resume and state.is_main_process:
+        run.truncate_metrics(after_step=int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
+    callback = RunCallback(run, trainable=trainable, total=base_parameters)
+    trainer = Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[callback],
+    )
+    if _stop_requested(run):  # asked to stop while the model was loading
+        return "stopped"
+    started = time.time()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    _check_ranks_agree(peft_model)
+    stopped = _stop_requested(run)
+    if has_eval and not stopped and not cfg.eval_steps:
+        trainer.evaluate()  # the final validation loss, logged through RunCallback
+
+    if state.is_main_process:
+        peft_model.save_pretrained(run.adapter_dir)
+        tokenizer.save_pretrained(run.adapter_dir)  # chat template travels with the adapter
+        write_json_atomic(run.path / "summary.json", _summary(run, cfg, trainable, base_parameters, started))
+        log.info("Adapter saved to %s", run.adapter_dir)
+    state.wait_for_everyone()
+    return "stopped" if stopped else "completed"
+
+
+def _stop_requested(run: Run) -> bool:
+    """The same answer on every rank (rank 0 decides), so no rank waits forever for the others."""
+    flag = torch.tensor([int(run.stop_requested())])
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def _check_ranks_agree(model: torch.nn.Module) -> None:
+    """Under DDP every rank must end with the same adapter; the shared encoders/decoders make this worth checking."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    digest = hashlib.sha256()
+    for _, param in sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad), key=lambda x: x[0]):
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    digests: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"Adapter weights differ across ranks after training: {digests}")
+    log.info("Adapter weights identical on all %d ranks (sha256 %s)", len(digests), digests[0][:16])
+
+
+def _summary(run: Run, cfg: RunConfig, trainable: int, total: int, started: float) -> dict[str, Any]:
+    metrics = run.metrics()
+    train_losses = [m["loss"] for m in metrics if "loss" in m]
+    eval_losses = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    return {
+        "method": cfg.method,
+        "r": cfg.r,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_percent": 100 * trainable / total,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "final_eval_loss": eval_losses[-1] if eval_losses else None,
+        "steps": metrics[-1]["step"] if metrics else 0,
+        "duration_seconds": metrics[-1].get("elapsed_seconds") if metrics else time.time() - started,
+        "adapter": str(run.adapter_dir),
+    }
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports kilobytes
+
+
+class RunCallback(TrainerCallback):
+    """Writes metrics.jsonl and status.json as training goes, and turns a stop request into a graceful stop."""
+
+    def __init__(self, run: Run, trainable: int, total: int) -> None:
+        self.run = run
+        self.trainable = trainable
+        self.total = total
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.session_start = time.time()
+        self.session_first_step = state.global_step
+        self.elapsed_before = self.run.raw_status().get("elapsed_seconds", 0.0) if state.global_step else 0.0
+        self.last_time, self.last_tokens = time.time(), state.num_input_tokens_seen
+        if state.is_world_process_zero:
+            self.run.update_status(state="running", step=state.global_step, max_steps=state.max_steps,
+                                   trainable_parameters=self.trainable, total_parameters=self.total)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _stop_requested(self.run):
+            control.should_training_stop = True
+            control.should_save = True  # a checkpoint at the stop step, so resume continues from here
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" not in logs and "eval_loss" not in logs:
+            return  # the Trainer's end-of-training totals
+        now = time.time()
+        elapsed = self.elapsed_before + now - self.session_start
+        done = max(state.global_step - self.session_first_step, 1)
+        remaining = (now - self.session_start) / done * max(state.max_steps - state.global_step, 0)
+        row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+            if key in logs:
+                row[key] = float(logs[key])
+        if "loss" in logs:
+            tokens = state.num_input_tokens_seen - self.last_tokens
+            row["tokens_per_second"] = tokens / max(now - self.last_time, 1e-9)
+            self.last_time, self.last_tokens = now, state.num_input_tokens_seen
+        row.update(
+            elapsed_seconds=round(elapsed, 2),
+            remaining_seconds=round(remaining, 2),
+            peak_memory_gb=round(peak_memory_gb(args.device), 3),
+            time=now,
+        )
+        self.run.append_metrics(row)
+        self.run.update_status(step=state.global_step, max_steps=state.max_steps, elapsed_seconds=elapsed,
+                               remaining_seconds=remaining, heartbeat=now)

@@ -1,0 +1,118 @@
+"""The engine's slow loaders, imported lazily and cached for the app; and storing uploaded data files.
+
+Reading the embedded GGUF model's config or tokenizer takes ~10 s each, and the Train tab needs them on every rank
+change or data preview, so they are loaded once per model spec. The engine modules (torch, transformers, datasets)
+are imported inside these functions: the app must serve its first page before any of them is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig
+from ..runs import runs_dir, safe_name
+
+UPLOAD_TYPES = (".jsonl", ".json", ".csv", ".parquet", ".txt")  # what data.py reads; checked before copying
+
+
+def _stamp(spec: str) -> float | None:
+    """Changes when a local model folder or file changes, so a re-saved model is not served from the cache."""
+    path = Path(spec).expanduser()
+    try:
+        return (path / "config.json").stat().st_mtime if path.is_dir() else path.stat().st_mtime
+    except OSError:
+        return None
+
+
+@lru_cache(maxsize=8)
+def _config(spec: str, trust_remote_code: bool, stamp: float | None) -> Any:
+    from .. import models
+
+    return models.load_config(spec, trust_remote_code=trust_remote_code)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(spec: str, trust_remote_code: bool, stamp: float | None) -> Any:
+    from .. import models
+
+    return models.load_tokenizer(spec, trust_remote_code=trust_remote_code)
+
+
+@lru_cache(maxsize=8)
+def _info(spec: str, trust_remote_code: bool, stamp: float | None) -> Any:
+    from .. import models
+
+    return models.describe_model(spec, trust_remote_code=trust_remote_code)
+
+
+def model_config(spec: str, trust_remote_code: bool = False) -> Any:
+    """transformers config of a model spec (models.load_config), cached."""
+    return _config(spec.strip(), trust_remote_code, _stamp(spec.strip()))
+
+
+def tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a model spec (models.load_tokenizer), cached."""
+    return _tokenizer(spec.strip(), trust_remote_code, _stamp(spec.strip()))
+
+
+def model_info(spec: str, trust_remote_code: bool = False) -> Any:
+    """models.describe_model(spec), cached."""
+    return _info(spec.strip(), trust_remote_code, _stamp(spec.strip()))
+
+
+def model_errors() -> tuple[type[Exception], ...]:
+    """The exceptions whose message tells a user what is wrong with a model spec, device or dtype."""
+    from ..models import ModelLoadError
+
+    return ModelLoadError, ValueError
+
+
+def bytes_per_weight(cfg: RunConfig) -> int:
+    """Bytes per frozen base weight for the memory estimate: 4 on the CPU (float32), 2 on a GPU (bf16/fp16)."""
+    if cfg.dtype != "auto":
+        return 4 if cfg.dtype == "float32" else 2
+    from ..models import resolve_device
+
+    return 2 if resolve_device(cfg.device).type == "cuda" else 4
+
+
+def data_source(cfg: RunConfig) -> str:
+    """The data path or Hub name the training will read (the sample name mapped to its file), as train.py does."""
+    from ..train import data_source as train_data_source
+
+    return train_data_source(cfg)
+
+
+def uploads_dir() -> Path:
+    return runs_dir() / "uploads"
+
+
+def store_upload(temp_path: str) -> Path:
+    """Copy an uploaded file (gradio's temporary copy) to runs/uploads/, so run configs point at a stable path.
+
+    The stored name is the upload's name made safe (no folders, no '..') plus a short hash of the content, so the
+    same file uploaded twice is stored once and two different files with one name never overwrite each other.
+    """
+    source = Path(temp_path)
+    suffix = source.suffix.lower()
+    if suffix not in UPLOAD_TYPES:
+        from ..data import DataError
+
+        raise DataError(f"{source.name}: unsupported file type '{source.suffix}' - upload one of "
+                        f"{', '.join(UPLOAD_TYPES)}")
+    digest = hashlib.sha256()
+    with open(source, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    folder = uploads_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{safe_name(source.stem)}-{digest.hexdigest()[:8]}{suffix}"
+    if not target.exists():
+        partial = target.with_name(f".{target.name}.partial")
+        shutil.copyfile(source, partial)
+        partial.replace(target)  # a run reading the folder never sees half a file
+    return target

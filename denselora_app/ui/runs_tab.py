@@ -1,0 +1,152 @@
+"""The Runs tab: every run in a table, one run opened (charts, config, data report), loss curves overlaid, delete."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from ..config import ConfigError
+from ..runs import Run, RunError, delete_run, get_run, list_runs
+from . import charts, run_view
+
+log = logging.getLogger(__name__)
+
+
+def _readable_runs() -> list[Run]:
+    readable = []
+    for run in list_runs():
+        try:
+            run.config()
+        except ConfigError as err:  # a hand-edited config.yaml must not hide every other run
+            log.warning("Skipping run %s: %s", run.id, err)
+            continue
+        readable.append(run)
+    return readable
+
+
+def runs_table(opened: str | None, compared: list[str] | None) -> tuple[pd.DataFrame, Any, Any]:
+    """The table of all runs (newest first) and the run pickers, keeping picks that still exist."""
+    runs = _readable_runs()
+    ids = [run.id for run in runs]
+    table = pd.DataFrame([run_view.table_row(run) for run in runs], columns=run_view.TABLE_COLUMNS)
+    return (
+        table,
+        gr.Dropdown(choices=ids, value=opened if opened in ids else None),
+        gr.Dropdown(choices=ids, value=[i for i in compared or [] if i in ids]),
+    )
+
+
+def pick_row(table: pd.DataFrame, evt: gr.SelectData) -> str:
+    """Clicking a row of the table opens that run."""
+    return str(evt.row_value[0]) if evt.row_value else str(table.iloc[evt.index[0], 0])
+
+
+def open_run(run_id: str | None) -> tuple[Any, ...]:
+    """One run: its summary and outcome, loss and learning-rate charts, config (YAML) and data report."""
+    empty = run_view.run_charts([])
+    if not run_id:
+        return "Pick a run in the table or the list.", empty.loss, empty.learning_rate, "", ""
+    try:
+        run = get_run(run_id)
+        status, cfg = run.status(), run.config()
+    except (RunError, ConfigError) as err:
+        return f"⚠️ {err}", empty.loss, empty.learning_rate, "", ""
+    shown = run_view.run_charts(run.metrics())
+    row = dict(zip(run_view.TABLE_COLUMNS, run_view.table_row(run)))
+    details = (f"{run_view.header_markdown(run, status)}\n\n"
+               f"Trainable: {row['Trainable %']}% · steps {row['Steps']} · duration {row['Duration']} · "
+               f"final loss {row['Train loss']} (validation {row['Validation loss']})\n\n"
+               f"Folder: `{run.path}`\n\n{run_view.outcome_markdown(run, status)}")
+    report = run.data_report()
+    report_text = "\n".join(f"{key}: {value}" for key, value in report.items()) if report else "No data report yet."
+    return details, shown.loss, shown.learning_rate, cfg.to_yaml(), report_text
+
+
+def compare_runs(run_ids: list[str] | None) -> pd.DataFrame:
+    """Train and validation loss of several runs on one chart (e.g. DenseLoRA against LoRA at the same rank)."""
+    curves = {}
+    for run_id in run_ids or []:
+        try:
+            run = get_run(run_id)
+            cfg = run.config()
+        except (RunError, ConfigError):
+            continue  # deleted meanwhile: just leave it out of the chart
+        curves[f"{run.id} ({cfg.method} r={cfg.r})"] = run.metrics()
+    return charts.overlay_frame(curves)
+
+
+def ask_delete(run_id: str | None) -> tuple[Any, str]:
+    if not run_id:
+        return gr.Row(visible=False), "⚠️ Open a run first, then delete it."
+    return gr.Row(visible=True), f"Delete run `{run_id}` with its checkpoints and adapter? This cannot be undone."
+
+
+def confirm_delete(run_id: str | None) -> tuple[Any, str]:
+    """Delete the run; the engine refuses one that is still training, and that message is shown."""
+    try:
+        delete_run(get_run(run_id or ""))
+    except RunError as err:
+        return gr.Row(visible=False), f"⚠️ {err}"
+    return gr.Row(visible=False), f"Deleted run `{run_id}`."
+
+
+def cancel_delete() -> tuple[Any, str]:
+    return gr.Row(visible=False), ""
+
+
+@dataclass
+class RunsTab:
+    refresh_inputs: list[Any]
+    refresh_outputs: list[Any]
+
+
+def build(demo: gr.Blocks) -> RunsTab:
+    """The Runs tab's components and events; call inside ``demo``'s context (and a gr.Tab)."""
+    with gr.Row():
+        refresh_button = gr.Button("Refresh", size="sm", scale=0, elem_id="runs-refresh")
+    table = gr.Dataframe(headers=run_view.TABLE_COLUMNS, interactive=False, wrap=True, max_height=360,
+                         label="All runs (click a row to open it)", elem_id="runs-table")
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            opened = gr.Dropdown([], label="Open run", allow_custom_value=True, elem_id="open-run")
+            details = gr.Markdown(elem_id="run-details")
+            with gr.Row():
+                loss_plot = gr.LinePlot(x="step", y="loss", color="series", color_map=charts.LOSS_COLORS,
+                                        title="Loss", height=240, elem_id="open-loss-plot")
+                lr_plot = gr.LinePlot(x="step", y="learning_rate", title="Learning rate", height=240,
+                                      elem_id="open-lr-plot")
+            with gr.Accordion("Config and data report", open=False):
+                config_code = gr.Code(language="yaml", label="config.yaml", interactive=False,
+                                      elem_id="open-config")
+                report = gr.Textbox(label="Data report", lines=6, interactive=False, elem_id="open-report")
+            with gr.Row():
+                delete_button = gr.Button("Delete run…", variant="stop", size="sm", scale=0, elem_id="delete-run")
+            with gr.Row(visible=False) as confirm_row:
+                confirm_button = gr.Button("Yes, delete it", variant="stop", size="sm", elem_id="confirm-delete")
+                cancel_button = gr.Button("Cancel", size="sm", elem_id="cancel-delete")
+            delete_message = gr.Markdown(elem_id="delete-message")
+        with gr.Column():
+            compared = gr.Dropdown([], multiselect=True, allow_custom_value=True, label="Compare runs (overlay loss curves)",
+                                   elem_id="compare-runs")
+            overlay = gr.LinePlot(x="step", y="loss", color="series", title="Loss of the selected runs", height=360,
+                                  elem_id="compare-plot")
+
+    refresh_inputs = [opened, compared]
+    refresh_outputs = [table, opened, compared]
+    refresh_button.click(runs_table, inputs=refresh_inputs, outputs=refresh_outputs, api_name="list_runs")
+    table.select(pick_row, inputs=[table], outputs=[opened], api_visibility="private")
+    opened.change(open_run, inputs=[opened], outputs=[details, loss_plot, lr_plot, config_code, report],
+                  api_name="open_run")
+    compared.change(compare_runs, inputs=[compared], outputs=[overlay], api_name="compare_runs")
+    delete_button.click(ask_delete, inputs=[opened], outputs=[confirm_row, delete_message],
+                        api_visibility="private")
+    cancel_button.click(cancel_delete, outputs=[confirm_row, delete_message], api_visibility="private")
+    confirm_button.click(confirm_delete, inputs=[opened], outputs=[confirm_row, delete_message],
+                         api_name="delete_run") \
+        .then(runs_table, inputs=refresh_inputs, outputs=refresh_outputs, api_visibility="private")
+    demo.load(runs_table, inputs=refresh_inputs, outputs=refresh_outputs, api_visibility="private")
+    return RunsTab(refresh_inputs=refresh_inputs, refresh_outputs=refresh_outputs)

@@ -1,0 +1,484 @@
+"""The Train tab: model, data, method and training settings, presets, Start/Stop, and the live view of a run.
+
+Event functions are plain functions that take control values and return new ones; the engine does the work
+(``models``, ``data``, ``methods``, ``runs``). Functions that take the whole form receive it as keyword arguments
+named like the RunConfig fields (gradio's ``inputs_kwargs``), which also names the API parameters after them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from .. import config as C
+from ..config import ConfigError, RunConfig, field_help
+from ..runs import ACTIVE_STATES, RunError, create_run, delete_run, get_run, list_runs, request_stop, start_worker
+from . import charts, forms, loaders, run_view
+
+log = logging.getLogger(__name__)
+
+REFRESH_SECONDS = 2.0
+# Offered until a model is checked: the Linear layers of LLaMA-style models, which the default model is.
+LLAMA_LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PREVIEW_FIELDS = ("model", "trust_remote_code", "data", "data_format", "cutoff_len", "train_on_inputs")
+TRAINED = "trained"
+CELL_CHARS = 300
+
+
+def _warn(message: Any) -> str:
+    return f"⚠️ {message}"
+
+
+# ---- model ---------------------------------------------------------------------------------------------------------
+
+
+def check_model(model: str, trust_remote_code: bool, target_modules: list[str]) -> tuple[str, Any]:
+    """Resolve the model spec: its summary line, and the target-module choices from its own Linear layers."""
+    try:
+        info = loaders.model_info(model, trust_remote_code)
+    except loaders.model_errors() as err:
+        return _warn(err), gr.skip()
+    names = list(info.linear_names)
+    # Keep what the user chose where the model has it; otherwise the paper's targets, otherwise the first layer.
+    kept = ([n for n in target_modules or [] if n in names] or [n for n in C.PAPER_TARGETS if n in names]
+            or names[:1])
+    context = f" · context {info.max_position_embeddings:,} tokens" if info.max_position_embeddings else ""
+    text = f"✅ {info.summary()}{context}\n\nAdaptable Linear layers: {', '.join(f'`{n}`' for n in names)}"
+    return text, gr.CheckboxGroup(choices=names, value=kept)
+
+
+def parameter_line(**settings: Any) -> tuple[str, str]:
+    """'Trainable parameters: N (x%) - LoRA at this rank: M (y%)' and the memory estimate, for the current form."""
+    try:
+        cfg = forms.config_from_settings(settings)
+        model_config = loaders.model_config(cfg.model, cfg.trust_remote_code)
+        from ..methods import count_parameters, estimate_memory
+
+        counts = count_parameters(model_config, cfg)
+        memory = estimate_memory(model_config, counts, cfg, loaders.bytes_per_weight(cfg))
+    except ConfigError as err:
+        return _warn(err), ""
+    except loaders.model_errors() as err:
+        return _warn(f"Cannot count parameters: {err}"), ""
+    return counts.summary(cfg.method), memory.summary()
+
+
+# ---- data ----------------------------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= CELL_CHARS else text[:CELL_CHARS] + "…"
+
+
+def _highlighted(examples: list[list[tuple[str, bool]]]) -> list[tuple[str, str | None]]:
+    pieces: list[tuple[str, str | None]] = []
+    for number, example in enumerate(examples, start=1):
+        pieces.append((f"\n── example {number} ──\n" if number > 1 else "── example 1 ──\n", None))
+        pieces.extend((text, TRAINED if trained else None) for text, trained in example)
+    return pieces
+
+
+def _no_preview(message: str) -> tuple[Any, ...]:
+    return gr.Markdown(message, visible=bool(message)), "", gr.Column(visible=False), None, None, None, ""
+
+
+def preview_data(
+    *, model: str, trust_remote_code: bool, data: str, data_format: str, cutoff_len: int, train_on_inputs: bool
+) -> tuple[Any, ...]:
+    """What the data looks like to the model before any training.
+
+    Returns the data message (an error, or the rows that will be dropped), the detected format, the preview's
+    visibility, the first rows, examples with trained tokens highlighted, the token-length histogram, and the data
+    report.
+    """
+    from ..data import DataError, render_preview
+
+    try:
+        cfg = RunConfig(model=model, data=data, data_format=data_format, cutoff_len=cutoff_len,
+                        train_on_inputs=train_on_inputs, trust_remote_code=trust_remote_code)
+    except ConfigError as err:
+        return _no_preview(_warn(err))
+    if not cfg.data:
+        return _no_preview(_warn("Choose training data: upload a file, type a path or a Hub dataset name."))
+    try:
+        tokenizer = loaders.tokenizer(cfg.model, cfg.trust_remote_code)
+    except loaders.model_errors() as err:
+        return _no_preview(_warn(f"Cannot preview the data without the model's tokenizer: {err}"))
+    try:
+        preview = render_preview(loaders.data_source(cfg), tokenizer, fmt=cfg.data_format,
+                                 cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs)
+    except DataError as err:
+        return _no_preview(_warn(err))
+    report = preview["report"]
+    message = ""
+    if report.dropped:
+        dropped = sum(report.dropped.values())
+        message = _warn(f"{dropped} of {report.rows_read} rows will be dropped:\n\n"
+                        + "\n".join(f"- {problem}" for problem in report.problems))
+    how = "detected" if cfg.data_format == "auto" else "chosen"
+    detected = (f"Format: **{preview['format']}** ({how}) · columns: "
+                + ", ".join(f"`{c}`" for c in preview["columns"]) + f" · {report.rows_used} rows usable")
+    lengths = charts.length_histogram(preview["lengths"], cfg.cutoff_len)
+    rows = pd.DataFrame([[_cell(row.get(c, "")) for c in preview["columns"]] for row in preview["rows"]],
+                        columns=preview["columns"])
+    return (
+        gr.Markdown(message, visible=bool(message)),
+        detected,
+        gr.Column(visible=True),
+        rows,
+        _highlighted(preview["examples"]),
+        gr.BarPlot(lengths, sort=list(dict.fromkeys(lengths["tokens"]))),  # bins in token order, not A-Z
+        report.summary(),
+    )
+
+
+def upload_data(file: str | None, **settings: Any) -> tuple[Any, ...]:
+    """Store an uploaded file under runs/uploads/ and preview it; the data box then points at the stored copy."""
+    from ..data import DataError
+
+    if not file:
+        return gr.skip(), *_no_preview("")
+    try:
+        stored = str(loaders.store_upload(file))
+    except DataError as err:
+        return gr.skip(), *_no_preview(_warn(err))
+    return stored, *preview_data(**{**settings, "data": stored})
+
+
+# ---- presets and the command ---------------------------------------------------------------------------------------
+
+
+def load_preset(name: str | None, target_choices: list[str]) -> tuple[Any, ...]:
+    """Fill every control from a preset file; the last output is a message."""
+    if not name:
+        return *[gr.skip()] * len(forms.FIELDS), _warn("Choose a preset first.")
+    try:
+        cfg = forms.load_preset(name)
+    except ConfigError as err:
+        return *[gr.skip()] * len(forms.FIELDS), _warn(err)
+    values: list[Any] = []
+    for field in forms.FIELDS:
+        value = getattr(cfg, field)
+        if field == "target_modules":  # the preset may name layers the checked model did not list
+            value = gr.CheckboxGroup(choices=list(dict.fromkeys([*target_choices, *value])), value=value)
+        values.append(value)
+    return *values, f"Loaded preset `{name}`."
+
+
+def save_preset(preset_name: str, **settings: Any) -> tuple[str, Any]:
+    try:
+        path = forms.save_preset(forms.config_from_settings(settings), preset_name)
+    except ConfigError as err:
+        return _warn(err), gr.skip()
+    return f"Saved `{path}`.", gr.Dropdown(choices=forms.list_presets(), value=path.name)
+
+
+def show_command(preset: str | None, **settings: Any) -> str:
+    try:
+        return forms.cli_command(forms.config_from_settings(settings), preset or None)
+    except ConfigError as err:
+        return _warn(err)
+
+
+# ---- start, stop and the live view ---------------------------------------------------------------------------------
+
+
+def _problem_before_start(cfg: RunConfig) -> str | None:
+    """Why this config would fail straight away (device, model, targets, data), checked before a run exists."""
+    from ..data import DataError, prepare_data
+    from ..methods import count_parameters
+    from ..models import resolve_device, resolve_dtype
+
+    try:
+        resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    except ValueError as err:
+        return f"Device: {err}"
+    try:
+        # Counting builds the adapter on the meta device, so target modules the model lacks are caught here too.
+        count_parameters(loaders.model_config(cfg.model, cfg.trust_remote_code), cfg)
+        tokenizer = loaders.tokenizer(cfg.model, cfg.trust_remote_code)
+    except loaders.model_errors() as err:
+        return f"Model: {err}"
+    try:
+        prepare_data(loaders.data_source(cfg), tokenizer, fmt=cfg.data_format, cutoff_len=cfg.cutoff_len,
+                     train_on_inputs=cfg.train_on_inputs, val_size=cfg.val_size, seed=cfg.seed)
+    except DataError as err:
+        return f"Data: {err}"
+    return None
+
+
+def start_training(**settings: Any) -> tuple[str, str | None, Any]:
+    """Validate the form, model and data, then create the run and start its worker.
+
+    Returns the message, the run id to watch (unchanged when refused) and the live-view timer.
+    """
+    try:
+        cfg = forms.config_from_settings(settings)
+    except ConfigError as err:
+        return _warn(f"Not started: {err}"), gr.skip(), gr.skip()
+    problem = _problem_before_start(cfg)
+    if problem:
+        return _warn(f"Not started. {problem}"), gr.skip(), gr.skip()
+    run = create_run(cfg)
+    try:
+        pid = start_worker(run)
+    except RunError as err:
+        # The refused run never trained: record it as ended so the engine lets it be deleted, then delete it.
+        run.update_status(state="failed", error=str(err))
+        delete_run(run)
+        return _warn(f"Not started: {err}"), gr.skip(), gr.skip()
+    log.info("Started run %s (worker pid %d)", run.id, pid)
+    return (f"Started run `{run.id}`. It trains in its own process: closing or reloading this page does not "
+            "stop it."), run.id, gr.Timer(active=True)
+
+
+def stop_training(run_id: str | None) -> str:
+    if not run_id:
+        return _warn("No run to stop.")
+    try:
+        request_stop(get_run(run_id))
+    except RunError as err:
+        return _warn(err)
+    return "Stopping: the worker finishes its current step, then saves a checkpoint and the adapter."
+
+
+def live_status(run_id: str | None) -> tuple[Any, ...]:
+    """Everything the live view shows for one run; the timer keeps ticking only while the run is active."""
+    empty = run_view.run_charts([])
+    if not run_id:
+        return ("No run yet: set things up above and press **Start training**.", "", empty.loss,
+                empty.learning_rate, empty.grad_norm, empty.tokens_per_second, "", "", gr.Timer(active=False))
+    try:
+        run = get_run(run_id)
+        status = run.status()
+    except RunError as err:
+        return (_warn(err), "", empty.loss, empty.learning_rate, empty.grad_norm, empty.tokens_per_second, "",
+                "", gr.Timer(active=False))
+    shown = run_view.run_charts(run.metrics())
+    return (
+        run_view.header_markdown(run, status),
+        run_view.progress_html(status),
+        shown.loss,
+        shown.learning_rate,
+        shown.grad_norm,
+        shown.tokens_per_second,
+        run_view.outcome_markdown(run, status),
+        run.log_tail(run_view.LOG_LINES),
+        gr.Timer(active=status.get("state") in ACTIVE_STATES),
+    )
+
+
+def restore_run() -> str | None:
+    """The run a freshly loaded page watches: the one training now, else the most recent."""
+    runs = list_runs()
+    active = next((r for r in runs if r.status().get("state") in ACTIVE_STATES), None)
+    chosen = active or (runs[0] if runs else None)
+    return chosen.id if chosen else None
+
+
+# ---- layout --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainTab:
+    start_event: Any  # other tabs refresh after these
+    stop_event: Any
+
+
+def build(demo: gr.Blocks) -> TrainTab:
+    """The Train tab's components and events; call inside ``demo``'s context (and a gr.Tab)."""
+    cfg, preset = forms.initial_config()
+    controls: dict[str, Any] = {}
+
+    def number(name: str, label: str, integer: bool = False) -> gr.Number:
+        controls[name] = gr.Number(getattr(cfg, name), label=label, info=field_help(name), precision=0 if integer else None,
+                                   elem_id=f"cfg-{name}")
+        return controls[name]
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            gr.Markdown("### 1 · Model")
+            with gr.Row():
+                controls["model"] = gr.Textbox(cfg.model, label="Base model", info=field_help("model"), scale=4,
+                                               elem_id="cfg-model")
+                check_button = gr.Button("Check model", scale=1, elem_id="check-model")
+            model_info = gr.Markdown(elem_id="model-info")
+        with gr.Column(scale=2):
+            gr.Markdown("### Presets")
+            with gr.Row():
+                preset_choice = gr.Dropdown(forms.list_presets(), value=preset, label="Preset", scale=3,
+                                            elem_id="preset")
+                load_button = gr.Button("Load", scale=1, elem_id="load-preset")
+            with gr.Row():
+                preset_name = gr.Textbox(label="Save as", placeholder="my-preset", scale=3, elem_id="preset-name")
+                save_button = gr.Button("Save preset", scale=1, elem_id="save-preset")
+            with gr.Row():
+                command_button = gr.Button("Show command", size="sm", elem_id="show-command")
+            preset_message = gr.Markdown(elem_id="preset-message")
+            command = gr.Markdown(elem_id="command")
+
+    gr.Markdown("### 2 · Data")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            upload = gr.File(label="Upload a dataset (.jsonl .json .csv .parquet .txt)",
+                             file_types=list(loaders.UPLOAD_TYPES), elem_id="upload", height=120)
+            data_message = gr.Markdown(visible=False, elem_id="data-message", elem_classes=["dl-warning"])
+        with gr.Column(scale=3):
+            controls["data"] = gr.Textbox(cfg.data, label="Dataset", elem_id="cfg-data",
+                                          info="A file path, a Hub dataset (owner/name or owner/name:split), or "
+                                               f"{C.SAMPLE_DATA} (the shipped sample).")
+            with gr.Row():
+                controls["data_format"] = gr.Dropdown(list(C.DATA_FORMATS), value=cfg.data_format, label="Format",
+                                                      info=field_help("data_format"), elem_id="cfg-data_format", scale=2)
+                preview_button = gr.Button("Preview data", scale=1, elem_id="preview-data")
+            detected = gr.Markdown(elem_id="detected-format")
+    with gr.Column(visible=False) as preview_box, gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            rows_table = gr.Dataframe(label="First rows", interactive=False, wrap=True, max_height=260,
+                                      elem_id="data-rows")
+            examples = gr.HighlightedText(label="Examples as the model sees them (highlighted: trained tokens)",
+                                          color_map={TRAINED: "green"}, show_legend=True, elem_id="data-examples")
+        with gr.Column(scale=2):
+            histogram = gr.BarPlot(x="tokens", y="rows", color="fit", color_map=charts.LENGTH_COLORS,
+                                   title="Tokens per row, up to the cutoff", x_title="tokens", y_title="rows",
+                                   x_label_angle=-45, height=260, elem_id="length-histogram")
+            report = gr.Textbox(label="Data report", lines=6, max_lines=14, interactive=False,
+                                elem_id="data-report")
+
+    gr.Markdown("### 3 · Method")
+    with gr.Row():
+        controls["method"] = gr.Radio([("DenseLoRA", "denselora"), ("LoRA", "lora")], value=cfg.method,
+                                      label="Method", info=field_help("method"), elem_id="cfg-method")
+        controls["r"] = gr.Slider(1, 256, value=cfg.r, step=1, label="Rank", info=field_help("r"), elem_id="cfg-r")
+        number("alpha", "Alpha")
+        controls["dropout"] = gr.Slider(0, 0.9, value=cfg.dropout, step=0.01, label="Dropout",
+                                        info=field_help("dropout"), elem_id="cfg-dropout")
+        controls["activation"] = gr.Dropdown(list(C.ACTIVATIONS), value=cfg.activation, label="Activation",
+                                             info=field_help("activation"), elem_id="cfg-activation")
+    controls["target_modules"] = gr.CheckboxGroup(
+        list(dict.fromkeys([*LLAMA_LINEAR_NAMES, *cfg.target_modules])), value=cfg.target_modules,
+        label="Target modules", info=field_help("target_modules") + " Check the model to list its own.",
+        elem_id="cfg-target_modules")
+    param_line = gr.Markdown("Trainable parameters: counting…", elem_id="parameter-line")
+    memory_line = gr.Markdown(elem_id="memory-line")
+
+    gr.Markdown("### 4 · Training")
+    with gr.Row():
+        number("learning_rate", "Learning rate")
+        number("num_epochs", "Epochs")
+        number("max_steps", "Max steps", integer=True)
+        number("batch_size", "Batch size", integer=True)
+        number("grad_accum", "Gradient accumulation", integer=True)
+    with gr.Row():
+        number("cutoff_len", "Cutoff (tokens)", integer=True)
+        number("warmup_steps", "Warmup steps", integer=True)
+        number("val_size", "Validation size")
+        number("seed", "Seed", integer=True)
+        controls["gradient_checkpointing"] = gr.Checkbox(cfg.gradient_checkpointing, label="Gradient checkpointing",
+                                                         info=field_help("gradient_checkpointing"),
+                                                         elem_id="cfg-gradient_checkpointing")
+    with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
+        with gr.Row():
+            controls["lr_scheduler"] = gr.Dropdown(list(C.SCHEDULERS), value=cfg.lr_scheduler, label="Scheduler",
+                                                   info=field_help("lr_scheduler"), elem_id="cfg-lr_scheduler")
+            number("weight_decay", "Weight decay")
+            number("max_grad_norm", "Max gradient norm")
+            number("logging_steps", "Log every (steps)", integer=True)
+        with gr.Row():
+            number("eval_steps", "Evaluate every (steps)", integer=True)
+            number("save_steps", "Checkpoint every (steps)", integer=True)
+            number("save_total_limit", "Checkpoints kept", integer=True)
+            controls["run_name"] = gr.Textbox(cfg.run_name, label="Run name", info=field_help("run_name"),
+                                              elem_id="cfg-run_name")
+        with gr.Row():
+            controls["device"] = gr.Dropdown(["auto", "cpu", "cuda", "mps"], value=cfg.device, label="Device",
+                                             info=field_help("device"), allow_custom_value=True, elem_id="cfg-device")
+            controls["dtype"] = gr.Dropdown(list(C.DTYPES), value=cfg.dtype, label="Weights dtype",
+                                            info=field_help("dtype"), elem_id="cfg-dtype")
+            controls["train_on_inputs"] = gr.Checkbox(cfg.train_on_inputs, label="Train on inputs",
+                                                      info=field_help("train_on_inputs"), elem_id="cfg-train_on_inputs")
+            controls["trust_remote_code"] = gr.Checkbox(cfg.trust_remote_code, label="Trust remote code",
+                                                        info=field_help("trust_remote_code"),
+                                                        elem_id="cfg-trust_remote_code")
+    assert set(controls) == set(forms.FIELDS), "every RunConfig field needs exactly one control"
+    controls = {name: controls[name] for name in forms.FIELDS}  # RunConfig order, for load_preset's outputs
+
+    with gr.Row():
+        start_button = gr.Button("Start training", variant="primary", elem_id="start")
+        stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+    start_message = gr.Markdown(elem_id="start-message")
+
+    gr.Markdown("### Live view")
+    run_state = gr.State(None)
+    timer = gr.Timer(REFRESH_SECONDS, active=False)
+    run_header = gr.Markdown(elem_id="run-header")
+    progress = gr.HTML(elem_id="run-progress")
+    with gr.Row():
+        loss_plot = gr.LinePlot(x="step", y="loss", color="series", color_map=charts.LOSS_COLORS,
+                                title="Loss (train and validation)", height=280, elem_id="loss-plot")
+        lr_plot = gr.LinePlot(x="step", y="learning_rate", title="Learning rate", height=280, elem_id="lr-plot")
+    with gr.Row():
+        grad_plot = gr.LinePlot(x="step", y="grad_norm", title="Gradient norm", height=220, elem_id="grad-plot")
+        speed_plot = gr.LinePlot(x="step", y="tokens_per_second", title="Tokens per second", height=220,
+                                 elem_id="speed-plot")
+    outcome = gr.Markdown(elem_id="run-outcome")
+    log_box = gr.Textbox(label="Log (last lines)", lines=8, max_lines=12, interactive=False, autoscroll=True,
+                         elem_id="run-log")
+    live_outputs = [run_header, progress, loss_plot, lr_plot, grad_plot, speed_plot, outcome, log_box, timer]
+
+    # ---- events
+    preview_inputs = {name: controls[name] for name in PREVIEW_FIELDS}
+    preview_outputs = [data_message, detected, preview_box, rows_table, examples, histogram, report]
+    param_outputs = [param_line, memory_line]
+
+    # The public endpoints first: gradio names endpoints in order, and the chained copies below reuse the functions.
+    gr.on([preview_button.click, controls["data"].submit, controls["data_format"].input,
+           controls["cutoff_len"].submit, controls["cutoff_len"].blur, controls["train_on_inputs"].input],
+          preview_data, inputs_kwargs=preview_inputs, outputs=preview_outputs, api_name="preview_data",
+          trigger_mode="always_last", show_progress="minimal")
+    upload.upload(upload_data, inputs=[upload], inputs_kwargs=preview_inputs,
+                  outputs=[controls["data"], *preview_outputs], api_name="upload_data")
+    gr.on([controls[name].input for name in ("method", "r", "target_modules", "dtype", "device",
+                                               "gradient_checkpointing")]
+          + [getattr(controls[name], event) for name in ("batch_size", "cutoff_len") for event in ("submit", "blur")],
+          parameter_line, inputs_kwargs=controls, outputs=param_outputs, api_name="parameter_line",
+          trigger_mode="always_last", show_progress="minimal")
+
+    def then_refresh(event: Any) -> Any:
+        """After the model or the whole form changed: recount the parameters and render the preview again."""
+        return event.then(parameter_line, inputs_kwargs=controls, outputs=param_outputs, api_visibility="private",
+                          show_progress="minimal") \
+            .then(preview_data, inputs_kwargs=preview_inputs, outputs=preview_outputs, api_visibility="private",
+                  show_progress="minimal")
+
+    then_refresh(gr.on([check_button.click, controls["model"].submit], check_model,
+                       inputs=[controls["model"], controls["trust_remote_code"], controls["target_modules"]],
+                       outputs=[model_info, controls["target_modules"]], api_name="check_model"))
+    then_refresh(load_button.click(load_preset, inputs=[preset_choice, controls["target_modules"]],
+                                   outputs=[*controls.values(), preset_message], api_name="load_preset"))
+    save_button.click(save_preset, inputs=[preset_name], inputs_kwargs=controls,
+                      outputs=[preset_message, preset_choice], api_name="save_preset")
+    command_button.click(show_command, inputs=[preset_choice], inputs_kwargs=controls, outputs=[command],
+                         api_name="show_command")
+
+    start_event = start_button.click(start_training, inputs_kwargs=controls,
+                                     outputs=[start_message, run_state, timer], api_name="start")
+    start_event.then(live_status, inputs=[run_state], outputs=live_outputs, api_visibility="private",
+                     show_progress="hidden")
+    stop_event = stop_button.click(stop_training, inputs=[run_state], outputs=[start_message], api_name="stop")
+    timer.tick(live_status, inputs=[run_state], outputs=live_outputs, api_name="status", show_progress="hidden")
+
+    # A reloaded page (or a restarted app) finds the run that is training, else the latest, with its history; then
+    # the parameter line and the preview of the opening settings (the first time, reading the default model's
+    # config and tokenizer takes a few seconds; the page is usable meanwhile).
+    then_refresh(demo.load(restore_run, outputs=[run_state], api_name="restore_run")
+                 .then(live_status, inputs=[run_state], outputs=live_outputs, api_visibility="private",
+                       show_progress="hidden"))
+
+    return TrainTab(start_event=start_event, stop_event=stop_event)

@@ -1,0 +1,225 @@
+"""The Gradio app through its API (gradio_client), on a tiny model: the Train tab's flow from model check to a
+stopped run, the Runs tab, presets and the CLI command; plus the app's small pure helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import launch_app, stop_workers, wait_until
+from denselora_app.config import ConfigError, RunConfig
+from denselora_app.ui import charts, forms, loaders
+
+# ---- helpers without a server --------------------------------------------------------------------------------------
+
+
+def test_loss_frame_is_long_form_with_train_and_validation_series():
+    rows = [{"step": 1, "loss": 2.0, "learning_rate": 1e-3}, {"step": 2, "loss": 1.5, "grad_norm": float("nan")},
+            {"step": 2, "eval_loss": 1.7}]
+    frame = charts.loss_frame(rows)
+    assert frame.to_dict("records") == [{"step": 1, "loss": 2.0, "series": "train"},
+                                        {"step": 2, "loss": 1.5, "series": "train"},
+                                        {"step": 2, "loss": 1.7, "series": "validation"}]
+    assert charts.metric_frame(rows, "grad_norm").empty  # NaN is no point
+    assert list(charts.loss_frame([]).dtypes.astype(str)) == ["int64", "float64", "str"]
+    overlay = charts.overlay_frame({"a": rows, "b": rows[:1]})
+    assert sorted(set(overlay["series"])) == ["a · train", "a · validation", "b · train"]
+
+
+def test_length_histogram_spans_the_cutoff_and_counts_truncated_rows():
+    frame = charts.length_histogram([3, 10, 64, 64, 40], cutoff=64, bins=4)
+    fits = frame[frame["fit"] == charts.FITS]
+    assert list(fits["tokens"]) == ["0-16", "17-33", "34-50", "51-64"]
+    assert list(fits["rows"]) == [2, 0, 1, 0]
+    assert frame[frame["fit"] == charts.TRUNCATED]["rows"].tolist() == [2]
+
+
+def test_cli_command_reproduces_the_form(tmp_path, monkeypatch):
+    monkeypatch.setenv("DENSELORA_PRESETS", str(tmp_path))
+    base = RunConfig(max_steps=60, run_name="quick")
+    base.to_yaml(tmp_path / "quick.yaml")
+    cfg = RunConfig.from_dict({**base.to_dict(), "r": 8, "target_modules": ["q_proj", "v_proj"],
+                               "learning_rate": 1e-3, "model": "/tmp/my model", "run_name": ""})
+    text = forms.cli_command(cfg, "quick.yaml")
+    assert "python -m denselora_app train" in text and "quick.yaml" in text
+    sets = [line.split("--set ", 1)[1].rstrip(" \\") for line in text.splitlines() if "--set" in line]
+    import shlex
+
+    assignments = [shlex.split(s)[0] for s in sets]
+    assert sorted(a.split("=")[0] for a in assignments) == ["learning_rate", "model", "r", "run_name",
+                                                            "target_modules"]
+    assert base.with_overrides(assignments) == cfg  # the command trains exactly what the form shows
+    full = forms.cli_command(cfg, None)
+    assert RunConfig.from_dict(yaml.safe_load(full.split("```yaml\n")[1].split("```")[0])) == cfg
+
+
+def test_presets_are_listed_loaded_and_saved_under_safe_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("DENSELORA_PRESETS", str(tmp_path))
+    path = forms.save_preset(RunConfig(r=4), "../../My preset!")
+    assert path == tmp_path / "My-preset.yaml" and forms.list_presets() == ["My-preset.yaml"]
+    assert forms.load_preset("My-preset.yaml").r == 4
+    with pytest.raises(ConfigError, match="No preset"):
+        forms.load_preset("../My-preset.yaml")
+    with pytest.raises(ConfigError, match="name"):
+        forms.save_preset(RunConfig(), "  ")
+
+
+def test_uploads_are_stored_once_under_a_safe_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("DENSELORA_RUNS", str(tmp_path / "runs"))
+    upload = tmp_path / "gradio-tmp" / "..my data (1).JSONL"
+    upload.parent.mkdir()
+    upload.write_text('{"text": "hello"}\n')
+    stored = loaders.store_upload(str(upload))
+    assert stored.parent == tmp_path / "runs" / "uploads"
+    assert stored.name.startswith("my-data-1-") and stored.suffix == ".jsonl"
+    assert loaders.store_upload(str(upload)) == stored
+    bad = tmp_path / "notes.exe"
+    bad.write_text("x")
+    from denselora_app.data import DataError
+
+    with pytest.raises(DataError, match="unsupported file type"):
+        loaders.store_upload(str(bad))
+
+
+# ---- the API of a running app --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    server = launch_app(tmp_path_factory.mktemp("app-api"))
+    yield server
+    server.stop()
+    stop_workers(server.runs)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    from gradio_client import Client
+
+    return Client(app.url, verbose=False)
+
+
+def plot_points(plot: dict) -> list[list]:
+    return plot.get("data") or [] if isinstance(plot, dict) else []
+
+
+def tiny_settings(model_dir: Path, **overrides) -> dict:
+    """Form values that train the tiny model on the CPU, one logged step at a time, until stopped."""
+    values = dict(model=str(model_dir), r=4, alpha=8, dropout=0.0, learning_rate=1e-2, max_steps=100000,
+                  batch_size=2, grad_accum=1, warmup_steps=0, lr_scheduler="constant", cutoff_len=64,
+                  save_steps=1000, logging_steps=1, device="cpu", run_name="api-test",
+                  target_modules=["q_proj", "v_proj"])
+    values.update(overrides)
+    return values
+
+
+def test_model_check_parameter_line_and_data_preview(client, app, app_model_dir, tmp_path):
+    from gradio_client import handle_file
+
+    info, targets = client.predict(model=str(app_model_dir), api_name="/check_model")
+    assert "LlamaForCausalLM" in info and "chat template: yes" in info
+    assert "q_proj" in [c[0] if isinstance(c, list) else c for c in targets["choices"]]
+    missing, _ = client.predict(model=str(tmp_path / "nowhere"), api_name="/check_model")
+    assert missing.startswith("⚠️") and "No such file or folder" in missing and "Traceback" not in missing
+
+    lines = {r: client.predict(**tiny_settings(app_model_dir, r=r), api_name="/parameter_line")[0] for r in (4, 8)}
+    assert lines[4].startswith("Trainable parameters:") and "LoRA at this rank" in lines[4]
+    assert lines[4] != lines[8]
+    memory = client.predict(**tiny_settings(app_model_dir), api_name="/parameter_line")[1]
+    assert memory.startswith("Estimated training memory")
+    bad_target = client.predict(**tiny_settings(app_model_dir, target_modules=[]), api_name="/parameter_line")[0]
+    assert bad_target.startswith("⚠️") and "target_modules" in bad_target
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "what is a fox?"},
+                                                     {"role": "assistant", "content": "the quick brown fox"}]})
+                            + "\n" for _ in range(6)) + "{broken\n")
+    stored, message, detected, _, rows, examples, histogram, report = client.predict(
+        handle_file(str(data)), model=str(app_model_dir), cutoff_len=64, api_name="/upload_data")
+    assert Path(stored).parent == app.runs / "uploads"
+    assert "messages" in detected and len(rows["data"]) == 5
+    assert any(piece["class_or_confidence"] == "trained" for piece in examples)
+    assert sum(row[1] for row in plot_points(histogram)) == 6
+    assert "6 used" in report and "bad JSON: 1" in report
+    assert "1 of 7 rows will be dropped" in message["value"] and "line 7" in message["value"]
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    _, error, *_ = client.predict(handle_file(str(broken)), model=str(app_model_dir), api_name="/upload_data")
+    assert error["visible"] and "no usable rows" in error["value"] and "not valid JSON" in error["value"]
+
+    forced = client.predict(model=str(app_model_dir), data=stored, data_format="alpaca", api_name="/preview_data")
+    assert forced[0]["visible"] and "instruction" in forced[0]["value"]
+
+
+def test_start_watch_refuse_stop_and_the_runs_tab(client, app, app_model_dir, app_data_file):
+    refused, _ = client.predict(**tiny_settings(app_model_dir, data=str(app_data_file), r=0), api_name="/start")
+    assert refused.startswith("⚠️ Not started") and "r must be at least 1" in refused
+    no_data, _ = client.predict(**tiny_settings(app_model_dir, data=str(app_data_file), val_size=50),
+                                api_name="/start")
+    assert no_data.startswith("⚠️ Not started. Data:") and "val_size" in no_data
+    assert not list(app.runs.glob("*/config.yaml")), "a refused start creates no run"
+
+    message, timer = client.predict(**tiny_settings(app_model_dir, data=str(app_data_file), val_size=2),
+                                    api_name="/start")
+    assert message.startswith("Started run"), message
+    run_id = message.split("`")[1]
+
+    def status() -> tuple:
+        return client.predict(api_name="/status")
+
+    first = wait_until(lambda: (s := status()) and len(plot_points(s[2])) >= 3 and s, timeout=240,
+                       what="three logged steps")
+    assert "state: **running**" in first[0] and "step" in first[1]
+    later = wait_until(lambda: (s := status()) and len(plot_points(s[2])) > len(plot_points(first[2])) and s,
+                       timeout=120, what="the loss chart to gain points")
+    assert {row[2] for row in plot_points(later[2])} == {"train"}
+    assert plot_points(later[3]) and plot_points(later[4]) and plot_points(later[5])  # lr, grad norm, tokens/s
+    assert "trainable parameters" in later[7]  # the log tail
+
+    second, _ = client.predict(**tiny_settings(app_model_dir, data=str(app_data_file)), api_name="/start")
+    assert second.startswith("⚠️ Not started") and "already training on this device" in second
+    assert [p.parent.name for p in app.runs.glob("*/config.yaml")] == [run_id], "the refused run is removed"
+    still_training = client.predict(run_id, api_name="/delete_run")
+    assert "still training" in still_training
+
+    assert client.predict(api_name="/stop").startswith("Stopping")
+    final = wait_until(lambda: (s := status()) and "state: **stopped**" in s[0] and s, timeout=180,
+                       what="the stopped state")
+    assert "Your adapter is in" in final[6] and str(app.runs / run_id / "adapter") in final[6]
+    assert (app.runs / run_id / "adapter" / "adapter_model.safetensors").exists()
+    assert "not training" in client.predict(api_name="/stop")
+
+    from gradio_client import Client
+
+    reloaded = Client(app.url, verbose=False)  # a new session, as a reloaded page is
+    reloaded.predict(api_name="/restore_run")
+    assert run_id in reloaded.predict(api_name="/status")[0]
+    table, _, _ = client.predict(api_name="/list_runs")
+    assert table["data"][0][:4] == [run_id, "stopped", "denselora", 4]
+    details, loss, _, config_yaml, report = client.predict(run_id, api_name="/open_run")
+    assert run_id in details and "Your adapter is in" in details and plot_points(loss)
+    assert RunConfig.from_dict(yaml.safe_load(config_yaml)).r == 4 and "rows_used: 8" in report
+    overlay = client.predict([run_id], api_name="/compare_runs")
+    assert {row[2] for row in plot_points(overlay)} == {f"{run_id} (denselora r=4) · train"}
+
+    assert "Deleted" in client.predict(run_id, api_name="/delete_run")
+    assert not (app.runs / run_id).exists()
+    assert "No run" in client.predict(run_id, api_name="/delete_run")
+
+
+def test_presets_and_the_command(client, app, app_model_dir):
+    values = client.predict("quickstart-cpu.yaml", [], api_name="/load_preset")
+    assert values[-1] == "Loaded preset `quickstart-cpu.yaml`."
+    command = client.predict("quickstart-cpu.yaml", r=8, api_name="/show_command")
+    assert "presets/quickstart-cpu.yaml" in command or "quickstart-cpu.yaml" in command
+    assert "--set r=8" in command
+    message, _ = client.predict("my tiny run", **tiny_settings(app_model_dir), api_name="/save_preset")
+    assert "my-tiny-run.yaml" in message
+    saved = RunConfig.from_yaml(app.presets / "my-tiny-run.yaml")
+    assert saved.model == str(app_model_dir) and saved.r == 4
+    assert "--set" not in client.predict("my-tiny-run.yaml", **tiny_settings(app_model_dir),
+                                         api_name="/show_command")

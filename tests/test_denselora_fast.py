@@ -1,0 +1,100 @@
+"""The training fast path of DenseLoRA (a hand-written backward) gives the reference formula's outputs and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from denselora_app.denselora import DenseLoraConfig, layer as layer_module
+from denselora_app.denselora.layer import dense_update, dense_update_for_training
+from conftest import tiny_llama
+
+
+def random_update_inputs(dtype: torch.dtype, tokens: tuple[int, ...] = (2, 5), d_in: int = 12, r: int = 4, d_out: int = 10):
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(*tokens, d_in), (r, d_in), (r, r), (d_out, r)]
+    return [torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_() for shape in shapes]
+
+
+def outputs_and_grads(update, tensors: list[torch.Tensor], activation: str, scaling: float = 1.5):
+    for t in tensors:
+        t.grad = None
+    out = update(*tensors, activation, scaling)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * upstream).sum().backward()
+    return [out.detach(), *(t.grad for t in tensors)]
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "identity"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fast_path_equals_the_formula_in_value_and_gradient(activation, dtype):
+    tensors = random_update_inputs(dtype)
+    expected = outputs_and_grads(dense_update, tensors, activation)
+    actual = outputs_and_grads(dense_update_for_training, tensors, activation)
+    for name, got, want in zip(["output", "x", "E", "M", "D"], actual, expected):
+        torch.testing.assert_close(got, want, msg=lambda m: f"{name}: {m}")
+
+
+def test_fast_path_passes_autograds_own_gradient_check():
+    tensors = random_update_inputs(torch.float64, tokens=(3,), d_in=5, r=3, d_out=4)
+    for activation in ("gelu", "silu"):
+        assert torch.autograd.gradcheck(lambda *t: dense_update_for_training(*t, activation, 0.7), tensors)
+
+
+def test_fast_path_computes_only_the_gradients_asked_for():
+    x, encoder, dense, decoder = random_update_inputs(torch.float32)
+    x.requires_grad_(False)
+    dense.requires_grad_(False)
+    dense_update_for_training(x, encoder, dense, decoder, "gelu", 2.0).sum().backward()
+    assert x.grad is None and dense.grad is None
+    assert encoder.grad is not None and decoder.grad is not None
+
+
+def test_fast_path_under_bf16_autocast_matches_the_formula():
+    tensors = random_update_inputs(torch.float32, tokens=(4, 6), d_in=32, r=8, d_out=24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = outputs_and_grads(dense_update, tensors, "gelu")
+        actual = outputs_and_grads(dense_update_for_training, tensors, "gelu")
+    assert actual[0].dtype == expected[0].dtype == torch.bfloat16
+    for got, want in zip(actual[1:], expected[1:]):
+        assert got.dtype == want.dtype == torch.float32  # the weights' gradients come back in their own dtype
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_fast_path_stores_no_output_wide_activation():
+    """Why the fast path exists: plain autograd keeps a (tokens x out) tensor for the outer activation, it doesn't."""
+    x, encoder, dense, decoder = random_update_inputs(torch.float32, tokens=(8,), d_in=12, r=2, d_out=50)
+
+    def saved_shapes(update) -> list[tuple[int, ...]]:
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            update(x, encoder, dense, decoder, "gelu", 1.0)
+        return shapes
+
+    assert (8, 50) in saved_shapes(dense_update)
+    assert (8, 50) not in saved_shapes(dense_update_for_training)
+
+
+def model_loss_and_grads(peft_model: torch.nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    peft_model.zero_grad(set_to_none=True)
+    loss = peft_model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    return [loss.detach(), *(p.grad for p in peft_model.parameters() if p.requires_grad)]
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_whole_model_training_step_matches_the_formula(input_ids, monkeypatch, gradient_checkpointing):
+    model = tiny_llama()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_model = get_peft_model(model, DenseLoraConfig(r=4, lora_alpha=8, init_weights=False))
+    peft_model.train()
+    actual = model_loss_and_grads(peft_model, input_ids)
+    monkeypatch.setattr(layer_module, "dense_update_for_training", dense_update)  # the plain formula instead
+    expected = model_loss_and_grads(peft_model, input_ids)
+    assert len(actual) == len(expected) > 1 + 15
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want)

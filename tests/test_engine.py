@@ -1,0 +1,194 @@
+"""The training engine on a tiny model: loss falls, stop/resume, a killed worker, DDP on 2 CPU processes, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from conftest import tiny_llama, tiny_tokenizer
+from denselora_app.config import RunConfig
+from denselora_app.runs import Run, classify_failure, create_run, get_run, request_stop, resume, start_worker
+from denselora_app.worker import execute
+
+REPO = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": f"what is the capital of {c}?"},
+                      {"role": "assistant", "content": "the quick brown fox"}]}
+        for c in ("a", "the", "a country", "the dog", "a fox", "the lazy dog", "no", "yes")
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def runs_root(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("DENSELORA_RUNS", str(tmp_path / "runs"))
+    return tmp_path / "runs"
+
+
+def tiny_config(model_dir: Path, data: Path, **overrides) -> RunConfig:
+    values = dict(
+        model=str(model_dir), data=str(data), r=4, alpha=8, dropout=0.0, learning_rate=3e-2, max_steps=30,
+        batch_size=4, grad_accum=1, warmup_steps=0, lr_scheduler="constant", save_steps=5, cutoff_len=64,
+        device="cpu", run_name="tiny",
+    )
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_loss_falls_and_the_run_folder_is_complete(tiny_model_dir, tiny_data, runs_root):
+    run = create_run(tiny_config(tiny_model_dir, tiny_data, val_size=2))
+    assert execute(run) == "completed"
+    status = run.status()
+    assert status["state"] == "completed" and status["step"] == 30
+    metrics = run.metrics()
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # nats
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 31))
+    first = next(m for m in metrics if "loss" in m)
+    for key in ("learning_rate", "grad_norm", "tokens_per_second", "elapsed_seconds", "remaining_seconds",
+                "peak_memory_gb", "epoch"):
+        assert key in first, key
+    assert any("eval_loss" in m for m in metrics)  # val_size given, eval_steps 0: evaluated at the end
+    assert (run.adapter_dir / "adapter_model.safetensors").exists()
+    summary = run.summary()
+    assert summary["trainable_parameters"] > 0 and summary["final_eval_loss"] is not None
+    report = run.data_report()
+    assert report["rows_used"] == 8 and report["val_rows"] == 2
+    assert RunConfig.from_yaml(run.path / "config.yaml") == run.config()
+
+
+def test_stop_then_resume_continues_the_step_count(tiny_model_dir, tiny_data, runs_root):
+    run = create_run(tiny_config(tiny_model_dir, tiny_data, max_steps=100000, save_steps=1000))
+    start_worker(run)
+    wait_for(lambda: run.raw_status().get("step", 0) >= 3, what="training to start")
+    request_stop(run)
+    wait_for(lambda: run.status()["state"] == "stopped", what="the graceful stop")
+    stopped_at = run.raw_status()["step"]
+    checkpoint = run.last_checkpoint()
+    assert checkpoint is not None and checkpoint.name == f"checkpoint-{stopped_at}"
+    assert (run.adapter_dir / "adapter_model.safetensors").exists()
+
+    resume(run)
+    wait_for(lambda: run.raw_status().get("step", 0) >= stopped_at + 3, what="the resumed run")
+    request_stop(run)
+    wait_for(lambda: run.status()["state"] == "stopped", what="the second stop")
+    steps = [m["step"] for m in run.metrics() if "loss" in m]
+    assert steps == list(range(1, steps[-1] + 1)), "steps must continue without gaps or repeats"
+    assert steps[-1] > stopped_at
+
+
+def test_a_killed_worker_is_reported_failed_and_its_checkpoints_load(tiny_model_dir, tiny_data, runs_root):
+    run = create_run(tiny_config(tiny_model_dir, tiny_data, max_steps=100000, save_steps=2))
+    pid = start_worker(run)
+    wait_for(run.last_checkpoint, what="a checkpoint")
+    os.kill(pid, signal.SIGKILL)
+    status = wait_for(lambda: (s := run.status())["state"] == "failed" and s, what="failure detection")
+    assert status["error_kind"] == "killed" and "killed" in status["error"] and status["fix"]
+    model = PeftModel.from_pretrained(tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2),
+                                      run.last_checkpoint())
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 320)
+
+
+def test_bad_data_fails_with_a_classified_reason(tiny_model_dir, tmp_path, runs_root):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    run = create_run(tiny_config(tiny_model_dir, bad))
+    start_worker(run)
+    status = wait_for(lambda: (s := run.status())["state"] == "failed" and s, what="the failure")
+    assert status["error_kind"] == "data error"
+    assert "bad.jsonl" in status["error"] and status["fix"]
+
+
+def test_second_start_on_the_same_device_is_refused(tiny_model_dir, tiny_data, runs_root):
+    from denselora_app.runs import RunError
+
+    first = create_run(tiny_config(tiny_model_dir, tiny_data, max_steps=100000))
+    start_worker(first)
+    second = create_run(tiny_config(tiny_model_dir, tiny_data))
+    with pytest.raises(RunError, match="already training on this device"):
+        start_worker(second)
+    request_stop(first)
+    wait_for(lambda: first.status()["state"] in ("stopped", "failed"), what="the stop")
+
+
+def test_failure_classification():
+    oom = classify_failure("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert oom["kind"] == "out of memory" and "batch_size" in oom["fix"]
+    assert classify_failure("denselora_app.data.DataError: x.jsonl line 3: bad")["kind"] == "data error"
+    assert classify_failure("Some log line\nRuntimeError: boom")["kind"] == "other"
+    assert classify_failure("")["kind"] == "killed"
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "denselora_app", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=REPO)
+
+
+def test_cli_train_runs_stop_resume(tiny_model_dir, tiny_data, runs_root, tmp_path):
+    config = tmp_path / "c.yaml"
+    tiny_config(tiny_model_dir, tiny_data).to_yaml(config)
+    result = cli("train", str(config), "--set", "max_steps=6", "--set", "run_name=cli-demo", "--set", "r=2")
+    assert result.returncode == 0, result.stderr
+    assert "Your adapter is in" in result.stdout
+    run = get_run(next(p.name for p in runs_root.iterdir()))
+    assert run.config().r == 2 and run.status()["state"] == "completed"
+    listing = cli("runs")
+    assert run.id in listing.stdout and "completed" in listing.stdout and "denselora" in listing.stdout
+    assert cli("stop", run.id).returncode == 2  # not training: a clear error, not a traceback
+    assert "is not training" in cli("stop", run.id).stderr
+    assert "already completed" in cli("resume", run.id).stderr
+    assert "not a valid run id" in cli("stop", "../etc").stderr
+    bad = cli("train", str(config), "--set", "r=zero")
+    assert bad.returncode == 2 and "r must be a whole number" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_torchrun_two_cpu_processes_train_one_identical_adapter(tiny_model_dir, tiny_data, runs_root, tmp_path):
+    config = tmp_path / "c.yaml"
+    tiny_config(tiny_model_dir, tiny_data, max_steps=4, batch_size=2).to_yaml(config)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "denselora_app", "train", str(config)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list(runs_root.iterdir())
+    assert len(runs) == 1, "both ranks must write to one run folder"
+    run = Run(runs[0])
+    assert run.status()["state"] == "completed"
+    assert (run.adapter_dir / "adapter_model.safetensors").exists()
+    assert "Adapter weights identical on all 2 ranks" in run.log_path.read_text()
