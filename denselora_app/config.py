@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantized from
 SAMPLE_DATA = "sample:studio_facts"
 PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 

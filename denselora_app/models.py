@@ -52,7 +52,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from .config import EMBEDDED_MODEL
+from .config import EMBEDDED_HUB_ID, EMBEDDED_MODEL
 
 try:  # lets a GGUF be dequantized explicitly, even where the `kernels` package could keep it packed
     from transformers.utils.quantization_config import GgufConfig
@@ -147,7 +147,14 @@ def _classify(spec: str) -> _Source:
     if spec.startswith("embedded:"):
         if spec != EMBEDDED_DEFAULT:
             raise ModelLoadError(f"Unknown embedded model {spec!r}: the only one is '{EMBEDDED_DEFAULT}'.")
-        return _Source("gguf", str(embedded_gguf_path()))
+        try:
+            return _Source("gguf", str(embedded_gguf_path()))
+        except ModelLoadError:
+            if not os.environ.get("SPACE_ID"):
+                raise
+            # A Space installs requirements.txt only, which cannot carry a --no-deps package: same model, from the Hub.
+            logger.info("On a Hugging Face Space: using %s for the embedded default.", EMBEDDED_HUB_ID)
+            return _Source("hub", EMBEDDED_HUB_ID)
     path = Path(spec).expanduser()
     if path.is_dir():
         return _Source("folder", str(path))
