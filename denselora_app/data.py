@@ -150,11 +150,11 @@ def load_rows(source: str) -> tuple[list[dict], list[tuple[str, str]]]:
 
     Raises DataError when the source itself cannot be read (missing, empty, unparsable, offline Hub).
     """
-    src = _read(source)
+    src = read_source(source)
     return src.rows, src.problems
 
 
-def _read(source: str) -> _Source:
+def read_source(source: str) -> _Source:
     source = str(source).strip()
     if not source:
         raise DataError("no data given - choose a data file or name a Hub dataset")
@@ -479,7 +479,7 @@ def _alpaca_segments(row: dict, eos: str) -> Segments:
     return [(prompt, False), (output + eos, True)]
 
 
-def _plain_chat_segments(messages: list[dict], eos: str) -> Segments:
+def plain_chat_segments(messages: list[dict], eos: str) -> Segments:
     """A chat in the Alpaca prompt, for tokenizers without a chat template; one user + assistant turn renders
     exactly as an Alpaca row without input, and a system message replaces the Alpaca header."""
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
@@ -496,7 +496,7 @@ def _plain_chat_segments(messages: list[dict], eos: str) -> Segments:
     return segments
 
 
-def _render(tokenizer, messages: list[dict], *, generation_prompt: bool = False) -> str:
+def render_chat(tokenizer, messages: list[dict], *, generation_prompt: bool = False) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except (jinja2.TemplateError, ValueError, TypeError, KeyError) as e:
@@ -511,15 +511,15 @@ def _template_segments(tokenizer, messages: list[dict]) -> Segments:
     that includes the answer turn. A template that rewrites earlier turns or adds text only at the end is not
     prefix-stable; then the answer's own text is looked up in the rendering instead.
     """
-    full = _render(tokenizer, messages)
+    full = render_chat(tokenizer, messages)
     eos = _eos(tokenizer)
     segments: Segments = []
     cursor = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = _render(tokenizer, messages[:i], generation_prompt=True) if i else None
-        end = _render(tokenizer, messages[: i + 1])
+        start = render_chat(tokenizer, messages[:i], generation_prompt=True) if i else None
+        end = render_chat(tokenizer, messages[: i + 1])
         if start is not None and cursor <= len(start) < len(end) and full.startswith(start) and full.startswith(end):
             a, b = len(start), len(end)
         else:
@@ -553,7 +553,7 @@ def _segments(tokenizer, row: dict, fmt: str) -> tuple[Segments, bool]:
         return _template_segments(tokenizer, messages), False
     if fmt == "alpaca":
         return _alpaca_segments(row, eos), True
-    return _plain_chat_segments(messages, eos), True
+    return plain_chat_segments(messages, eos), True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -581,7 +581,7 @@ def _tokenize_segments(tokenizer, segments: Segments, add_special_tokens: bool) 
             if suffix and ids[len(ids) - len(suffix):] == suffix:
                 return len(ids) - len(suffix)
         prefix = encode(full_text[:chars])
-        return len(prefix) if ids[: len(prefix)] == prefix else _common_prefix_len(prefix, ids)
+        return len(prefix) if ids[: len(prefix)] == prefix else common_prefix_len(prefix, ids)
 
     trained = [False] * len(ids)
     start = chars = 0
@@ -594,7 +594,7 @@ def _tokenize_segments(tokenizer, segments: Segments, add_special_tokens: bool) 
     return ids, trained
 
 
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
+def common_prefix_len(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -651,7 +651,7 @@ def _length_stats(lengths: list[int]) -> dict[str, float]:
 def _process(source: str, tokenizer, fmt: str, cutoff_len: int, train_on_inputs: bool) -> _Processed:
     if cutoff_len < 1:
         raise DataError(f"cutoff_len must be at least 1 token, got {cutoff_len}")
-    src = _read(source)
+    src = read_source(source)
     fmt = _resolve_format(src, fmt)
     if not tokenizer.eos_token:
         log.warning("the tokenizer has no eos token: answers get no end marker, so the model may not learn to stop")

@@ -1,0 +1,661 @@
+"""Chat with an adapter, side by side with its base model, from one copy of the base in memory.
+
+    engine = ChatEngine()
+    engine.select("20250101-120000-quickstart")          # a run id, a run's adapter/checkpoint folder,
+                                                         # any adapter folder, or a Hub adapter id
+    for text in engine.stream_reply("Who invented the cloudglass lens?"):
+        ...                                              # the reply so far, growing as tokens arrive
+    for base_text, adapter_text in engine.stream_compare("..."):
+        ...                                              # base answer first, then the adapter's
+
+One :class:`ChatEngine` holds one base model wrapped in one ``PeftModel``. Every adapter selected for that base is
+loaded into it once under its own name and switched to with ``set_adapter``; the base's own answers come from the
+same weights with the adapter disabled. Generation runs in a background thread feeding a ``TextIteratorStreamer``;
+one lock serialises everything that touches the model (one model, one ``generate`` at a time).
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from huggingface_hub.utils import validate_repo_id
+from peft import PeftConfig, PeftModel
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+
+from . import denselora  # noqa: F401  (registers DenseLoRA with PEFT, so its adapters load)
+from . import models
+from .config import ConfigError
+from .data import RowError, plain_chat_segments, render_chat
+from .runs import ACTIVE_STATES, RUN_ID_PATTERN, Run, RunError, get_run, list_runs, runs_dir
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+_ROLES = ("system", "user", "assistant")
+_MEMORY_HEADROOM = 1.2  # weights plus room for activations and the KV cache while generating
+_GB = 1024**3
+
+
+class ChatError(RuntimeError):
+    """An adapter or base model that cannot be chatted with; the message says why and what to do instead."""
+
+
+# ---- which adapter ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter resolved to where its weights are and which base model it belongs to."""
+
+    label: str  # what the UI shows: the run id (with '@ checkpoint-N'), the folder, or the Hub id
+    location: str  # the adapter folder, or a Hub adapter id
+    base_model: str  # the model spec to load it onto
+    method: str  # the PEFT method, lower case: 'denselora', 'lora', ...
+    run_dir: str | None = None  # the run it belongs to, if any
+    checkpoint: int | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def run(self) -> Run | None:
+        return Run(Path(self.run_dir)) if self.run_dir else None
+
+
+def list_checkpoints(run: Run) -> list[int]:
+    """Step numbers of the run's complete checkpoints (the Trainer writes trainer_state.json last)."""
+    steps = []
+    for folder in run.checkpoints_dir.glob("checkpoint-*"):
+        step = folder.name.rpartition("-")[2]
+        if step.isdigit() and (folder / "trainer_state.json").exists() and (folder / ADAPTER_CONFIG).exists():
+            steps.append(int(step))
+    return sorted(steps)
+
+
+def available_adapters(root: Path | None = None) -> list[AdapterRef]:
+    """Every adapter the runs folder holds, newest run first: each run's final adapter, then its checkpoints."""
+    refs = []
+    for run in list_runs(root):
+        options: list[int | None] = [None] if (run.adapter_dir / ADAPTER_CONFIG).exists() else []
+        for checkpoint in options + list(reversed(list_checkpoints(run))):
+            try:
+                refs.append(_run_ref(run, checkpoint))
+            except ChatError as err:  # one broken run must not hide the others
+                log.warning("Skipping %s: %s", run.id, err)
+    return refs
+
+
+def resolve_adapter(ref: str, checkpoint: int | None = None, root: Path | None = None) -> AdapterRef:
+    """What ``ref`` names: a run id, a run folder, a run's adapter or checkpoint folder, any adapter folder, or a
+    Hugging Face Hub adapter id. ``checkpoint`` picks a run's checkpoint instead of its final adapter."""
+    ref = str(ref).strip()
+    if not ref:
+        raise ChatError("No adapter given: choose a run, an adapter folder, or a Hub adapter id.")
+    run = _find_run(ref, root)
+    if run is None:
+        path = Path(ref).expanduser()
+        if path.exists():
+            run, checkpoint_of_folder = _run_of_folder(path)
+            if run is None:
+                if checkpoint is not None:
+                    raise ChatError(f"--checkpoint only applies to runs, and {ref!r} is not a run.")
+                return _folder_ref(path)
+            if checkpoint_of_folder is not None:
+                if checkpoint is not None and checkpoint != checkpoint_of_folder:
+                    raise ChatError(f"{ref!r} is checkpoint {checkpoint_of_folder}, not checkpoint {checkpoint}.")
+                checkpoint = checkpoint_of_folder
+        elif ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
+            if checkpoint is not None:
+                raise ChatError(f"--checkpoint only applies to runs, and {ref!r} is not a run.")
+            return _hub_ref(ref, root)
+        else:
+            raise ChatError(f"No run, adapter folder or Hub adapter named {ref!r}. {_known_runs(root)}")
+    return _run_ref(run, checkpoint)
+
+
+def _find_run(ref: str, root: Path | None) -> Run | None:
+    if not RUN_ID_PATTERN.match(ref):
+        return None
+    try:
+        return get_run(ref, root)
+    except RunError:
+        return None
+
+
+def _run_of_folder(path: Path) -> tuple[Run | None, int | None]:
+    """The run a folder belongs to: the run folder itself, its adapter/, or one of its checkpoints/checkpoint-N."""
+    path = path.resolve()
+    if (path / "config.yaml").exists():
+        return Run(path), None
+    if path.name == "adapter" and (path.parent / "config.yaml").exists():
+        return Run(path.parent), None
+    step = path.name.rpartition("-")[2]
+    if (path.parent.name == "checkpoints" and path.name.startswith("checkpoint-") and step.isdigit()
+            and (path.parent.parent / "config.yaml").exists()):
+        return Run(path.parent.parent), int(step)
+    return None, None
+
+
+def _known_runs(root: Path | None) -> str:
+    runs = list_runs(root)
+    where = root or runs_dir()
+    if not runs:
+        return f"There are no runs in {where}."
+    names = ", ".join(r.id for r in runs[:8]) + (", ..." if len(runs) > 8 else "")
+    return f"Runs in {where}: {names}."
+
+
+def _read_adapter_config(folder: Path) -> dict[str, Any]:
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        hint = (" It holds a base model (config.json), not an adapter." if (folder / "config.json").exists()
+                else " Choose the folder an adapter was saved in (it has adapter_config.json and the weights).")
+        raise ChatError(f"The folder {str(folder)!r} has no {ADAPTER_CONFIG}, so it is not a PEFT adapter.{hint}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ChatError(f"{path} cannot be read: {err}") from None
+    if not isinstance(config, dict) or not config.get("peft_type"):
+        raise ChatError(f"{path} does not name a PEFT method (no 'peft_type'); it is not a PEFT adapter config.")
+    return config
+
+
+def _run_ref(run: Run, checkpoint: int | None) -> AdapterRef:
+    try:
+        cfg = run.config()
+    except ConfigError as err:
+        raise ChatError(f"Run {run.id} has an unreadable config.yaml: {err}") from None
+    steps = list_checkpoints(run)
+    if checkpoint is None:
+        folder, label = run.adapter_dir, run.id
+        if not (folder / ADAPTER_CONFIG).exists():
+            state = run.status().get("state", "unknown")
+            hint = (f"chat with one of its checkpoints instead: {', '.join(map(str, steps))}" if steps
+                    else "it has no checkpoints yet either")
+            raise ChatError(f"Run {run.id} has no final adapter yet (state: {state}); {hint}.")
+    else:
+        if checkpoint not in steps:
+            have = f"its checkpoints are: {', '.join(map(str, steps))}" if steps else "it has no checkpoints"
+            raise ChatError(f"Run {run.id} has no checkpoint {checkpoint}; {have}.")
+        folder, label = run.checkpoints_dir / f"checkpoint-{checkpoint}", f"{run.id} @ checkpoint-{checkpoint}"
+    adapter_config = _read_adapter_config(folder)
+    # The run's own model spec, not the adapter's base_model_name_or_path: that is often a machine-specific cache
+    # folder (the embedded default is trained from its converted copy).
+    return AdapterRef(label=label, location=str(folder), base_model=cfg.model,
+                      method=str(adapter_config["peft_type"]).lower(), run_dir=str(run.path),
+                      checkpoint=checkpoint, trust_remote_code=cfg.trust_remote_code)
+
+
+def _folder_ref(folder: Path) -> AdapterRef:
+    if not folder.is_dir():
+        raise ChatError(f"{str(folder)!r} is a file: give the folder that contains {ADAPTER_CONFIG}.")
+    config = _read_adapter_config(folder)
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ChatError(f"{folder / ADAPTER_CONFIG} does not say which base model it belongs to "
+                        "(no 'base_model_name_or_path').")
+    return AdapterRef(label=folder.name, location=str(folder.resolve()), base_model=str(base),
+                      method=str(config["peft_type"]).lower())
+
+
+def _hub_ref(repo_id: str, root: Path | None) -> AdapterRef:
+    try:
+        validate_repo_id(repo_id)
+        config = PeftConfig.from_pretrained(repo_id)
+    except Exception as err:  # offline, missing, private, not an adapter: all mean "cannot use this id"
+        raise ChatError(f"No run or adapter folder named {repo_id!r}, and it cannot be used as a Hugging Face Hub "
+                        f"adapter id: {err}. {_known_runs(root)}") from None
+    if not config.base_model_name_or_path:
+        raise ChatError(f"The Hub adapter {repo_id!r} does not say which base model it belongs to.")
+    return AdapterRef(label=repo_id, location=repo_id, base_model=config.base_model_name_or_path,
+                      method=str(getattr(config.peft_type, "value", config.peft_type)).lower())
+
+
+# ---- training on the same device ---------------------------------------------------------------------------------
+
+
+def training_notice(device: torch.device, root: Path | None = None) -> str | None:
+    """A sentence naming the runs training on ``device`` right now, or None when it is free."""
+    busy = []
+    for run in list_runs(root):
+        status = run.status()
+        if status.get("state") not in ACTIVE_STATES:
+            continue
+        try:
+            requested = status.get("device_request") or run.config().device
+            run_device = models.resolve_device(requested)
+        except (ConfigError, ValueError):
+            continue
+        if run_device == device:
+            busy.append(run.id)
+    if not busy:
+        return None
+    return (f"Run {', '.join(busy)} is training on {device}: chat shares the device with it, so replies are slower "
+            "and both need memory.")
+
+
+def memory_problem(device: torch.device, needed_bytes: int) -> str | None:
+    """Why ``needed_bytes`` will not fit on ``device`` now (free accelerator memory, or available RAM), or None."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        where = f"{device}"
+    else:
+        free, where = psutil.virtual_memory().available, "this machine's RAM"
+    if free >= needed_bytes:
+        return None
+    return (f"only {free / _GB:.1f} GB is free in {where}, and the base model needs about "
+            f"{needed_bytes / _GB:.1f} GB")
+
+
+# ---- prompts -----------------------------------------------------------------------------------------------------
+
+
+def build_messages(message: str, history: Sequence[Mapping[str, Any]] | None = None,
+                   system_prompt: str = "") -> list[dict[str, str]]:
+    """The conversation to answer: the system prompt (if any), the history, then the new user message.
+
+    History entries are ``{"role", "content"}`` dicts (Gradio's "messages" format: content may also be a list of
+    ``{"type": "text", "text": ...}`` parts).
+    """
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
+    for n, turn in enumerate(history or [], start=1):
+        role = turn.get("role") if isinstance(turn, Mapping) else None
+        if role not in _ROLES:
+            raise ChatError(f"History message {n} has role {role!r}: use user, assistant or system.")
+        messages.append({"role": role, "content": _text_of(turn.get("content"))})
+    messages.append({"role": "user", "content": message})
+    return messages
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Mapping):
+        content = [content]
+    if isinstance(content, list):
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, Mapping))
+    return "" if content is None else str(content)
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[str, bool]:
+    """The text the model continues, and whether tokenizing it should add special tokens.
+
+    Rendered as training renders it (data.py): the chat template with its generation prompt, or, for a tokenizer
+    without one, the Alpaca prompt ending in '### Response:'.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            return render_chat(tokenizer, messages, generation_prompt=True), False  # the template writes its tokens
+        except RowError as err:
+            raise ChatError(f"This model's chat template refused the conversation: {err}") from None
+    # An empty answer turn makes data.py emit the '### Response:' header; dropping that empty answer (and its eos)
+    # leaves exactly the prompt training used.
+    segments = plain_chat_segments(messages + [{"role": "assistant", "content": ""}], tokenizer.eos_token or "")
+    return "".join(text for text, _ in segments[:-1]), True
+
+
+# ---- generating --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0 decodes greedily
+    top_p: float = 0.9
+    seed: int | None = None  # None: a fresh random seed per reply (compare still uses one seed for both answers)
+    system_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ChatError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise ChatError(f"temperature must be 0 (greedy) or more, got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ChatError(f"top_p must be in (0, 1], got {self.top_p}.")
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    tokens: int  # new tokens generated
+    seconds: float
+    stopped: bool  # ended by stop() rather than by the model or max_new_tokens
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """What the engine holds after ``select``: plain data for a status line."""
+
+    adapter: AdapterRef
+    base_parameters: int
+    adapter_parameters: int
+    device: str
+    dtype: str
+    notice: str | None  # e.g. a run training on the same device
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.adapter_parameters / self.base_parameters if self.base_parameters else 0.0
+
+
+class _StopOn(StoppingCriteria):
+    """Ends generation at the next token once an event is set; also counts the new tokens."""
+
+    def __init__(self, prompt_len: int, *events: threading.Event) -> None:
+        self.prompt_len = prompt_len
+        self.events = events
+        self.generated = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        self.generated = input_ids.shape[1] - self.prompt_len
+        stop = any(event.is_set() for event in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class _Base:
+    spec: str
+    location: str
+    trust_remote_code: bool
+    model: PreTrainedModel  # the plain model, before PEFT wraps it (the same object, modified in place)
+    tokenizer: PreTrainedTokenizerBase
+    parameters: int
+
+
+class ChatEngine:
+    """One base model kept in memory, with every selected adapter of it loaded once; see the module docstring."""
+
+    def __init__(self, device: str = "auto", dtype: str = "auto", runs_root: Path | None = None) -> None:
+        try:
+            self.device = models.resolve_device(device)
+            models.resolve_dtype(dtype, self.device)  # a bad dtype fails here, not at the first load
+        except ValueError as err:
+            raise ChatError(str(err)) from None
+        self.dtype = dtype
+        self.runs_root = runs_root
+        self.selected: LoadedAdapter | None = None
+        self.last_stats: GenerationStats | None = None
+        self._lock = threading.Lock()  # one model, one generate at a time
+        self._stop = threading.Event()
+        self._base: _Base | None = None
+        self._peft: PeftModel | None = None
+        self._method: str | None = None  # the PEFT method of the loaded adapters (one PeftModel holds one)
+        self._adapters: dict[str, tuple[str, float | None]] = {}  # location -> (adapter name, weights mtime)
+        self._names = itertools.count()
+
+    # ---- loading
+
+    def select(self, ref: str | AdapterRef, checkpoint: int | None = None) -> LoadedAdapter:
+        """Make ``ref`` the active adapter, loading its base only when it is not the one held already."""
+        if not isinstance(ref, AdapterRef):
+            ref = resolve_adapter(ref, checkpoint, self.runs_root)
+        with self._lock:
+            notice = training_notice(self.device, self.runs_root)
+            if not self._holds_base(ref):
+                self._load_base(ref, notice)
+            name = self._load_adapter(ref)
+            self._peft.set_adapter(name)
+            self.selected = LoadedAdapter(
+                adapter=ref, base_parameters=self._base.parameters,
+                adapter_parameters=sum(p.numel() for n, p in self._peft.named_parameters() if f".{name}." in n),
+                device=str(self.device), dtype=str(self._base.model.dtype).removeprefix("torch."), notice=notice,
+            )
+            return self.selected
+
+    def unload(self) -> None:
+        """Free the base model and every adapter (the next ``select`` loads again)."""
+        with self._lock:
+            self._release()
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._require().tokenizer
+
+    def training_notice(self) -> str | None:
+        """Whether a run is training on this engine's device right now (for a status line that refreshes)."""
+        return training_notice(self.device, self.runs_root)
+
+    def _holds_base(self, ref: AdapterRef) -> bool:
+        base = self._base
+        if base is None or base.trust_remote_code != ref.trust_remote_code:
+            return False
+        # The same model can be named differently (the embedded spec, or its converted cache folder).
+        return base.spec == ref.base_model or base.location == self._location(ref)
+
+    @staticmethod
+    def _location(ref: AdapterRef) -> str:
+        try:
+            location = models.ensure_local(ref.base_model)
+        except models.ModelLoadError as err:
+            raise _unloadable_base(ref, err) from None
+        return str(Path(location).resolve()) if Path(location).exists() else location
+
+    def _load_base(self, ref: AdapterRef, notice: str | None) -> None:
+        self._release()  # the old base goes first: two models need not fit in memory at once
+        if notice:
+            self._check_memory(ref, notice)
+        location = self._location(ref)
+        log.info("Loading base model %s on %s", ref.base_model, self.device)
+        started = time.perf_counter()
+        try:
+            tokenizer = models.load_tokenizer(ref.base_model, trust_remote_code=ref.trust_remote_code)
+            model = models.load_model(ref.base_model, device=str(self.device), dtype=self.dtype,
+                                      trust_remote_code=ref.trust_remote_code)
+        except models.ModelLoadError as err:
+            raise _unloadable_base(ref, err) from None
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            raise ChatError(f"Not enough memory on {self.device} to load {ref.base_model}: {err}") from None
+        self._base = _Base(ref.base_model, location, ref.trust_remote_code, model, tokenizer,
+                           sum(p.numel() for p in model.parameters()))
+        log.info("Loaded %s in %.1f s", ref.base_model, time.perf_counter() - started)
+
+    def _check_memory(self, ref: AdapterRef, notice: str) -> None:
+        try:
+            parameters = models.describe_model(ref.base_model, ref.trust_remote_code).num_parameters
+        except models.ModelLoadError as err:
+            raise _unloadable_base(ref, err) from None
+        itemsize = models.resolve_dtype(self.dtype, self.device).itemsize
+        problem = memory_problem(self.device, int(parameters * itemsize * _MEMORY_HEADROOM))
+        if problem:
+            raise ChatError(f"{notice} Chat cannot load its base model now: {problem}. Wait for the run to finish "
+                            "or stop it, or chat on another device.")
+
+    def _load_adapter(self, ref: AdapterRef) -> str:
+        stamp = _weights_mtime(ref.location)
+        known = self._adapters.get(ref.location)
+        if known and known[1] == stamp:
+            return known[0]
+        if known:  # the folder was written again (a resumed run finished): load the new weights
+            self._peft.delete_adapter(known[0])
+            del self._adapters[ref.location]
+        if self._peft is not None and self._method != ref.method:
+            # PEFT cannot mix methods in one PeftModel: take the adapters out, keeping the base weights.
+            self._base.model = self._peft.unload()
+            self._peft, self._adapters = None, {}
+        name = f"studio_adapter_{next(self._names)}"
+        try:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self._base.model, ref.location, adapter_name=name)
+                self._method = ref.method
+            else:
+                self._peft.load_adapter(ref.location, adapter_name=name)
+        except Exception as err:  # a missing file, a shape mismatch (another base), the Hub: all mean "unusable"
+            self._discard(name)
+            raise ChatError(f"The adapter {ref.label} cannot be loaded onto {ref.base_model}: {err}") from None
+        self._peft.eval()
+        self._adapters[ref.location] = (name, stamp)
+        return name
+
+    def _discard(self, name: str) -> None:
+        """Undo a failed adapter load; a base that PEFT had started to modify is dropped (reloaded next time)."""
+        if self._peft is not None and name in self._peft.peft_config:
+            try:
+                self._peft.delete_adapter(name)
+                return
+            except Exception:  # cannot tell what state the model is in: start afresh
+                pass
+        if self._peft is None or name in self._peft.peft_config:
+            self._release()
+
+    def _release(self) -> None:
+        self._base, self._peft, self._method, self._adapters, self.selected = None, None, None, {}, None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _require(self) -> _Base:
+        if self._base is None or self._peft is None:
+            raise ChatError("No adapter is selected: choose a run or an adapter first.")
+        return self._base
+
+    # ---- generating
+
+    def stop(self) -> None:
+        """End the generation in progress (and a compare's second answer) after the current token."""
+        self._stop.set()
+
+    @contextmanager
+    def using(self, adapter: bool = True) -> Iterator[PeftModel]:
+        """Hold the model (the lock) with the selected adapter enabled, or disabled for the base's answers."""
+        with self._lock:
+            self._require()
+            with self._adapter_enabled(adapter):
+                yield self._peft
+
+    def _adapter_enabled(self, enabled: bool):
+        return nullcontext() if enabled else self._peft.disable_adapter()
+
+    def stream_reply(self, message: str, history: Sequence[Mapping[str, Any]] | None = None,
+                     settings: GenerationSettings | None = None, *, use_adapter: bool = True) -> Iterator[str]:
+        """Yield the reply so far (the whole text each time, growing), from the adapter or (``use_adapter=False``)
+        the base model. ``stop()`` ends it after the current token."""
+        settings = settings or GenerationSettings()
+        messages = build_messages(message, history, settings.system_prompt)
+        with self.using(use_adapter):
+            self._stop.clear()
+            yield from self._stream(messages, settings, _seed(settings))
+
+    def stream_compare(self, message: str, history: Sequence[Mapping[str, Any]] | None = None,
+                       settings: GenerationSettings | None = None,
+                       base_history: Sequence[Mapping[str, Any]] | None = None) -> Iterator[tuple[str, str]]:
+        """Yield ``(base_text, adapter_text)`` as both grow: the base answers first (adapter disabled), then the
+        adapter, with the same prompt, seed and settings. ``base_history`` (default: ``history``) lets the base
+        column keep its own past answers. ``stop()`` ends the current answer and skips the adapter's."""
+        settings = settings or GenerationSettings()
+        seed = _seed(settings)  # one seed for both, so sampling differences come from the adapter alone
+        base_messages = build_messages(message, history if base_history is None else base_history,
+                                       settings.system_prompt)
+        messages = build_messages(message, history, settings.system_prompt)
+        with self._lock:
+            self._require()
+            self._stop.clear()
+            base_text = ""
+            with self._adapter_enabled(False):
+                for base_text in self._stream(base_messages, settings, seed):
+                    yield base_text, ""
+            if self._stop.is_set():
+                return
+            for adapter_text in self._stream(messages, settings, seed):
+                yield base_text, adapter_text
+
+    def complete(self, messages: list[dict[str, str]], settings: GenerationSettings, *,
+                 use_adapter: bool = True) -> str:
+        """The whole reply to ``messages`` at once (for evaluation): no thread, no streamer."""
+        with self.using(use_adapter) as model:
+            self._stop.clear()
+            ids = self._encode(messages)
+            criteria = _StopOn(ids.shape[1], self._stop)
+            output = model.generate(**self._generate_kwargs(ids, settings, _seed(settings), criteria))
+            return self._base.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+
+    def _stream(self, messages: list[dict[str, str]], settings: GenerationSettings, seed: int) -> Iterator[str]:
+        """Generate in a thread and yield the text as it grows; the caller holds the lock."""
+        ids = self._encode(messages)
+        halt = threading.Event()  # set when the consumer goes away (e.g. the UI cancels), so the thread ends too
+        criteria = _StopOn(ids.shape[1], self._stop, halt)
+        streamer = TextIteratorStreamer(self._base.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self._peft.generate(**self._generate_kwargs(ids, settings, seed, criteria), streamer=streamer)
+            except BaseException as err:  # re-raised in the consumer's thread below
+                failure.append(err)
+                streamer.end()  # unblock the consumer
+
+        started = time.perf_counter()
+        thread = threading.Thread(target=work, name="chat-generate", daemon=True)
+        thread.start()
+        text, yielded = "", False
+        try:
+            for piece in streamer:
+                if piece:
+                    text += piece
+                    yielded = True
+                    yield text
+        finally:
+            halt.set()
+            thread.join()
+            self.last_stats = GenerationStats(criteria.generated, time.perf_counter() - started, self._stop.is_set())
+        if failure:
+            raise ChatError(f"Generation failed: {failure[0]}") from failure[0]
+        if not yielded:  # an empty reply (the model ended at once) still reaches the UI
+            yield text
+
+    def _encode(self, messages: list[dict[str, str]]) -> torch.Tensor:
+        text, add_special_tokens = render_prompt(self._base.tokenizer, messages)
+        ids = self._base.tokenizer(text, add_special_tokens=add_special_tokens, return_tensors="pt").input_ids
+        return ids.to(self.device)
+
+    def _generate_kwargs(self, ids: torch.Tensor, settings: GenerationSettings, seed: int,
+                         criteria: _StopOn) -> dict[str, Any]:
+        tokenizer = self._base.tokenizer
+        # The model's own end tokens, plus the tokenizer's (a chat template's end-of-turn token, e.g. <|im_end|>).
+        eos = self._base.model.generation_config.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+            eos_ids.append(tokenizer.eos_token_id)
+        kwargs: dict[str, Any] = dict(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids or None,
+            stopping_criteria=StoppingCriteriaList([criteria]), do_sample=settings.temperature > 0,
+        )
+        if settings.temperature > 0:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+        torch.manual_seed(seed)  # under the lock, so the seed applies to this generate alone
+        return kwargs
+
+
+def _unloadable_base(ref: AdapterRef, err: Exception) -> ChatError:
+    return ChatError(f"The base model of {ref.label} ({ref.base_model}) cannot be loaded: {err}")
+
+
+def _seed(settings: GenerationSettings) -> int:
+    return settings.seed if settings.seed is not None else random.randrange(2**31)
+
+
+def _weights_mtime(location: str) -> float | None:
+    """When the adapter's weights were written; None for a Hub id (the Hub cache does not change under us)."""
+    folder = Path(location)
+    files = [folder / "adapter_model.safetensors", folder / "adapter_model.bin"]
+    return max((f.stat().st_mtime for f in files if f.exists()), default=None)
