@@ -10,6 +10,7 @@ from denselora_app.ui import CSS, build_app
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks would log every request
     build_app().queue().launch(css=CSS)
 
 

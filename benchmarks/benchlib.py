@@ -9,7 +9,7 @@ import platform
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import peft
 import torch
@@ -24,10 +24,10 @@ def setup_logging() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def command_line() -> str:
-    """The command that is running, as someone would type it from the repository root."""
-    script = os.path.relpath(sys.argv[0])
-    return shlex.join(["python", script, *sys.argv[1:]])
+def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
+    """The command that runs ``script`` with ``argv`` (None: this process's arguments), relative to the working
+    directory (the repository root, normally)."""
+    return shlex.join(["python", os.path.relpath(script), *(sys.argv[1:] if argv is None else argv)])
 
 
 def cpu_model() -> str:

@@ -1,22 +1,26 @@
 """Accuracy of DenseLoRA against LoRA on a task this script makes up, small enough for 2 CPU cores.
 
-The paper (Mu et al., ACL 2025) claims that DenseLoRA matches or beats LoRA on commonsense reasoning with far fewer
-trainable parameters. This is a small-scale, fully offline check of that claim:
+The paper (Mu et al., ACL 2025) reports that DenseLoRA matches or beats LoRA on commonsense reasoning with far
+fewer trainable parameters. This is a small-scale, fully offline check of that claim:
 
 1. A synthetic knowledge base: made-up people, each with a city, a pet, a colour and a job drawn at random.
 2. A small LLaMA-shaped model with its own word-level tokenizer is pretrained (full fine-tune, from random weights)
-   on plain statements of every fact ("Zorbin lives in Lima ."). It never sees a question.
-3. Adapters are trained on multiple-choice questions in the paper's commonsense prompt format ("... Answer format:
-   answer1/answer2/answer3/answer4" -> "the correct answer is answer3") about one part of the people, and evaluated
-   on questions about the others: their facts are known only from pretraining, so an adapter has to teach the
-   model to answer from its own knowledge in this format, not memorise answers. The answer is extracted by pattern
-   from greedy generation, as in the paper's evaluation.
+   on plain statements of every fact ("Zorbin lives in Lima ."), packed into rows like ordinary language-model
+   pretraining. It never sees a question.
+3. Adapters are trained on questions in the paper's commonsense prompt format ("Please choose the correct answer to
+   the question : Where does Zorbin live ? Answer format : Oslo/Lima/Rome/Cairo" -> "the correct answer is Lima")
+   about one part of the people, and evaluated on questions about people they never saw a question about: those
+   facts are known only from pretraining, so an adapter has to teach the model to answer from its own knowledge in
+   this format, not memorise answers (without an adapter the model scores 0: it just continues the text). The
+   answer is extracted by pattern (the first listed option in the greedy generation), as in the paper's evaluation.
 
 Arms: DenseLoRA r8 and r16, LoRA r8 and r16, and LoRA at the rank whose parameter count is closest to DenseLoRA
-r16's; each trained with several seeds, on the same five projections, with the same steps and learning rate.
+r16's; each with several seeds, on the same five projections, with the same steps and batch. The two methods want
+different learning rates, so each gets its own, chosen by a small sweep (at the highest rank, first seed) on
+validation people who are in neither the training nor the test questions.
 
-    python benchmarks/fidelity.py          # CPU: about 15 minutes on 2 cores
-    python benchmarks/fidelity.py --gpu    # a larger model and more steps on one GPU
+    python benchmarks/fidelity.py          # CPU mode: about 15 minutes on 2 cores
+    python benchmarks/fidelity.py --gpu    # GPU mode: a larger model, more people and steps, on one GPU
 """
 
 from __future__ import annotations
@@ -45,14 +49,14 @@ from benchlib import command_line, machine_description, machine_line, markdown_t
 
 log = logging.getLogger("benchmarks.fidelity")
 
-# Settings of the two modes; every one can be overridden by the flag of the same name.
+# Settings of the two modes; each can be overridden by the flag of the same name (--adapter-steps etc.).
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(device="cpu", people=240, test_people=80, hidden=128, layers=4, heads=4, kv_heads=2,
-                intermediate=344, pretrain_steps=1500, pretrain_batch=64, pretrain_lr=2e-3, adapter_steps=300,
-                adapter_batch=32, adapter_lr=3e-3, seeds=3),
-    "gpu": dict(device="cuda", people=1000, test_people=250, hidden=512, layers=8, heads=8, kv_heads=4,
-                intermediate=1376, pretrain_steps=4000, pretrain_batch=256, pretrain_lr=1e-3, adapter_steps=600,
-                adapter_batch=64, adapter_lr=2e-3, seeds=3),
+    "cpu": dict(device="cpu", threads=1, people=240, val_people=40, test_people=60, hidden=128, layers=4, heads=4,
+                kv_heads=2, intermediate=344, pretrain_steps=1200, pretrain_batch=32, pretrain_length=48,
+                pretrain_lr=2e-3, adapter_steps=400, adapter_batch=16, seeds=3),
+    "gpu": dict(device="cuda", threads=0, people=800, val_people=80, test_people=160, hidden=384, layers=6, heads=6,
+                kv_heads=2, intermediate=1024, pretrain_steps=3000, pretrain_batch=64, pretrain_length=64,
+                pretrain_lr=1e-3, adapter_steps=500, adapter_batch=32, seeds=3),
 }
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -82,34 +86,35 @@ RELATIONS: dict[str, tuple[list[str], list[str], str]] = {
 }
 
 OPTIONS = 4
-PROMPT = (
-    "### Instruction : Please choose the correct answer to the question : {question} "
-    "Answer1 : {0} Answer2 : {1} Answer3 : {2} Answer4 : {3} "
-    "Answer format : answer1/answer2/answer3/answer4 ### Response :"
-)
-RESPONSE = "the correct answer is answer{index}"
-ANSWER_PATTERN = re.compile(r"answer([1-4])")
+QUESTION = "Please choose the correct answer to the question : {question} Answer format : {options}"
+PROMPT = "### Instruction : {text} ### Response :"
+RESPONSE = "the correct answer is {answer}"
 SPECIAL_TOKENS = ["[pad]", "[unk]", "[eos]"]
 SYLLABLES = ["ka", "lo", "mi", "ren", "to", "va", "zu", "bel", "dor", "fi", "gan", "hu", "jo", "ne", "pa", "qui",
              "ros", "sa", "tem", "ul", "wen", "xa", "yor", "zen"]
+NEW_TOKENS = 8  # generated per question; the response is 5 words
 
 
 @dataclass
 class Question:
-    person: str
-    relation: str
-    prompt: str
-    answer: int  # 1-based, as in "answer3"
+    text: str
+    options: list[str]
+    answer: str
+
+    @property
+    def prompt(self) -> str:
+        return PROMPT.format(text=self.text)
 
     @property
     def response(self) -> str:
-        return RESPONSE.format(index=self.answer)
+        return RESPONSE.format(answer=self.answer)
 
 
 @dataclass
 class KnowledgeBase:
     facts: dict[str, dict[str, str]]  # person -> relation -> value
     train_people: list[str]
+    val_people: list[str]
     test_people: list[str]
 
     def statements(self) -> list[str]:
@@ -120,20 +125,20 @@ class KnowledgeBase:
             for template in RELATIONS[relation][1]
         ]
 
+    def question(self, person: str, relation: str, rng: random.Random) -> Question:
+        """A question about one fact, with random distractors and a random position for the right answer."""
+        values, _, question = RELATIONS[relation]
+        answer = self.facts[person][relation]
+        options = rng.sample([v for v in values if v != answer], OPTIONS - 1)
+        options.insert(rng.randrange(OPTIONS), answer)
+        text = QUESTION.format(question=question.format(person=person), options="/".join(options))
+        return Question(text, options, answer)
+
     def questions(self, people: list[str], rng: random.Random) -> list[Question]:
-        out = []
-        for person in people:
-            for relation, (values, _, question) in RELATIONS.items():
-                truth = self.facts[person][relation]
-                options = rng.sample([v for v in values if v != truth], OPTIONS - 1)
-                answer = rng.randrange(OPTIONS)
-                options.insert(answer, truth)
-                prompt = PROMPT.format(*options, question=question.format(person=person))
-                out.append(Question(person, relation, prompt, answer + 1))
-        return out
+        return [self.question(person, relation, rng) for person in people for relation in RELATIONS]
 
 
-def make_knowledge_base(people: int, test_people: int, seed: int) -> KnowledgeBase:
+def make_knowledge_base(people: int, val_people: int, test_people: int, seed: int) -> KnowledgeBase:
     """``people`` made-up names (two or three syllables), each with a random value for every relation."""
     rng = random.Random(seed)
     names: set[str] = set()
@@ -143,50 +148,73 @@ def make_knowledge_base(people: int, test_people: int, seed: int) -> KnowledgeBa
     rng.shuffle(ordered)
     facts = {name: {relation: rng.choice(values) for relation, (values, _, _) in RELATIONS.items()}
              for name in ordered}
-    return KnowledgeBase(facts, train_people=ordered[test_people:], test_people=ordered[:test_people])
+    held_out = val_people + test_people
+    return KnowledgeBase(facts, ordered[held_out:], ordered[:val_people], ordered[val_people:held_out])
 
 
-def build_tokenizer(texts: list[str]) -> Tokenizer:
-    """A word-level tokenizer over exactly the words of ``texts``: every name and value is one token."""
+def build_tokenizer(kb: KnowledgeBase) -> Tokenizer:
+    """A word-level tokenizer over exactly the task's words: every name and every value is one token."""
+    texts = kb.statements() + [q.prompt + " " + q.response for q in kb.questions(list(kb.facts), random.Random(0))]
     tokenizer = Tokenizer(models.WordLevel(unk_token="[unk]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, show_progress=False))
     return tokenizer
 
 
-class Batcher:
-    """Token ids of (prompt, completion) pairs; the loss is taken on the completion and the end-of-text token."""
-
-    def __init__(self, tokenizer: Tokenizer, prompts: list[str], completions: list[str]) -> None:
-        self.pad = tokenizer.token_to_id("[pad]")
-        eos = tokenizer.token_to_id("[eos]")
-        self.examples = []
-        for prompt, completion in zip(prompts, completions):
-            prompt_ids = tokenizer.encode(prompt).ids if prompt else []
-            completion_ids = tokenizer.encode(completion).ids + [eos]
-            self.examples.append((prompt_ids + completion_ids, len(prompt_ids)))
-
-    def batches(self, batch_size: int, generator: random.Random) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless random batches, right-padded, prompt and padding masked out of the labels."""
-        while True:
-            order = list(range(len(self.examples)))
-            generator.shuffle(order)
-            for start in range(0, len(order) - batch_size + 1, batch_size):
-                yield self.collate([self.examples[i] for i in order[start:start + batch_size]])
-
-    def collate(self, examples: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
-        width = max(len(ids) for ids, _ in examples)
-        input_ids = torch.full((len(examples), width), self.pad)
-        labels = torch.full((len(examples), width), -100)
-        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, (ids, prompt_len) in enumerate(examples):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            labels[row, prompt_len:len(ids)] = torch.tensor(ids[prompt_len:])
-            attention_mask[row, :len(ids)] = 1
-        return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
+def collate(examples: list[tuple[list[int], int]], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``(ids, prompt_len)`` examples; the loss is taken after the prompt, never on padding."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad)
+    labels = torch.full((len(examples), width), -100)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, prompt_len) in enumerate(examples):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, prompt_len:len(ids)] = torch.tensor(ids[prompt_len:])
+        attention_mask[row, :len(ids)] = 1
+    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
 
 
-def train(model: nn.Module, batcher: Batcher, steps: int, batch_size: int, lr: float, seed: int,
+def pretraining_batches(tokenizer: Tokenizer, kb: KnowledgeBase, batch_size: int, length: int,
+                        rng: random.Random) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless pretraining batches of documents, each ended by [eos], shuffled and packed into rows of up to
+    ``length`` tokens (facts are learnt at every position and after any context, as in ordinary pretraining).
+
+    Each pass holds every statement, and one unanswered question per person (its text without the response): a
+    real pretrained model has seen every word of the prompt and response, and [eos], in running text, and these do
+    that without ever showing an answer.
+    """
+    pad, eos = tokenizer.token_to_id("[pad]"), tokenizer.token_to_id("[eos]")
+    statements = [tokenizer.encode(s).ids + [eos] for s in kb.statements()]
+    rows: list[tuple[list[int], int]] = []
+    row: list[int] = []
+    while True:
+        questions = [kb.question(person, rng.choice(list(RELATIONS)), rng).text for person in kb.facts]
+        documents = statements + [tokenizer.encode(q).ids + [eos] for q in questions]
+        for document in rng.sample(documents, len(documents)):
+            if len(row) + len(document) > length:
+                rows.append((row, 0))
+                row = []
+                if len(rows) == batch_size:
+                    yield collate(rows, pad)
+                    rows = []
+            row = row + document
+
+
+def question_batches(tokenizer: Tokenizer, kb: KnowledgeBase, batch_size: int,
+                     rng: random.Random) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches of fresh questions about the training people (new distractors and answer positions every
+    time), with the loss on the response and the end-of-text token only."""
+    pad, eos = tokenizer.token_to_id("[pad]"), tokenizer.token_to_id("[eos]")
+    while True:
+        examples = []
+        for _ in range(batch_size):
+            question = kb.question(rng.choice(kb.train_people), rng.choice(list(RELATIONS)), rng)
+            prompt = tokenizer.encode(question.prompt).ids
+            examples.append((prompt + tokenizer.encode(question.response).ids + [eos], len(prompt)))
+        yield collate(examples, pad)
+
+
+def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float,
           device: torch.device, desc: str) -> float:
     """AdamW with linear warm-up (first 10%) and linear decay; returns the mean loss of the last 10% of steps."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -197,7 +225,6 @@ def train(model: nn.Module, batcher: Batcher, steps: int, batch_size: int, lr: f
     )
     model.train()
     losses = []
-    batches = batcher.batches(batch_size, random.Random(seed))
     for _ in tqdm(range(steps), desc=desc, leave=False):
         batch = {k: v.to(device) for k, v in next(batches).items()}
         loss = model(**batch).loss
@@ -216,12 +243,12 @@ def train(model: nn.Module, batcher: Batcher, steps: int, batch_size: int, lr: f
 def generate(model: nn.Module, tokenizer: Tokenizer, prompts: list[str], new_tokens: int,
              device: torch.device) -> list[str]:
     """Greedy continuations of ``prompts``, decoded; prompts of equal length are generated together, unpadded."""
-    by_length: dict[int, list[int]] = {}
     encoded = [tokenizer.encode(p).ids for p in prompts]
+    by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(i)
-    out: list[str] = [""] * len(prompts)
     eos, pad = tokenizer.token_to_id("[eos]"), tokenizer.token_to_id("[pad]")
+    out = [""] * len(prompts)
     for length, indices in by_length.items():
         input_ids = torch.tensor([encoded[i] for i in indices], device=device)
         generated = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
@@ -231,25 +258,25 @@ def generate(model: nn.Module, tokenizer: Tokenizer, prompts: list[str], new_tok
     return out
 
 
-def extract_answer(text: str) -> Optional[int]:
-    match = ANSWER_PATTERN.search(text)
-    return int(match.group(1)) if match else None
+def extract_answer(text: str, options: list[str]) -> Optional[str]:
+    """The first of the question's options named in ``text``, the way the paper reads answers from generations."""
+    match = re.search(r"\b(" + "|".join(map(re.escape, options)) + r")\b", text)
+    return match.group(1) if match else None
 
 
 def accuracy(model: nn.Module, tokenizer: Tokenizer, questions: list[Question], device: torch.device) -> float:
-    texts = generate(model, tokenizer, [q.prompt for q in questions], new_tokens=8, device=device)
-    return sum(extract_answer(t) == q.answer for t, q in zip(texts, questions)) / len(questions)
+    texts = generate(model, tokenizer, [q.prompt for q in questions], NEW_TOKENS, device)
+    return sum(extract_answer(t, q.options) == q.answer for t, q in zip(texts, questions)) / len(questions)
 
 
 def fact_recall(model: nn.Module, tokenizer: Tokenizer, kb: KnowledgeBase, device: torch.device) -> float:
-    """Share of facts the pretrained model completes correctly from the first statement template's prefix."""
+    """Share of facts the pretrained model completes correctly after the first template's prefix ("X lives in")."""
     prompts, truths = [], []
     for person, attributes in kb.facts.items():
         for relation, value in attributes.items():
-            prefix = RELATIONS[relation][1][0].format(person=person, value="{value}").split("{value}")[0]
-            prompts.append(prefix.strip())
+            prompts.append(RELATIONS[relation][1][0].split("{value}")[0].format(person=person).strip())
             truths.append(value)
-    texts = generate(model, tokenizer, prompts, new_tokens=1, device=device)
+    texts = generate(model, tokenizer, prompts, 1, device)
     return sum(t.strip() == v for t, v in zip(texts, truths)) / len(truths)
 
 
@@ -257,7 +284,7 @@ def build_model(args: argparse.Namespace, vocab_size: int, device: torch.device)
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0,
+        max_position_embeddings=128, tie_word_embeddings=False,
     )
     torch.manual_seed(args.data_seed)
     with device:
@@ -269,25 +296,32 @@ def adapter_config(method: str, rank: int) -> DenseLoraConfig | LoraConfig:
     return cls(r=rank, lora_alpha=2 * rank, target_modules=TARGET_MODULES)
 
 
-def trainable_params(base: nn.Module, method: str, rank: int) -> int:
-    peft_model = get_peft_model(copy.deepcopy(base), adapter_config(method, rank))
-    return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+def with_adapter(base: nn.Module, method: str, rank: int, seed: int) -> nn.Module:
+    """A fresh adapter (initialised from ``seed``) on a copy of ``base``."""
+    torch.manual_seed(seed)
+    return get_peft_model(copy.deepcopy(base), adapter_config(method, rank))
+
+
+def trainable_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def matched_lora_rank(base: nn.Module, target: int) -> int:
     """The LoRA rank whose trainable parameter count is closest to ``target`` (LoRA's count is linear in r)."""
-    per_rank = trainable_params(base, "lora", 1)
-    return max(1, round(target / per_rank))
+    return max(1, round(target / trainable_params(with_adapter(base, "lora", 1, seed=0))))
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpu", action="store_true", help="The larger GPU mode (default: the CPU mode).")
-    overridable = PRESETS["cpu"]
-    for name, value in overridable.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), help=f"CPU mode: {value}; GPU mode: "
-                            f"{PRESETS['gpu'][name]}.")
+    parser.add_argument("--gpu", action="store_true", help="The GPU mode (default: the CPU mode).")
+    for name, value in PRESETS["cpu"].items():
+        help_text = f"CPU mode: {value}; GPU mode: {PRESETS['gpu'][name]}."
+        if name == "threads":
+            help_text = "CPU threads for torch (0: torch's default). " + help_text
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), help=help_text)
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16], help="Ranks of DenseLoRA and LoRA.")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 6e-3, 1.2e-2],
+                        help="Learning rates swept for each method at the highest rank, on the validation people.")
     parser.add_argument("--data-seed", type=int, default=0, help="Seed of the knowledge base and the pretraining.")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results",
                         help="Where fidelity_<mode>.json and .md are written.")
@@ -299,92 +333,121 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def pretrain(args: argparse.Namespace, kb: KnowledgeBase, tokenizer: Tokenizer,
+             device: torch.device) -> tuple[LlamaForCausalLM, dict[str, Any]]:
+    model = build_model(args, tokenizer.get_vocab_size(), device)
+    batches = pretraining_batches(tokenizer, kb, args.pretrain_batch, args.pretrain_length,
+                                  random.Random(args.data_seed))
+    loss = train(model, batches, args.pretrain_steps, args.pretrain_lr, device, "pretraining")
+    model.requires_grad_(False)
+    stats = dict(final_loss=loss, fact_recall=fact_recall(model, tokenizer, kb, device),
+                 total_params=sum(p.numel() for p in model.parameters()))
+    log.info("Pretrained: final loss %.3f, fact recall %.1f%%", loss, 100 * stats["fact_recall"])
+    return model, stats
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     machine = machine_description(device)
     started = time.perf_counter()
-    kb = make_knowledge_base(args.people, args.test_people, args.data_seed)
+    kb = make_knowledge_base(args.people, args.val_people, args.test_people, args.data_seed)
+    tokenizer = build_tokenizer(kb)
     rng = random.Random(args.data_seed)
-    train_questions = kb.questions(kb.train_people, rng)
-    test_questions = kb.questions(kb.test_people, rng)
-    statements = kb.statements()
-    tokenizer = build_tokenizer(statements + [q.prompt + " " + q.response for q in train_questions + test_questions])
-    log.info("%d people (%d held out), %d statements, %d/%d questions, vocabulary %d", args.people,
-             args.test_people, len(statements), len(train_questions), len(test_questions), tokenizer.get_vocab_size())
+    val_questions, test_questions = kb.questions(kb.val_people, rng), kb.questions(kb.test_people, rng)
+    log.info("%d people (%d train, %d validation, %d test), vocabulary %d", args.people, len(kb.train_people),
+             len(kb.val_people), len(kb.test_people), tokenizer.get_vocab_size())
+    base, pretraining = pretrain(args, kb, tokenizer, device)
+    pretraining["accuracy_without_adapter"] = accuracy(base, tokenizer, test_questions, device)
 
-    base = build_model(args, tokenizer.get_vocab_size(), device)
-    pretrain_loss = train(base, Batcher(tokenizer, [""] * len(statements), statements), args.pretrain_steps,
-                          args.pretrain_batch, args.pretrain_lr, args.data_seed, device, "pretraining")
-    base.requires_grad_(False)
-    recall = fact_recall(base, tokenizer, kb, device)
-    no_adapter = accuracy(base, tokenizer, test_questions, device)
-    log.info("Pretrained: final loss %.3f, fact recall %.1f%%, held-out accuracy without adapter %.1f%%",
-             pretrain_loss, 100 * recall, 100 * no_adapter)
+    def fit(method: str, rank: int, lr: float, seed: int) -> tuple[nn.Module, float]:
+        model = with_adapter(base, method, rank, seed)
+        batches = question_batches(tokenizer, kb, args.adapter_batch, random.Random(seed))
+        return model, train(model, batches, args.adapter_steps, lr, device, f"{method} r{rank} lr {lr:g} seed {seed}")
 
+    # The learning-rate sweep, at the highest rank with the first seed; those runs are reused as that arm's seed 0.
+    top_rank = max(args.ranks)
+    sweep, reusable, best_lr = [], {}, {}
+    for method in ("denselora", "lora"):
+        for lr in tqdm(args.lrs, desc=f"{method} learning-rate sweep"):
+            model, loss = fit(method, top_rank, lr, seed=0)
+            val = accuracy(model, tokenizer, val_questions, device)
+            reusable[(method, top_rank, lr)] = dict(seed=0, final_loss=loss,
+                                                    accuracy=accuracy(model, tokenizer, test_questions, device))
+            sweep.append(dict(method=method, rank=top_rank, lr=lr, val_accuracy=val, final_loss=loss))
+            log.info("sweep %s r%d lr %g: validation accuracy %.1f%%", method, top_rank, lr, 100 * val)
+        best_lr[method] = max((s for s in sweep if s["method"] == method), key=lambda s: s["val_accuracy"])["lr"]
+
+    dense_top = trainable_params(with_adapter(base, "denselora", top_rank, seed=0))
+    matched = matched_lora_rank(base, dense_top)
     arms = [(f"DenseLoRA r{r}", "denselora", r) for r in args.ranks] + [(f"LoRA r{r}", "lora", r) for r in args.ranks]
-    reference_rank = max(args.ranks)
-    matched = matched_lora_rank(base, trainable_params(base, "denselora", reference_rank))
-    arms.append((f"LoRA r{matched} (matches DenseLoRA r{reference_rank}'s parameters)", "lora", matched))
-
-    qa_batcher = Batcher(tokenizer, [q.prompt for q in train_questions], [q.response for q in train_questions])
+    arms.append((f"LoRA r{matched} (params of DenseLoRA r{top_rank})", "lora", matched))
     results_by_arm: dict[str, Any] = {}
     for label, method, rank in tqdm(arms, desc="arms"):
+        lr = best_lr[method]
         runs = []
         for seed in range(args.seeds):
-            torch.manual_seed(seed)
-            model = get_peft_model(copy.deepcopy(base), adapter_config(method, rank))
-            loss = train(model, qa_batcher, args.adapter_steps, args.adapter_batch, args.adapter_lr, seed, device,
-                         f"{label} seed {seed}")
-            runs.append(dict(seed=seed, final_loss=loss, accuracy=accuracy(model, tokenizer, test_questions, device),
-                             train_accuracy=accuracy(model, tokenizer, train_questions[:len(test_questions)], device)))
-            log.info("%s seed %d: loss %.3f, held-out accuracy %.1f%%", label, seed, loss, 100 * runs[-1]["accuracy"])
+            if seed == 0 and (method, rank, lr) in reusable:
+                runs.append(reusable[(method, rank, lr)])
+                continue
+            model, loss = fit(method, rank, lr, seed)
+            runs.append(dict(seed=seed, final_loss=loss, accuracy=accuracy(model, tokenizer, test_questions, device)))
+            log.info("%s seed %d: test accuracy %.1f%%", label, seed, 100 * runs[-1]["accuracy"])
         accuracies = [r["accuracy"] for r in runs]
         results_by_arm[label] = dict(
-            method=method, rank=rank, trainable_params=trainable_params(base, method, rank),
+            method=method, rank=rank, lr=lr, trainable_params=trainable_params(with_adapter(base, method, rank, 0)),
             accuracy_mean=statistics.mean(accuracies),
             accuracy_std=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
             accuracy_min=min(accuracies), accuracy_max=max(accuracies), runs=runs,
         )
     return {
-        "command": command_line(),
         "machine": machine,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "task": dict(people=args.people, held_out_people=args.test_people, relations=list(RELATIONS),
-                     options=OPTIONS, train_questions=len(train_questions), test_questions=len(test_questions),
-                     chance_accuracy=1 / OPTIONS, vocabulary=tokenizer.get_vocab_size()),
-        "pretraining": dict(final_loss=pretrain_loss, fact_recall=recall, accuracy_without_adapter=no_adapter,
-                            total_params=sum(p.numel() for p in base.parameters())),
+        "task": dict(people=len(kb.facts), train_people=len(kb.train_people), val_people=len(kb.val_people),
+                     test_people=len(kb.test_people), relations=list(RELATIONS), options=OPTIONS,
+                     val_questions=len(val_questions), test_questions=len(test_questions),
+                     chance_accuracy=1 / OPTIONS, vocabulary=tokenizer.get_vocab_size(),
+                     example=dict(prompt=test_questions[0].prompt, response=test_questions[0].response)),
+        "pretraining": pretraining,
+        "lr_sweep": sweep,
         "arms": results_by_arm,
         "wall_time_s": time.perf_counter() - started,
     }
 
 
 def render_markdown(results: dict[str, Any]) -> str:
-    pre = results["pretraining"]
-    rows = [["pretrained base, no adapter", "0", f"{100 * pre['accuracy_without_adapter']:.1f}", "-", "-"]]
+    pre, task, s = results["pretraining"], results["task"], results["settings"]
+    rows = [["pretrained base, no adapter", "0", "-", f"{100 * pre['accuracy_without_adapter']:.1f}", "-", "-"]]
     for label, arm in results["arms"].items():
-        per_seed = ", ".join(f"{100 * r['accuracy']:.1f}" for r in arm["runs"])
-        rows.append([label, f"{arm['trainable_params']:,}",
-                     f"{100 * arm['accuracy_mean']:.1f} ± {100 * arm['accuracy_std']:.1f}",
-                     f"{100 * arm['accuracy_min']:.1f}-{100 * arm['accuracy_max']:.1f}", per_seed])
-    task, s = results["task"], results["settings"]
+        rows.append([
+            label, f"{arm['trainable_params']:,}", f"{arm['lr']:g}",
+            f"{100 * arm['accuracy_mean']:.1f} ± {100 * arm['accuracy_std']:.1f}",
+            f"{100 * arm['accuracy_min']:.1f}-{100 * arm['accuracy_max']:.1f}",
+            ", ".join(f"{100 * r['accuracy']:.1f}" for r in arm["runs"]),
+        ])
+    sweep_rows = [[f"{'DenseLoRA' if e['method'] == 'denselora' else 'LoRA'} r{e['rank']}", f"{e['lr']:g}",
+                   f"{100 * e['val_accuracy']:.1f}", f"{e['final_loss']:.3f}"] for e in results["lr_sweep"]]
     return "\n\n".join([
         f"Command: `{results['command']}`",
-        f"Machine: {machine_line(results['machine'])}; wall time {results['wall_time_s'] / 60:.1f} min",
-        f"Task: {task['test_questions']} held-out {task['options']}-way questions about {task['held_out_people']} "
-        f"people whose facts the model saw only in pretraining (chance {100 * task['chance_accuracy']:.0f}%); "
-        f"adapters trained on {task['train_questions']} questions about the other people, {s['adapter_steps']} steps "
-        f"of batch {s['adapter_batch']} at lr {s['adapter_lr']}. Base: {pre['total_params']:,} parameters "
-        f"({s['layers']} layers, hidden {s['hidden']}), pretrained {s['pretrain_steps']} steps; fact recall "
-        f"{100 * pre['fact_recall']:.1f}%.",
-        markdown_table(["arm", "trainable params", "held-out accuracy %, mean ± std", "min-max", "per seed"], rows),
+        f"Machine: {machine_line(results['machine'])}; wall time {results['wall_time_s'] / 60:.1f} min.",
+        f"Task: {task['test_questions']} test questions ({task['options']} options, chance "
+        f"{100 * task['chance_accuracy']:.0f}%) about {task['test_people']} people whose facts the model saw only in "
+        f"pretraining; adapters trained on fresh questions about {task['train_people']} other people, "
+        f"{s['adapter_steps']} steps of batch {s['adapter_batch']}. Example: `{task['example']['prompt']}` -> "
+        f"`{task['example']['response']}`.",
+        f"Base model: {pre['total_params']:,} parameters ({s['layers']} layers, hidden {s['hidden']}), pretrained "
+        f"{s['pretrain_steps']} steps on the statements; fact recall {100 * pre['fact_recall']:.1f}%.",
+        markdown_table(["arm", "trainable params", "lr", "test accuracy %, mean ± std", "min-max", "per seed"], rows),
+        f"Learning-rate sweep ({task['val_questions']} validation questions, seed 0):",
+        markdown_table(["adapter", "lr", "validation accuracy %", "final train loss"], sweep_rows),
     ])
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     setup_logging()
     args = parse_args(argv)
-    results = run(args)
+    results = {"command": command_line(__file__, argv), **run(args)}
     markdown = render_markdown(results)
     stem = f"fidelity_{args.mode}"
     write_results(results, markdown, args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.md")

@@ -389,7 +389,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if hasattr(os, "getloadavg"):
         machine["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     results: dict[str, Any] = {
-        "command": command_line(),
         "machine": machine,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "target_modules": TARGET_MODULES,
@@ -407,7 +406,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> None:
     setup_logging()
     args = parse_args(argv)
-    results = run(args)
+    results = {"command": command_line(__file__, argv), **run(args)}
     markdown = render_markdown(results)
     stem = f"speed_memory_{args.device}"
     write_results(results, markdown, args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.md")

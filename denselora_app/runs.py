@@ -229,7 +229,8 @@ def start_worker(run: Run, resume: bool = False) -> int:
     """
     busy = [
         r for r in list_runs(run.path.parent)
-        if r.id != run.id and r.status().get("state") in ACTIVE_STATES
+        if r.id != run.id and r.raw_status().get("pid")  # a run that never got a worker holds no device
+        and r.status().get("state") in ACTIVE_STATES
         and r.raw_status().get("device_request", "auto") == run.config().device
     ]
     if busy:

@@ -4,13 +4,19 @@ stopped run, the Runs tab, presets and the CLI command; plus the app's small pur
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from gradio_client import Client, handle_file
 
 from conftest import launch_app, stop_workers, wait_until
 from denselora_app.config import ConfigError, RunConfig
+from denselora_app.runs import create_run
 from denselora_app.ui import charts, forms, loaders
 
 # ---- helpers without a server --------------------------------------------------------------------------------------
@@ -24,9 +30,13 @@ def test_loss_frame_is_long_form_with_train_and_validation_series():
                                         {"step": 2, "loss": 1.5, "series": "train"},
                                         {"step": 2, "loss": 1.7, "series": "validation"}]
     assert charts.metric_frame(rows, "grad_norm").empty  # NaN is no point
-    assert list(charts.loss_frame([]).dtypes.astype(str)) == ["int64", "float64", "str"]
+    only_train = charts.loss_frame(rows[:2])  # the validation series is there before its first point
+    assert list(only_train["series"]) == ["train", "train", "validation"] and only_train["loss"].isna().sum() == 1
+    assert charts.shown(only_train, "loss") is only_train
+    nothing = charts.loss_frame([])
+    assert list(nothing.dtypes.astype(str)) == ["int64", "float64", "str"] and charts.shown(nothing, "loss") is None
     overlay = charts.overlay_frame({"a": rows, "b": rows[:1]})
-    assert sorted(set(overlay["series"])) == ["a · train", "a · validation", "b · train"]
+    assert sorted(set(overlay["series"])) == ["train · a", "train · b", "validation · a", "validation · b"]
 
 
 def test_length_histogram_spans_the_cutoff_and_counts_truncated_rows():
@@ -46,8 +56,6 @@ def test_cli_command_reproduces_the_form(tmp_path, monkeypatch):
     text = forms.cli_command(cfg, "quick.yaml")
     assert "python -m denselora_app train" in text and "quick.yaml" in text
     sets = [line.split("--set ", 1)[1].rstrip(" \\") for line in text.splitlines() if "--set" in line]
-    import shlex
-
     assignments = [shlex.split(s)[0] for s in sets]
     assert sorted(a.split("=")[0] for a in assignments) == ["learning_rate", "model", "r", "run_name",
                                                             "target_modules"]
@@ -84,6 +92,16 @@ def test_uploads_are_stored_once_under_a_safe_name(tmp_path, monkeypatch):
         loaders.store_upload(str(bad))
 
 
+def test_building_the_app_imports_no_model_code(tmp_path):
+    """The first page must be served within seconds: torch, transformers and datasets load only when needed."""
+    code = ("import sys; from denselora_app.ui import build_app; build_app(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'peft') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "DENSELORA_RUNS": str(tmp_path / "runs")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 # ---- the API of a running app --------------------------------------------------------------------------------------
 
 
@@ -97,13 +115,14 @@ def app(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(app):
-    from gradio_client import Client
-
     return Client(app.url, verbose=False)
 
 
-def plot_points(plot: dict) -> list[list]:
-    return plot.get("data") or [] if isinstance(plot, dict) else []
+def plot_points(plot: dict | None) -> list[list]:
+    """The points a plot output draws (rows without a missing value), whether it came as a value or an update."""
+    if isinstance(plot, dict) and plot.get("__type__") == "update":
+        plot = plot.get("value")
+    return [row for row in (plot or {}).get("data") or [] if None not in row]
 
 
 def tiny_settings(model_dir: Path, **overrides) -> dict:
@@ -117,8 +136,6 @@ def tiny_settings(model_dir: Path, **overrides) -> dict:
 
 
 def test_model_check_parameter_line_and_data_preview(client, app, app_model_dir, tmp_path):
-    from gradio_client import handle_file
-
     info, targets = client.predict(model=str(app_model_dir), api_name="/check_model")
     assert "LlamaForCausalLM" in info and "chat template: yes" in info
     assert "q_proj" in [c[0] if isinstance(c, list) else c for c in targets["choices"]]
@@ -137,7 +154,7 @@ def test_model_check_parameter_line_and_data_preview(client, app, app_model_dir,
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "what is a fox?"},
                                                      {"role": "assistant", "content": "the quick brown fox"}]})
                             + "\n" for _ in range(6)) + "{broken\n")
-    stored, message, detected, _, rows, examples, histogram, report = client.predict(
+    _, stored, message, detected, rows, examples, histogram, report = client.predict(  # (layouts are skipped)
         handle_file(str(data)), model=str(app_model_dir), cutoff_len=64, api_name="/upload_data")
     assert Path(stored).parent == app.runs / "uploads"
     assert "messages" in detected and len(rows["data"]) == 5
@@ -148,7 +165,7 @@ def test_model_check_parameter_line_and_data_preview(client, app, app_model_dir,
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
-    _, error, *_ = client.predict(handle_file(str(broken)), model=str(app_model_dir), api_name="/upload_data")
+    _, _, error, *_ = client.predict(handle_file(str(broken)), model=str(app_model_dir), api_name="/upload_data")
     assert error["visible"] and "no usable rows" in error["value"] and "not valid JSON" in error["value"]
 
     forced = client.predict(model=str(app_model_dir), data=stored, data_format="alpaca", api_name="/preview_data")
@@ -156,14 +173,15 @@ def test_model_check_parameter_line_and_data_preview(client, app, app_model_dir,
 
 
 def test_start_watch_refuse_stop_and_the_runs_tab(client, app, app_model_dir, app_data_file):
-    refused, _ = client.predict(**tiny_settings(app_model_dir, data=str(app_data_file), r=0), api_name="/start")
-    assert refused.startswith("⚠️ Not started") and "r must be at least 1" in refused
+    refused, _ = client.predict(**tiny_settings(app_model_dir, data=str(app_data_file), batch_size=0),
+                                api_name="/start")
+    assert refused.startswith("⚠️ Not started") and "batch_size must be at least 1" in refused
     no_data, _ = client.predict(**tiny_settings(app_model_dir, data=str(app_data_file), val_size=50),
                                 api_name="/start")
     assert no_data.startswith("⚠️ Not started. Data:") and "val_size" in no_data
     assert not list(app.runs.glob("*/config.yaml")), "a refused start creates no run"
 
-    message, timer = client.predict(**tiny_settings(app_model_dir, data=str(app_data_file), val_size=2),
+    message, _ = client.predict(**tiny_settings(app_model_dir, data=str(app_data_file), val_size=2),
                                     api_name="/start")
     assert message.startswith("Started run"), message
     run_id = message.split("`")[1]
@@ -193,8 +211,6 @@ def test_start_watch_refuse_stop_and_the_runs_tab(client, app, app_model_dir, ap
     assert (app.runs / run_id / "adapter" / "adapter_model.safetensors").exists()
     assert "not training" in client.predict(api_name="/stop")
 
-    from gradio_client import Client
-
     reloaded = Client(app.url, verbose=False)  # a new session, as a reloaded page is
     reloaded.predict(api_name="/restore_run")
     assert run_id in reloaded.predict(api_name="/status")[0]
@@ -204,7 +220,7 @@ def test_start_watch_refuse_stop_and_the_runs_tab(client, app, app_model_dir, ap
     assert run_id in details and "Your adapter is in" in details and plot_points(loss)
     assert RunConfig.from_dict(yaml.safe_load(config_yaml)).r == 4 and "rows_used: 8" in report
     overlay = client.predict([run_id], api_name="/compare_runs")
-    assert {row[2] for row in plot_points(overlay)} == {f"{run_id} (denselora r=4) · train"}
+    assert {row[2] for row in plot_points(overlay)} == {f"train · denselora r=4 · {run_id[9:]}"}
 
     assert "Deleted" in client.predict(run_id, api_name="/delete_run")
     assert not (app.runs / run_id).exists()
@@ -213,7 +229,8 @@ def test_start_watch_refuse_stop_and_the_runs_tab(client, app, app_model_dir, ap
 
 def test_presets_and_the_command(client, app, app_model_dir):
     values = client.predict("quickstart-cpu.yaml", [], api_name="/load_preset")
-    assert values[-1] == "Loaded preset `quickstart-cpu.yaml`."
+    assert "Loaded preset `quickstart-cpu.yaml`." in values
+    assert "sample:studio_facts" in values and "studio_facts.jsonl (messages): 24 rows read" in values[-1]
     command = client.predict("quickstart-cpu.yaml", r=8, api_name="/show_command")
     assert "presets/quickstart-cpu.yaml" in command or "quickstart-cpu.yaml" in command
     assert "--set r=8" in command
@@ -223,3 +240,16 @@ def test_presets_and_the_command(client, app, app_model_dir):
     assert saved.model == str(app_model_dir) and saved.r == 4
     assert "--set" not in client.predict("my-tiny-run.yaml", **tiny_settings(app_model_dir),
                                          api_name="/show_command")
+
+
+def test_a_failed_run_shows_its_reason_and_fix(client, app, app_model_dir, app_data_file):
+
+    run = create_run(RunConfig(model=str(app_model_dir), data=str(app_data_file), run_name="crashed"), root=app.runs)
+    run.update_status(state="running", pid=2**22 + 7, step=3, max_steps=10)  # a worker that died without a word
+    fresh = Client(app.url, verbose=False)  # a page loaded afterwards
+    fresh.predict(api_name="/restore_run")
+    header, _, *_, outcome, _, _ = fresh.predict(api_name="/status")
+    assert run.id in header and "failed" in header
+    assert "Training failed** (killed)" in outcome and "**Fix:** Resume from the last checkpoint" in outcome
+    assert "Training failed" in client.predict(run.id, api_name="/open_run")[0]
+    assert "Deleted" in client.predict(run.id, api_name="/delete_run")

@@ -1,10 +1,13 @@
-"""The whole app: the Train and Runs tabs in one gr.Blocks, and what a page does when it (re)loads."""
+"""The whole app: the Train, Runs, Chat, Evaluate and Publish tabs in one gr.Blocks, and what a page does when it
+(re)loads."""
 
 from __future__ import annotations
 
+import os
+
 import gradio as gr
 
-from . import runs_tab, train_tab
+from . import chat_tab, evaluate_tab, publish_tab, runs_tab, train_tab
 
 TITLE = "DenseLoRA Studio"
 CSS = """
@@ -20,11 +23,19 @@ def build_app() -> gr.Blocks:
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\nFine-tune a language model with **DenseLoRA**: about 30x fewer trainable "
                     "parameters than LoRA at the same rank.")
+        if os.environ.get("SPACE_ID"):
+            space_notice()
         with gr.Tabs():
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train = train_tab.build(demo)
             with gr.Tab("Runs", id="runs", elem_id="tab-runs") as runs_tab_item:
                 runs = runs_tab.build(demo)
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat") as chat_tab_item:
+                chat = chat_tab.build(demo)
+            with gr.Tab("Evaluate", id="evaluate", elem_id="tab-evaluate") as evaluate_tab_item:
+                evaluation = evaluate_tab.build(demo)
+            with gr.Tab("Publish", id="publish", elem_id="tab-publish") as publish_tab_item:
+                publishing = publish_tab.build(demo)
 
         # The runs table follows what happens elsewhere: opening the tab, starting or stopping a run.
         runs_tab_item.select(runs_tab.runs_table, inputs=runs.refresh_inputs, outputs=runs.refresh_outputs,
@@ -32,4 +43,19 @@ def build_app() -> gr.Blocks:
         for event in (train.start_event, train.stop_event):
             event.then(runs_tab.runs_table, inputs=runs.refresh_inputs, outputs=runs.refresh_outputs,
                        api_visibility="private")
+        # The adapter and run lists are read when their tab opens: new runs finish while the page stays open.
+        chat_tab_item.select(chat_tab.refresh_adapters, outputs=chat.refresh_outputs, api_visibility="private")
+        evaluate_tab_item.select(evaluate_tab.refresh_adapters, inputs=evaluation.refresh_inputs,
+                                 outputs=evaluation.refresh_outputs, api_visibility="private")
+        publish_tab_item.select(publish_tab.refresh_runs, inputs=publishing.refresh_inputs,
+                                outputs=publishing.refresh_outputs, api_visibility="private")
     return demo
+
+
+def space_notice() -> None:
+    """On a Hugging Face Space: one shared workspace for every visitor, and the way to a private copy."""
+    with gr.Row(equal_height=True, elem_classes="dl-warning", elem_id="space-notice"):
+        gr.Markdown("**This Space is single-user.** Everything uploaded, trained or evaluated here (data, runs, "
+                    "adapters, chats with them) is visible to, and can be deleted by, every visitor. Duplicate it "
+                    "to use DenseLoRA Studio privately, on your own hardware.")
+        gr.DuplicateButton("Duplicate this Space", size="md")

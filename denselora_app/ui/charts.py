@@ -30,16 +30,25 @@ def _frame(columns: dict[str, list], dtypes: dict[str, str]) -> pd.DataFrame:
 def loss_frame(rows: Iterable[Mapping[str, Any]], label: str = "") -> pd.DataFrame:
     """Columns step, loss, series: the train loss and the validation loss as two series of one chart.
 
-    ``label`` prefixes the series names, so several runs can share one chart (see ``overlay_frame``).
+    Both series are always there, a series without points as one row with no loss: gradio's plot fixes its
+    colors on the first draw, so a series that appeared later (the first validation pass) would get no line.
+    ``label`` is appended to the series names, so several runs can share one chart (see ``overlay_frame``); it
+    comes last because legends cut long names short.
     """
-    prefix = f"{label} · " if label else ""
+    suffix = f" · {label}" if label else ""
     steps, losses, series = [], [], []
     for row in rows:
         for key, name in (("loss", TRAIN), ("eval_loss", VALIDATION)):
             if _finite(row.get(key)) and "step" in row:
                 steps.append(int(row["step"]))
                 losses.append(float(row[key]))
-                series.append(prefix + name)
+                series.append(name + suffix)
+    first = min(steps, default=0)
+    for name in (TRAIN + suffix, VALIDATION + suffix):
+        if name not in series:
+            steps.append(first)
+            losses.append(math.nan)
+            series.append(name)
     return _frame({"step": steps, "loss": losses, "series": series},
                   {"step": "int64", "loss": "float64", "series": "str"})
 
@@ -47,7 +56,7 @@ def loss_frame(rows: Iterable[Mapping[str, Any]], label: str = "") -> pd.DataFra
 def overlay_frame(runs: Mapping[str, Iterable[Mapping[str, Any]]]) -> pd.DataFrame:
     """The loss curves of several runs (label -> metrics rows) in one frame, one series per run and split."""
     frames = [loss_frame(rows, label) for label, rows in runs.items()]
-    return pd.concat(frames, ignore_index=True) if frames else loss_frame([])
+    return pd.concat(frames, ignore_index=True) if frames else loss_frame([]).iloc[:0]
 
 
 def metric_frame(rows: Iterable[Mapping[str, Any]], key: str) -> pd.DataFrame:
@@ -77,6 +86,15 @@ def length_histogram(lengths: Iterable[int], cutoff: int, bins: int = HISTOGRAM_
         {"tokens": labels + [labels[-1]], "rows": fits + [truncated], "fit": [FITS] * len(labels) + [TRUNCATED]},
         {"tokens": "str", "rows": "int64", "fit": "str"},
     )
+
+
+def shown(frame: pd.DataFrame, y: str) -> pd.DataFrame | None:
+    """What a plot is given: None while it has no point to draw.
+
+    Gradio's plots draw no lines for good once they were first given a frame without points, so such a chart must
+    be None, not an empty frame.
+    """
+    return frame if frame[y].notna().any() else None
 
 
 def _finite(value: Any) -> bool:

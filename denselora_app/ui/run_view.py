@@ -38,16 +38,17 @@ def progress_html(status: dict[str, Any]) -> str:
     """A bar with 'step i/N', elapsed and ETA; before the first step it says what the worker is doing."""
     state = status.get("state", "unknown")
     step, total = int(status.get("step") or 0), int(status.get("max_steps") or 0)
+    percent = 100.0 * step / total if total else 0.0
     if state == "queued" or (state == "running" and not total):
         text = "Preparing: loading the data and the model (the first use of the default model converts it, ~1 min)"
-        percent = 0.0
+    elif state == "running" and "elapsed_seconds" not in status:
+        text = f"step {step}/{total} · the first step is running"
     else:
-        percent = 100.0 * step / total if total else 0.0
         text = f"step {step}/{total or '?'} · elapsed {duration(status.get('elapsed_seconds'))}"
         if state == "running":
             text += f" · ETA {duration(status.get('remaining_seconds'))}"
     return (
-        f'<div class="dl-progress" data-state="{html.escape(state)}">'
+        '<div class="dl-progress">'
         f'<div class="dl-progress-bar" style="width:{percent:.1f}%"></div></div>'
         f'<div class="dl-progress-text">{html.escape(text)} · {html.escape(state)}</div>'
     )
@@ -72,19 +73,18 @@ def outcome_markdown(run: Run, status: dict[str, Any]) -> str:
 
 @dataclass
 class RunCharts:
-    loss: pd.DataFrame
-    learning_rate: pd.DataFrame
-    grad_norm: pd.DataFrame
-    tokens_per_second: pd.DataFrame
+    """A run's four charts, each None while it has no points (see charts.shown)."""
+
+    loss: pd.DataFrame | None
+    learning_rate: pd.DataFrame | None
+    grad_norm: pd.DataFrame | None
+    tokens_per_second: pd.DataFrame | None
 
 
 def run_charts(rows: list[dict[str, Any]]) -> RunCharts:
-    return RunCharts(
-        loss=charts.loss_frame(rows),
-        learning_rate=charts.metric_frame(rows, "learning_rate"),
-        grad_norm=charts.metric_frame(rows, "grad_norm"),
-        tokens_per_second=charts.metric_frame(rows, "tokens_per_second"),
-    )
+    metrics = {key: charts.shown(charts.metric_frame(rows, key), key)
+               for key in ("learning_rate", "grad_norm", "tokens_per_second")}
+    return RunCharts(loss=charts.shown(charts.loss_frame(rows), "loss"), **metrics)
 
 
 TABLE_COLUMNS = ["Run", "State", "Method", "Rank", "Trainable %", "Train loss", "Validation loss", "Steps",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ def _readable_runs() -> list[Run]:
     return readable
 
 
-def runs_table(opened: str | None, compared: list[str] | None) -> tuple[pd.DataFrame, Any, Any]:
+def runs_table(opened: str | None = None, compared: list[str] | None = None) -> tuple[pd.DataFrame, Any, Any]:
     """The table of all runs (newest first) and the run pickers, keeping picks that still exist."""
     runs = _readable_runs()
     ids = [run.id for run in runs]
@@ -47,16 +48,15 @@ def pick_row(table: pd.DataFrame, evt: gr.SelectData) -> str:
 
 def open_run(run_id: str | None) -> tuple[Any, ...]:
     """One run: its summary and outcome, loss and learning-rate charts, config (YAML) and data report."""
-    empty = run_view.run_charts([])
     if not run_id:
-        return "Pick a run in the table or the list.", empty.loss, empty.learning_rate, "", ""
+        return "Pick a run in the table or the list.", None, None, "", ""
     try:
         run = get_run(run_id)
         status, cfg = run.status(), run.config()
     except (RunError, ConfigError) as err:
-        return f"⚠️ {err}", empty.loss, empty.learning_rate, "", ""
+        return f"⚠️ {err}", None, None, "", ""
     shown = run_view.run_charts(run.metrics())
-    row = dict(zip(run_view.TABLE_COLUMNS, run_view.table_row(run)))
+    row = dict(zip(run_view.TABLE_COLUMNS, run_view.table_row(run), strict=True))
     details = (f"{run_view.header_markdown(run, status)}\n\n"
                f"Trainable: {row['Trainable %']}% · steps {row['Steps']} · duration {row['Duration']} · "
                f"final loss {row['Train loss']} (validation {row['Validation loss']})\n\n"
@@ -66,7 +66,7 @@ def open_run(run_id: str | None) -> tuple[Any, ...]:
     return details, shown.loss, shown.learning_rate, cfg.to_yaml(), report_text
 
 
-def compare_runs(run_ids: list[str] | None) -> pd.DataFrame:
+def compare_runs(run_ids: list[str] | None) -> pd.DataFrame | None:
     """Train and validation loss of several runs on one chart (e.g. DenseLoRA against LoRA at the same rank)."""
     curves = {}
     for run_id in run_ids or []:
@@ -75,8 +75,10 @@ def compare_runs(run_ids: list[str] | None) -> pd.DataFrame:
             cfg = run.config()
         except (RunError, ConfigError):
             continue  # deleted meanwhile: just leave it out of the chart
-        curves[f"{run.id} ({cfg.method} r={cfg.r})"] = run.metrics()
-    return charts.overlay_frame(curves)
+        # The date is the same for most runs compared; the time and name tell them apart in a short legend.
+        short_id = re.sub(r"^\d{8}-", "", run.id)
+        curves[f"{cfg.method} r={cfg.r} · {short_id}"] = run.metrics()
+    return charts.shown(charts.overlay_frame(curves), "loss")
 
 
 def ask_delete(run_id: str | None) -> tuple[Any, str]:
@@ -109,6 +111,7 @@ def build(demo: gr.Blocks) -> RunsTab:
     with gr.Row():
         refresh_button = gr.Button("Refresh", size="sm", scale=0, elem_id="runs-refresh")
     table = gr.Dataframe(headers=run_view.TABLE_COLUMNS, interactive=False, wrap=True, max_height=360,
+                         column_widths=["24%", "8%", "9%", "6%", "10%", "8%", "10%", "9%", "7%", "9%"],
                          label="All runs (click a row to open it)", elem_id="runs-table")
     with gr.Row(equal_height=False):
         with gr.Column():
@@ -130,8 +133,8 @@ def build(demo: gr.Blocks) -> RunsTab:
                 cancel_button = gr.Button("Cancel", size="sm", elem_id="cancel-delete")
             delete_message = gr.Markdown(elem_id="delete-message")
         with gr.Column():
-            compared = gr.Dropdown([], multiselect=True, allow_custom_value=True, label="Compare runs (overlay loss curves)",
-                                   elem_id="compare-runs")
+            compared = gr.Dropdown([], multiselect=True, allow_custom_value=True,
+                                   label="Compare runs (overlay loss curves)", elem_id="compare-runs")
             overlay = gr.LinePlot(x="step", y="loss", color="series", title="Loss of the selected runs", height=360,
                                   elem_id="compare-plot")
 
@@ -141,7 +144,10 @@ def build(demo: gr.Blocks) -> RunsTab:
     table.select(pick_row, inputs=[table], outputs=[opened], api_visibility="private")
     opened.change(open_run, inputs=[opened], outputs=[details, loss_plot, lr_plot, config_code, report],
                   api_name="open_run")
-    compared.change(compare_runs, inputs=[compared], outputs=[overlay], api_name="compare_runs")
+    # Cleared first: gradio's plot keeps the series (colors) it was first drawn with, so another choice of runs
+    # must be drawn afresh.
+    compared.change(lambda: None, outputs=[overlay], api_visibility="private", show_progress="hidden") \
+        .then(compare_runs, inputs=[compared], outputs=[overlay], api_name="compare_runs")
     delete_button.click(ask_delete, inputs=[opened], outputs=[confirm_row, delete_message],
                         api_visibility="private")
     cancel_button.click(cancel_delete, outputs=[confirm_row, delete_message], api_visibility="private")

@@ -26,6 +26,7 @@ REFRESH_SECONDS = 2.0
 # Offered until a model is checked: the Linear layers of LLaMA-style models, which the default model is.
 LLAMA_LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PREVIEW_FIELDS = ("model", "trust_remote_code", "data", "data_format", "cutoff_len", "train_on_inputs")
+PREVIEW_OUTPUTS = 7  # data message, detected format, preview box, rows, examples, histogram, report
 TRAINED = "trained"
 CELL_CHARS = 300
 
@@ -48,7 +49,8 @@ def check_model(model: str, trust_remote_code: bool, target_modules: list[str]) 
     kept = ([n for n in target_modules or [] if n in names] or [n for n in C.PAPER_TARGETS if n in names]
             or names[:1])
     context = f" · context {info.max_position_embeddings:,} tokens" if info.max_position_embeddings else ""
-    text = f"✅ {info.summary()}{context}\n\nAdaptable Linear layers: {', '.join(f'`{n}`' for n in names)}"
+    layers = ", ".join(f"`{n}`" for n in names)
+    text = f"**Model:** {info.summary()}{context}\n\nAdaptable Linear layers: {layers}"
     return text, gr.CheckboxGroup(choices=names, value=kept)
 
 
@@ -139,42 +141,51 @@ def preview_data(
 
 
 def upload_data(file: str | None, **settings: Any) -> tuple[Any, ...]:
-    """Store an uploaded file under runs/uploads/ and preview it; the data box then points at the stored copy."""
+    """Store an uploaded file under runs/uploads/ and preview it; the data box then points at the stored copy.
+
+    The upload area is emptied again (first output), ready for another file: the data box shows which one is used.
+    """
     from ..data import DataError
 
     if not file:
-        return gr.skip(), *_no_preview("")
+        return gr.skip(), gr.skip(), *_no_preview("")
     try:
         stored = str(loaders.store_upload(file))
     except DataError as err:
-        return gr.skip(), *_no_preview(_warn(err))
-    return stored, *preview_data(**{**settings, "data": stored})
+        return None, gr.skip(), *_no_preview(_warn(err))
+    return None, stored, *preview_data(**{**settings, "data": stored})
 
 
 # ---- presets and the command ---------------------------------------------------------------------------------------
 
 
 def load_preset(name: str | None, target_choices: list[str]) -> tuple[Any, ...]:
-    """Fill every control from a preset file; the last output is a message."""
+    """Fill every control from a preset file, then a message and the preview of the preset's data."""
     if not name:
-        return *[gr.skip()] * len(forms.FIELDS), _warn("Choose a preset first.")
+        return *[gr.skip()] * len(forms.FIELDS), _warn("Choose a preset first."), *[gr.skip()] * PREVIEW_OUTPUTS
     try:
         cfg = forms.load_preset(name)
     except ConfigError as err:
-        return *[gr.skip()] * len(forms.FIELDS), _warn(err)
+        return *[gr.skip()] * len(forms.FIELDS), _warn(err), *[gr.skip()] * PREVIEW_OUTPUTS
     values: list[Any] = []
     for field in forms.FIELDS:
         value = getattr(cfg, field)
         if field == "target_modules":  # the preset may name layers the checked model did not list
             value = gr.CheckboxGroup(choices=list(dict.fromkeys([*target_choices, *value])), value=value)
         values.append(value)
-    return *values, f"Loaded preset `{name}`."
+    preview = preview_data(**{field: getattr(cfg, field) for field in PREVIEW_FIELDS})
+    return *values, f"Loaded preset `{name}`.", *preview
+
+
+def preset_choices() -> Any:
+    """The preset files as they are now (a page built earlier would only know the ones there at start-up)."""
+    return gr.Dropdown(choices=forms.list_presets())
 
 
 def save_preset(preset_name: str, **settings: Any) -> tuple[str, Any]:
     try:
         path = forms.save_preset(forms.config_from_settings(settings), preset_name)
-    except ConfigError as err:
+    except (ConfigError, OSError) as err:
         return _warn(err), gr.skip()
     return f"Saved `{path}`.", gr.Dropdown(choices=forms.list_presets(), value=path.name)
 
@@ -250,20 +261,20 @@ def stop_training(run_id: str | None) -> str:
 
 def live_status(run_id: str | None) -> tuple[Any, ...]:
     """Everything the live view shows for one run; the timer keeps ticking only while the run is active."""
-    empty = run_view.run_charts([])
+    nothing = (gr.Column(visible=False), None, None, None, None, "", "", gr.Timer(active=False))
     if not run_id:
-        return ("No run yet: set things up above and press **Start training**.", "", empty.loss,
-                empty.learning_rate, empty.grad_norm, empty.tokens_per_second, "", "", gr.Timer(active=False))
+        return "No run yet: set things up above and press **Start training**.", "", *nothing
     try:
         run = get_run(run_id)
         status = run.status()
-    except RunError as err:
-        return (_warn(err), "", empty.loss, empty.learning_rate, empty.grad_norm, empty.tokens_per_second, "",
-                "", gr.Timer(active=False))
+        header = run_view.header_markdown(run, status)
+    except (RunError, ConfigError) as err:
+        return _warn(err), "", *nothing
     shown = run_view.run_charts(run.metrics())
     return (
-        run_view.header_markdown(run, status),
+        header,
         run_view.progress_html(status),
+        gr.Column(visible=True),
         shown.loss,
         shown.learning_rate,
         shown.grad_norm,
@@ -297,8 +308,8 @@ def build(demo: gr.Blocks) -> TrainTab:
     controls: dict[str, Any] = {}
 
     def number(name: str, label: str, integer: bool = False) -> gr.Number:
-        controls[name] = gr.Number(getattr(cfg, name), label=label, info=field_help(name), precision=0 if integer else None,
-                                   elem_id=f"cfg-{name}")
+        controls[name] = gr.Number(getattr(cfg, name), label=label, info=field_help(name),
+                                   precision=0 if integer else None, elem_id=f"cfg-{name}")
         return controls[name]
 
     with gr.Row(equal_height=False):
@@ -328,14 +339,16 @@ def build(demo: gr.Blocks) -> TrainTab:
         with gr.Column(scale=2):
             upload = gr.File(label="Upload a dataset (.jsonl .json .csv .parquet .txt)",
                              file_types=list(loaders.UPLOAD_TYPES), elem_id="upload", height=120)
-            data_message = gr.Markdown(visible=False, elem_id="data-message", elem_classes=["dl-warning"])
+            data_message = gr.Markdown(visible=False, line_breaks=True, elem_id="data-message",
+                                       elem_classes=["dl-warning"])
         with gr.Column(scale=3):
             controls["data"] = gr.Textbox(cfg.data, label="Dataset", elem_id="cfg-data",
                                           info="A file path, a Hub dataset (owner/name or owner/name:split), or "
                                                f"{C.SAMPLE_DATA} (the shipped sample).")
             with gr.Row():
                 controls["data_format"] = gr.Dropdown(list(C.DATA_FORMATS), value=cfg.data_format, label="Format",
-                                                      info=field_help("data_format"), elem_id="cfg-data_format", scale=2)
+                                                      info=field_help("data_format"), elem_id="cfg-data_format",
+                                                      scale=2)
                 preview_button = gr.Button("Preview data", scale=1, elem_id="preview-data")
             detected = gr.Markdown(elem_id="detected-format")
     with gr.Column(visible=False) as preview_box, gr.Row(equal_height=False):
@@ -355,7 +368,8 @@ def build(demo: gr.Blocks) -> TrainTab:
     with gr.Row():
         controls["method"] = gr.Radio([("DenseLoRA", "denselora"), ("LoRA", "lora")], value=cfg.method,
                                       label="Method", info=field_help("method"), elem_id="cfg-method")
-        controls["r"] = gr.Slider(1, 256, value=cfg.r, step=1, label="Rank", info=field_help("r"), elem_id="cfg-r")
+        controls["r"] = gr.Slider(1, 256, value=cfg.r, step=1, label="Rank", elem_id="cfg-r",
+                                  info="Width of the adapter: more rank, more trainable parameters (see below).")
         number("alpha", "Alpha")
         controls["dropout"] = gr.Slider(0, 0.9, value=cfg.dropout, step=0.01, label="Dropout",
                                         info=field_help("dropout"), elem_id="cfg-dropout")
@@ -419,49 +433,69 @@ def build(demo: gr.Blocks) -> TrainTab:
     timer = gr.Timer(REFRESH_SECONDS, active=False)
     run_header = gr.Markdown(elem_id="run-header")
     progress = gr.HTML(elem_id="run-progress")
-    with gr.Row():
-        loss_plot = gr.LinePlot(x="step", y="loss", color="series", color_map=charts.LOSS_COLORS,
-                                title="Loss (train and validation)", height=280, elem_id="loss-plot")
-        lr_plot = gr.LinePlot(x="step", y="learning_rate", title="Learning rate", height=280, elem_id="lr-plot")
-    with gr.Row():
-        grad_plot = gr.LinePlot(x="step", y="grad_norm", title="Gradient norm", height=220, elem_id="grad-plot")
-        speed_plot = gr.LinePlot(x="step", y="tokens_per_second", title="Tokens per second", height=220,
-                                 elem_id="speed-plot")
-    outcome = gr.Markdown(elem_id="run-outcome")
-    log_box = gr.Textbox(label="Log (last lines)", lines=8, max_lines=12, interactive=False, autoscroll=True,
-                         elem_id="run-log")
-    live_outputs = [run_header, progress, loss_plot, lr_plot, grad_plot, speed_plot, outcome, log_box, timer]
+    with gr.Column(visible=False) as run_box:  # shown once there is a run to show
+        with gr.Row():
+            loss_plot = gr.LinePlot(x="step", y="loss", color="series", color_map=charts.LOSS_COLORS,
+                                    title="Loss (train and validation)", height=280, elem_id="loss-plot")
+            lr_plot = gr.LinePlot(x="step", y="learning_rate", title="Learning rate", height=280, elem_id="lr-plot")
+        with gr.Row():
+            grad_plot = gr.LinePlot(x="step", y="grad_norm", title="Gradient norm", height=220, elem_id="grad-plot")
+            speed_plot = gr.LinePlot(x="step", y="tokens_per_second", title="Tokens per second", height=220,
+                                     elem_id="speed-plot")
+        outcome = gr.Markdown(elem_id="run-outcome")
+        log_box = gr.Textbox(label="Log (last lines)", lines=8, max_lines=12, interactive=False, autoscroll=True,
+                             elem_id="run-log")
+    live_outputs = [run_header, progress, run_box, loss_plot, lr_plot, grad_plot, speed_plot, outcome, log_box,
+                    timer]
 
     # ---- events
     preview_inputs = {name: controls[name] for name in PREVIEW_FIELDS}
     preview_outputs = [data_message, detected, preview_box, rows_table, examples, histogram, report]
     param_outputs = [param_line, memory_line]
 
-    # The public endpoints first: gradio names endpoints in order, and the chained copies below reuse the functions.
+    # Everything that renders the preview runs in one queue, in the order the user asked for it, and likewise
+    # everything that counts parameters: a slow earlier result (the first read of the default model's tokenizer
+    # takes ~10 s) can then never land after, and overwrite, what a later action showed. Each event reads the
+    # form as it was when the user acted; none is chained after another event that changes the form it reads.
+    preview_queue = dict(concurrency_id="preview", concurrency_limit=1, show_progress="minimal")
+    count_queue = dict(concurrency_id="count", concurrency_limit=1, show_progress="minimal")
+
+    # A reloaded page (or a restarted app) finds the run that is training, else the latest, with its history, and
+    # shows the parameter line and the preview of the opening settings; a user action that recomputes one of them
+    # first cancels it rather than waiting for it.
+    demo.load(restore_run, outputs=[run_state], api_name="restore_run") \
+        .then(live_status, inputs=[run_state], outputs=live_outputs, api_visibility="private",
+              api_name="live_status_on_load", show_progress="hidden")
+    demo.load(preset_choices, outputs=[preset_choice], api_visibility="private")
+    count_on_load = demo.load(parameter_line, inputs_kwargs=controls, outputs=param_outputs,
+                              api_visibility="private", api_name="parameter_line_on_load", **count_queue)
+    preview_on_load = demo.load(preview_data, inputs_kwargs=preview_inputs, outputs=preview_outputs,
+                                api_visibility="private", api_name="preview_data_on_load", **preview_queue)
+
     gr.on([preview_button.click, controls["data"].submit, controls["data_format"].input,
-           controls["cutoff_len"].submit, controls["cutoff_len"].blur, controls["train_on_inputs"].input],
+           controls["cutoff_len"].submit, controls["cutoff_len"].blur, controls["train_on_inputs"].input,
+           check_button.click, controls["model"].submit],  # a new model renders the data with its own template
           preview_data, inputs_kwargs=preview_inputs, outputs=preview_outputs, api_name="preview_data",
-          trigger_mode="always_last", show_progress="minimal")
+          trigger_mode="always_last", cancels=[preview_on_load], **preview_queue)
     upload.upload(upload_data, inputs=[upload], inputs_kwargs=preview_inputs,
-                  outputs=[controls["data"], *preview_outputs], api_name="upload_data")
+                  outputs=[upload, controls["data"], *preview_outputs], api_name="upload_data",
+                  cancels=[preview_on_load], **preview_queue)
     gr.on([controls[name].input for name in ("method", "r", "target_modules", "dtype", "device",
                                                "gradient_checkpointing")]
           + [getattr(controls[name], event) for name in ("batch_size", "cutoff_len") for event in ("submit", "blur")],
           parameter_line, inputs_kwargs=controls, outputs=param_outputs, api_name="parameter_line",
-          trigger_mode="always_last", show_progress="minimal")
-
-    def then_refresh(event: Any) -> Any:
-        """After the model or the whole form changed: recount the parameters and render the preview again."""
-        return event.then(parameter_line, inputs_kwargs=controls, outputs=param_outputs, api_visibility="private",
-                          show_progress="minimal") \
-            .then(preview_data, inputs_kwargs=preview_inputs, outputs=preview_outputs, api_visibility="private",
-                  show_progress="minimal")
-
-    then_refresh(gr.on([check_button.click, controls["model"].submit], check_model,
-                       inputs=[controls["model"], controls["trust_remote_code"], controls["target_modules"]],
-                       outputs=[model_info, controls["target_modules"]], api_name="check_model"))
-    then_refresh(load_button.click(load_preset, inputs=[preset_choice, controls["target_modules"]],
-                                   outputs=[*controls.values(), preset_message], api_name="load_preset"))
+          trigger_mode="always_last", cancels=[count_on_load], **count_queue)
+    # The count depends on the target modules these two set, so it follows them.
+    gr.on([check_button.click, controls["model"].submit], check_model,
+          inputs=[controls["model"], controls["trust_remote_code"], controls["target_modules"]],
+          outputs=[model_info, controls["target_modules"]], api_name="check_model", cancels=[count_on_load]) \
+        .then(parameter_line, inputs_kwargs=controls, outputs=param_outputs, api_visibility="private",
+              api_name="parameter_line_after_check", **count_queue)
+    load_button.click(load_preset, inputs=[preset_choice, controls["target_modules"]],
+                      outputs=[*controls.values(), preset_message, *preview_outputs], api_name="load_preset",
+                      cancels=[count_on_load, preview_on_load], **preview_queue) \
+        .then(parameter_line, inputs_kwargs=controls, outputs=param_outputs, api_visibility="private",
+              api_name="parameter_line_after_preset", **count_queue)
     save_button.click(save_preset, inputs=[preset_name], inputs_kwargs=controls,
                       outputs=[preset_message, preset_choice], api_name="save_preset")
     command_button.click(show_command, inputs=[preset_choice], inputs_kwargs=controls, outputs=[command],
@@ -470,15 +504,8 @@ def build(demo: gr.Blocks) -> TrainTab:
     start_event = start_button.click(start_training, inputs_kwargs=controls,
                                      outputs=[start_message, run_state, timer], api_name="start")
     start_event.then(live_status, inputs=[run_state], outputs=live_outputs, api_visibility="private",
-                     show_progress="hidden")
+                     api_name="live_status_after_start", show_progress="hidden")
     stop_event = stop_button.click(stop_training, inputs=[run_state], outputs=[start_message], api_name="stop")
     timer.tick(live_status, inputs=[run_state], outputs=live_outputs, api_name="status", show_progress="hidden")
-
-    # A reloaded page (or a restarted app) finds the run that is training, else the latest, with its history; then
-    # the parameter line and the preview of the opening settings (the first time, reading the default model's
-    # config and tokenizer takes a few seconds; the page is usable meanwhile).
-    then_refresh(demo.load(restore_run, outputs=[run_state], api_name="restore_run")
-                 .then(live_status, inputs=[run_state], outputs=live_outputs, api_visibility="private",
-                       show_progress="hidden"))
 
     return TrainTab(start_event=start_event, stop_event=stop_event)

@@ -1,0 +1,232 @@
+"""The Chat tab: talk to an adapter (a run's final adapter or one of its checkpoints, any adapter folder, or a Hub
+adapter id), streamed, optionally side by side with its base model.
+
+The engine modules (torch, transformers, peft) are imported inside the functions: the app must serve its first
+page before any of them is loaded.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+if TYPE_CHECKING:
+    from ..chat import ChatEngine, LoadedAdapter
+
+CHOOSE = "Choose a run's adapter or checkpoint above, or type an adapter folder or a Hub adapter id, then **Load**."
+DEFAULTS = dict(max_new_tokens=256, temperature=0.7, top_p=0.9)
+# Every event that uses the one model waits its turn in one queue (chat, loading an adapter, evaluation).
+ENGINE_QUEUE: dict[str, Any] = dict(concurrency_id="chat-engine", concurrency_limit=1)
+
+# The one ChatEngine of the app, shared by every browser session and by the Evaluate tab. It is module-level
+# (rather than in gr.State) because it owns the single copy of the base model in memory: a per-session engine would
+# load one model per visitor. It is created on first use so that building the app imports no torch.
+_engine: ChatEngine | None = None
+_engine_lock = threading.Lock()
+
+
+def engine() -> ChatEngine:
+    """The app-wide ChatEngine (device and dtype "auto"; runs from $DENSELORA_RUNS at each call)."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            from ..chat import ChatEngine
+
+            _engine = ChatEngine()
+        return _engine
+
+
+def _warn(message: Any) -> str:
+    return f"⚠️ {message}"
+
+
+# ---- which adapter -------------------------------------------------------------------------------------------------
+
+
+def adapter_choices() -> list[tuple[str, str]]:
+    """(label, adapter folder) of every run's final adapter and checkpoints, newest run first."""
+    from ..chat import available_adapters
+
+    return [(ref.label, ref.location) for ref in available_adapters()]
+
+
+def training_line() -> str:
+    """A warning when a run is training on the chat's device (replies are slower, memory is shared), else ""."""
+    notice = engine().training_notice()
+    return _warn(notice) if notice else ""
+
+
+def refresh_adapters() -> tuple[Any, str]:
+    """The adapter list as the runs folder holds it now, and the training notice. A typed value is kept."""
+    return gr.Dropdown(choices=adapter_choices()), training_line()
+
+
+def describe(loaded: LoadedAdapter) -> str:
+    """The status line of a selected adapter: what it is, its base, trainable share, dtype and device."""
+    ref = loaded.adapter
+    line = (f"**{ref.label}** · {ref.method} adapter of `{ref.base_model}` · trainable "
+            f"{loaded.trainable_percent:.4f}% of the base ({loaded.adapter_parameters:,} parameters) · "
+            f"{loaded.dtype} on {loaded.device}")
+    return f"{line}\n\n{_warn(loaded.notice)}" if loaded.notice else line
+
+
+def load_adapter(adapter: str | None) -> str:
+    """Load the adapter (and its base, unless the engine holds it already) and describe it."""
+    from ..chat import ChatError
+
+    if not adapter or not adapter.strip():
+        return _warn(CHOOSE)
+    try:
+        return describe(engine().select(adapter))
+    except ChatError as err:
+        return _warn(err)
+
+
+# ---- talking -------------------------------------------------------------------------------------------------------
+
+
+def _turn(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def _stats_line() -> str:
+    stats = engine().last_stats
+    if stats is None:
+        return ""
+    ended = " · stopped" if stats.stopped else ""
+    return (f"Last answer: {stats.tokens} tokens in {stats.seconds:.1f} s "
+            f"({stats.tokens_per_second:.1f} tokens/s){ended}")
+
+
+def send(
+    message: str,
+    history: list[dict[str, Any]] | None,
+    base_history: list[dict[str, Any]] | None,
+    adapter: str | None,
+    compare: bool,
+    system_prompt: str,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int | None,
+) -> Iterator[tuple[Any, ...]]:
+    """Answer ``message`` with the adapter, streaming; with ``compare``, the base model answers first in its own
+    column, with the same seed and settings.
+
+    Yields the message box, the adapter's chat, the base's chat and the status line. A problem leaves the history
+    as it was (and the message in its box) and is shown in the status line.
+    """
+    from ..chat import ChatError, GenerationSettings
+
+    history, base_history = list(history or []), list(base_history or [])
+    if not message or not message.strip():
+        yield gr.skip(), gr.skip(), gr.skip(), _warn("Type a message first.")
+        return
+    try:
+        settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                      top_p=float(top_p), seed=None if seed is None else int(seed),
+                                      system_prompt=system_prompt or "")
+        if not adapter or not adapter.strip():
+            raise ChatError(CHOOSE)
+        # Cheap when the adapter is loaded already; it also picks it again if another tab switched the engine.
+        status = describe(engine().select(adapter))
+    except ChatError as err:
+        yield gr.skip(), gr.skip(), gr.skip(), _warn(err)
+        return
+
+    def with_reply(past: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+        return [*past, _turn("user", message), _turn("assistant", text)]  # a new list per update
+
+    chat, base_chat = with_reply(history, ""), (with_reply(base_history, "") if compare else gr.skip())
+    yield "", chat, base_chat, status
+    try:
+        if compare:
+            for base_text, text in engine().stream_compare(message, history, settings, base_history=base_history):
+                chat, base_chat = with_reply(history, text), with_reply(base_history, base_text)
+                yield gr.skip(), chat, base_chat, gr.skip()
+        else:
+            for text in engine().stream_reply(message, history, settings):
+                chat = with_reply(history, text)
+                yield gr.skip(), chat, gr.skip(), gr.skip()
+    except ChatError as err:
+        yield gr.skip(), chat, base_chat, f"{status}\n\n{_warn(err)}"
+        return
+    yield gr.skip(), chat, base_chat, f"{status}\n\n{_stats_line()}"
+
+
+def stop_chat() -> None:
+    """End the answer being generated after its current token (in compare mode, the adapter's answer is skipped)."""
+    if _engine is not None:  # nothing can be generating before the engine exists
+        _engine.stop()
+
+
+def toggle_compare(compare: bool, history: list[dict[str, Any]] | None) -> Any:
+    """Show the base model's column; it starts from the conversation so far and then keeps its own answers."""
+    return gr.Chatbot(value=list(history or []) if compare else [], visible=compare)
+
+
+def clear_history() -> tuple[list, list]:
+    return [], []
+
+
+# ---- layout --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChatTab:
+    refresh_outputs: list[Any]  # what refresh_adapters fills, when the tab is opened
+
+
+def build(demo: gr.Blocks) -> ChatTab:
+    """The Chat tab's components and events; call inside ``demo``'s context (and a gr.Tab)."""
+    with gr.Row(equal_height=True):
+        adapter = gr.Dropdown([], value=None, label="Adapter", allow_custom_value=True, scale=5,
+                              info="A run's final adapter or a checkpoint; or type an adapter folder or a Hub "
+                                   "adapter id", elem_id="chat-adapter")
+        refresh_button = gr.Button("Refresh", size="sm", scale=0, elem_id="chat-refresh")
+        load_button = gr.Button("Load", size="sm", scale=0, variant="primary", elem_id="chat-load")
+    notice = gr.Markdown(elem_id="chat-notice", elem_classes="dl-warning")
+    status = gr.Markdown(CHOOSE, elem_id="chat-status")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=4):
+            compare = gr.Checkbox(False, label="Compare with base",
+                                  info="The base model (adapter off) answers too, side by side, with the same seed "
+                                       "and settings", elem_id="chat-compare")
+            with gr.Row():
+                base_chatbot = gr.Chatbot(label="Base model (adapter off)", visible=False, height=460,
+                                          elem_id="chat-base")
+                chatbot = gr.Chatbot(label="Adapter", height=460, elem_id="chat-adapter-reply")
+            with gr.Row():
+                message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=5,
+                                     elem_id="chat-message")
+                send_button = gr.Button("Send", variant="primary", scale=0, elem_id="chat-send")
+                stop_button = gr.Button("Stop", variant="stop", scale=0, elem_id="chat-stop")
+            clear_button = gr.Button("Clear history", size="sm", elem_id="chat-clear")
+        with gr.Column(scale=1, min_width=240):
+            system_prompt = gr.Textbox(label="System prompt", placeholder="Optional", lines=3,
+                                       elem_id="chat-system")
+            temperature = gr.Slider(0.0, 2.0, value=DEFAULTS["temperature"], step=0.05, label="Temperature",
+                                    info="0: greedy (deterministic)", elem_id="chat-temperature")
+            top_p = gr.Slider(0.05, 1.0, value=DEFAULTS["top_p"], step=0.05, label="Top-p", elem_id="chat-top-p")
+            max_new_tokens = gr.Slider(1, 2048, value=DEFAULTS["max_new_tokens"], step=1, label="Max new tokens",
+                                       elem_id="chat-max-new-tokens")
+            seed = gr.Number(None, label="Seed", info="Empty: a new random seed per answer", precision=0,
+                             elem_id="chat-seed")
+
+    refresh_button.click(refresh_adapters, outputs=[adapter, notice], api_name="chat_adapters")
+    gr.on([load_button.click, adapter.select], load_adapter, inputs=[adapter], outputs=[status],
+          api_name="chat_load", **ENGINE_QUEUE)
+    gr.on([send_button.click, message.submit], send,
+          inputs=[message, chatbot, base_chatbot, adapter, compare, system_prompt, temperature, top_p,
+                  max_new_tokens, seed],
+          outputs=[message, chatbot, base_chatbot, status], api_name="chat", show_progress="minimal",
+          **ENGINE_QUEUE)
+    # Not in the engine's queue: Stop must run while an answer is being generated.
+    stop_button.click(stop_chat, api_name="chat_stop")
+    compare.input(toggle_compare, inputs=[compare, chatbot], outputs=[base_chatbot], api_visibility="private")
+    clear_button.click(clear_history, outputs=[chatbot, base_chatbot], api_visibility="private")
+    return ChatTab(refresh_outputs=[adapter, notice])

@@ -1,0 +1,108 @@
+"""The Evaluate tab: score adapters against their base model on a multiple-choice set (accuracy) and, optionally,
+held-out data in a training format (loss, perplexity). Uses the Chat tab's engine, so a base model already loaded
+for chatting is not loaded again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+import pandas as pd
+
+from . import chat_tab
+
+if TYPE_CHECKING:
+    from ..evaluate import EvalTable
+
+RESULT_COLUMNS = ["model", "accuracy", "loss", "perplexity", "trainable %"]
+DETAIL_COLUMNS = ["model", "question", "expected", "predicted", "correct", "output"]
+FORMATS = {"accuracy": "{:.1%}", "loss": "{:.4f}", "perplexity": "{:.2f}", "trainable %": "{:.4f}"}
+MODES = ("generate", "loglik")  # evaluate.MODES, named here so that building the tab imports no torch
+
+
+def _warn(message: Any) -> str:
+    return f"⚠️ {message}"
+
+
+def refresh_adapters(chosen: list[str] | None) -> Any:
+    """Every run's adapter and checkpoints, keeping the ones chosen that still exist."""
+    choices = chat_tab.adapter_choices()
+    locations = {location for _, location in choices}
+    return gr.Dropdown(choices=choices, value=[c for c in chosen or [] if c in locations])
+
+
+def results_frame(table: EvalTable) -> pd.DataFrame:
+    """One row per model (the base first), numbers formatted for reading; '-' where a metric does not apply."""
+    rows = [[row["model"], *(("-" if row[key] is None else FORMATS[key].format(row[key])) for key in FORMATS)]
+            for row in table.rows()]
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def details_frame(table: EvalTable) -> pd.DataFrame:
+    """Every question's expected and predicted answer, per model (a base result reused from eval.json has none)."""
+    rows = [[result.model if result.trainable_percent is not None else "base", item.question, item.expected,
+             "-" if item.predicted is None else item.predicted, "yes" if item.correct else "no", item.output]
+            for result in table.results for item in result.items]
+    return pd.DataFrame(rows, columns=DETAIL_COLUMNS)
+
+
+def run_evaluation(adapters: list[str] | None, data_file: str | None, loss_file: str | None, mode: str,
+                   limit: float | None, progress: gr.Progress = gr.Progress()) -> tuple[str, Any, Any]:
+    """Evaluate the chosen adapters and their base: the message, the results table and the per-question details.
+
+    Results of runs are saved to each run's eval.json by the engine.
+    """
+    from ..chat import ChatError
+    from ..evaluate import EvalError, evaluate
+
+    if not adapters:
+        return _warn("Choose at least one run's adapter or checkpoint to evaluate."), None, None
+    try:
+        table = evaluate(adapters, data_file or None, loss_data=loss_file or None, mode=mode,
+                         limit=None if limit is None else int(limit), engine=chat_tab.engine(), progress=progress)
+    except (EvalError, ChatError) as err:
+        return _warn(err), None, None
+    # A base result read back from a run's eval.json carries no per-question items.
+    reused = any(r.trainable_percent is None and r.accuracy is not None and not r.items for r in table.results)
+    message = (f"Evaluated {len(adapters)} adapter(s) on **{table.dataset}** ({table.mode}). Results of runs are "
+               "saved in each run's eval.json." + (" The base model's result was reused from an earlier evaluation "
+                                                   "on the same data." if reused else ""))
+    return message, results_frame(table), details_frame(table)
+
+
+@dataclass
+class EvaluateTab:
+    refresh_inputs: list[Any]
+    refresh_outputs: list[Any]
+
+
+def build(demo: gr.Blocks) -> EvaluateTab:
+    """The Evaluate tab's components and events; call inside ``demo``'s context (and a gr.Tab)."""
+    with gr.Row(equal_height=True):
+        adapters = gr.Dropdown([], value=[], multiselect=True, label="Adapters to evaluate",
+                               info="Each is compared with its base model", scale=5, elem_id="eval-adapters")
+        refresh_button = gr.Button("Refresh", size="sm", scale=0, elem_id="eval-refresh")
+    with gr.Row():
+        data_file = gr.File(label="Multiple-choice set (.jsonl of question, choices, answer); empty: the set "
+                                  "shipped with the app", file_types=[".jsonl", ".json"], elem_id="eval-data")
+        loss_file = gr.File(label="Optional held-out data in a training format, for loss and perplexity",
+                            file_types=[".jsonl", ".json", ".csv", ".parquet"], elem_id="eval-loss-data")
+    with gr.Row(equal_height=True):
+        mode = gr.Radio(list(MODES), value="generate", label="Mode",
+                        info="generate: the model replies with a label (greedy); loglik: the most likely choice",
+                        elem_id="eval-mode")
+        limit = gr.Number(None, label="Limit", info="Only the first N questions and examples (empty: all)",
+                          precision=0, minimum=1, elem_id="eval-limit")
+    run_button = gr.Button("Run evaluation", variant="primary", elem_id="eval-run")
+    message = gr.Markdown(elem_id="eval-message")
+    results = gr.Dataframe(headers=RESULT_COLUMNS, interactive=False, label="Results", elem_id="eval-results")
+    with gr.Accordion("Per question", open=False):
+        details = gr.Dataframe(headers=DETAIL_COLUMNS, interactive=False, wrap=True, max_height=420,
+                               elem_id="eval-details")
+
+    refresh_button.click(refresh_adapters, inputs=[adapters], outputs=[adapters], api_name="eval_adapters")
+    run_button.click(run_evaluation, inputs=[adapters, data_file, loss_file, mode, limit],
+                     outputs=[message, results, details], api_name="evaluate", **chat_tab.ENGINE_QUEUE)
+    return EvaluateTab(refresh_inputs=[adapters], refresh_outputs=[adapters])

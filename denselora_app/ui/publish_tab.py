@@ -1,0 +1,209 @@
+"""The Publish tab: build a run's model repository (adapter, tokenizer, loss curve, model card), preview it,
+download it as a zip, push it to the Hugging Face Hub; and the same for a demo chat Space.
+
+The token is never kept: each push takes it from the signed-in user (gr.OAuthToken, on a Space) or, elsewhere, from
+HF_TOKEN or the cached login (publish.resolve_token), passes it to the engine and forgets it. It is not in gr.State,
+on disk, or in anything shown.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from .. import publish
+from ..config import ConfigError
+from ..publish import PublishError, RepoFolder
+from ..runs import list_runs
+
+# The card's loss-curve image is a file of the repository, which the page cannot load: it is shown beside the card.
+_CURVE_LINK = re.compile(r"!\[[^\]]*\]\(" + re.escape(publish.LOSS_CURVE) + r"\)\n?")
+_FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.S)
+
+
+def _warn(message: Any) -> str:
+    return f"⚠️ {message}"
+
+
+def on_space() -> bool:
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def publishable_runs() -> list[str]:
+    """Ids of the runs that hold a final adapter, newest first."""
+    return [run.id for run in list_runs()
+            if all((run.adapter_dir / name).is_file() for name in publish.ADAPTER_FILES)]
+
+
+def refresh_runs(chosen: str | None) -> Any:
+    ids = publishable_runs()
+    return gr.Dropdown(choices=ids, value=chosen if chosen in ids else None)
+
+
+def _token(oauth_token: gr.OAuthToken | None) -> str | None:
+    return oauth_token.token if oauth_token is not None else None
+
+
+def _zip(folder: RepoFolder) -> Path:
+    """The folder zipped in the temp dir: the page may download from there wherever the runs folder is."""
+    name = folder.repo_id.replace("/", "--")
+    return publish.zip_folder(folder, Path(tempfile.mkdtemp(prefix="denselora-publish-")) / f"{name}.zip")
+
+
+def _file_list(folder: RepoFolder) -> str:
+    lines = [f"- `{name}` ({(folder.path / name).stat().st_size / 1024:,.1f} kB)" for name in folder.files]
+    return f"**{len(folder.files)} files** for `{folder.repo_id}`:\n\n" + "\n".join(lines)
+
+
+def _card_preview(folder: RepoFolder) -> str:
+    """README.md as the page can show it: the metadata as YAML, then the card without the loss-curve link."""
+    text = (folder.path / "README.md").read_text(encoding="utf-8")
+    if match := _FRONT_MATTER.match(text):
+        text = f"```yaml\n{match[1]}\n```\n\n{text[match.end():]}"
+    return _CURVE_LINK.sub("", text)
+
+
+def _loss_curve(folder: RepoFolder) -> Any:
+    path = folder.path / publish.LOSS_CURVE
+    if not path.exists():
+        return None
+    from PIL import Image  # handed over as an image, not a path: the runs folder may be outside gradio's reach
+
+    with Image.open(path) as image:
+        return image.copy()
+
+
+def _download(zip_path: Path) -> Any:
+    return gr.DownloadButton(f"Download {zip_path.name}", value=str(zip_path), visible=True)
+
+
+def build_model(run_id: str | None, repo_id: str, base_model: str) -> tuple[Any, ...]:
+    """Build the model repository: the message, the card preview, the file list, the loss curve, the zip."""
+    nothing = ("", "", None, gr.DownloadButton(visible=False))
+    if not run_id:
+        return _warn("Choose a run first."), *nothing
+    try:
+        folder = publish.build_model_repo(run_id, repo_id.strip(), base_model=base_model.strip() or None)
+    except (PublishError, ConfigError) as err:
+        return _warn(err), *nothing
+    zip_path = _zip(folder)
+    return (f"Built the repository in `{folder.path}`: this is exactly what **Publish to the Hub** uploads.",
+            _card_preview(folder), _file_list(folder), _loss_curve(folder), _download(zip_path))
+
+
+def push_model(run_id: str | None, repo_id: str, private: bool, commit_message: str, base_model: str,
+               oauth_token: gr.OAuthToken | None) -> str:
+    """Build the model repository and upload it (creating the repository if needed)."""
+    if not run_id:
+        return _warn("Choose a run first.")
+    try:
+        result = publish.publish_model(run_id, repo_id.strip(), private=private,
+                                       commit_message=commit_message.strip() or None, token=_token(oauth_token),
+                                       base_model=base_model.strip() or None)
+    except (PublishError, ConfigError) as err:
+        return _warn(err)
+    return _published(result)
+
+
+def build_space(run_id: str | None, space_id: str, repo_id: str, bundle_adapter: bool,
+                base_model: str) -> tuple[Any, ...]:
+    """Build the demo Space: the message, its file list and its zip."""
+    nothing = ("", gr.DownloadButton(visible=False))
+    if not run_id:
+        return _warn("Choose a run first."), *nothing
+    try:
+        folder = publish.build_space_repo(run_id, space_id.strip(), adapter_repo_id=repo_id.strip() or None,
+                                          bundle_adapter=bundle_adapter, base_model=base_model.strip() or None)
+    except (PublishError, ConfigError) as err:
+        return _warn(err), *nothing
+    where = ("carries the adapter in `adapter/`" if "adapter/adapter_config.json" in folder.files
+             else f"loads the adapter from `{repo_id.strip()}`")
+    return (f"Built the Space in `{folder.path}`; it {where}.\n\n{_file_list(folder)}", _download(_zip(folder)))
+
+
+def push_space(run_id: str | None, space_id: str, repo_id: str, bundle_adapter: bool, private: bool,
+               commit_message: str, base_model: str, oauth_token: gr.OAuthToken | None) -> str:
+    """Build the demo Space and upload it as a Gradio Space."""
+    if not run_id:
+        return _warn("Choose a run first.")
+    try:
+        result = publish.publish_space(run_id, space_id.strip(), adapter_repo_id=repo_id.strip() or None,
+                                       bundle_adapter=bundle_adapter, private=private,
+                                       commit_message=commit_message.strip() or None, token=_token(oauth_token),
+                                       base_model=base_model.strip() or None)
+    except (PublishError, ConfigError) as err:
+        return _warn(err)
+    return _published(result)
+
+
+def _published(result: publish.PublishResult) -> str:
+    commit = f" ([commit]({result.commit_url}))" if result.commit_url else ""
+    return f"✅ {result.message} as {result.user}{commit}: [{result.url}]({result.url})"
+
+
+@dataclass
+class PublishTab:
+    refresh_inputs: list[Any]
+    refresh_outputs: list[Any]
+
+
+def build(demo: gr.Blocks) -> PublishTab:
+    """The Publish tab's components and events; call inside ``demo``'s context (and a gr.Tab)."""
+    if on_space():
+        gr.Markdown("Sign in to publish to **your** account (the Space's own token is never used).")
+        gr.LoginButton(elem_id="publish-login")
+    else:
+        gr.Markdown("Publishing uses the token in `HF_TOKEN`, or the login of `hf auth login` on the machine that "
+                    "runs this app. It needs write access.")
+    with gr.Row(equal_height=True):
+        run = gr.Dropdown([], label="Run", info="Runs with a final adapter", scale=4, elem_id="publish-run")
+        refresh_button = gr.Button("Refresh", size="sm", scale=0, elem_id="publish-refresh")
+    with gr.Row():
+        repo_id = gr.Textbox(label="Model repository id", placeholder="your-name/my-denselora-adapter",
+                             elem_id="publish-repo-id")
+        base_model = gr.Textbox(label="Base model Hub id", placeholder="e.g. HuggingFaceTB/SmolLM2-135M-Instruct",
+                                info="Needed when the run trained on a local model folder",
+                                elem_id="publish-base-model")
+    with gr.Row():
+        commit_message = gr.Textbox(label="Commit message", placeholder="Optional", elem_id="publish-commit")
+        private = gr.Checkbox(False, label="Private", info="Applies when the repository is created",
+                              elem_id="publish-private")
+    with gr.Row():
+        build_button = gr.Button("Build / preview", elem_id="publish-build")
+        download = gr.DownloadButton("Download zip", visible=False, elem_id="publish-download")
+        push_button = gr.Button("Publish to the Hub", variant="primary", elem_id="publish-push")
+    message = gr.Markdown(elem_id="publish-message")
+    with gr.Row(equal_height=False):
+        card = gr.Markdown(container=True, max_height=640, elem_id="publish-card")
+        with gr.Column():
+            files = gr.Markdown(elem_id="publish-files")
+            curve = gr.Image(label=publish.LOSS_CURVE, type="pil", interactive=False, elem_id="publish-curve")
+
+    gr.Markdown("### Demo Space\nA Gradio chat app for the adapter, with a side-by-side comparison to its base.")
+    with gr.Row():
+        space_id = gr.Textbox(label="Space id", placeholder="your-name/my-adapter-chat", elem_id="publish-space-id")
+        bundle = gr.Checkbox(False, label="Carry the adapter in the Space",
+                             info="Needed when the model repository is private or not published",
+                             elem_id="publish-bundle")
+    with gr.Row():
+        space_build_button = gr.Button("Build Space", elem_id="publish-space-build")
+        space_download = gr.DownloadButton("Download Space zip", visible=False, elem_id="publish-space-download")
+        space_push_button = gr.Button("Create demo Space", variant="primary", elem_id="publish-space-push")
+    space_message = gr.Markdown(elem_id="publish-space-message")
+
+    refresh_button.click(refresh_runs, inputs=[run], outputs=[run], api_name="publish_runs")
+    build_button.click(build_model, inputs=[run, repo_id, base_model],
+                       outputs=[message, card, files, curve, download], api_name="publish_build")
+    push_button.click(push_model, inputs=[run, repo_id, private, commit_message, base_model], outputs=[message],
+                      api_name="publish_model")
+    space_build_button.click(build_space, inputs=[run, space_id, repo_id, bundle, base_model],
+                             outputs=[space_message, space_download], api_name="publish_space_build")
+    space_push_button.click(push_space, inputs=[run, space_id, repo_id, bundle, private, commit_message, base_model],
+                            outputs=[space_message], api_name="publish_space")
+    return PublishTab(refresh_inputs=[run], refresh_outputs=[run])

@@ -1,0 +1,102 @@
+"""The benchmark scripts in their smallest settings: they run, and write complete tables and JSON (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import fidelity  # noqa: E402
+import speed_memory  # noqa: E402
+
+SPEED_ARGS = ["--device", "cpu", "--model", "tiny", "--rank", "4", "--batch", "2", "--seq", "16", "--steps", "1",
+              "--warmup", "1", "--repeats", "2", "--gen-batch", "2", "--prompt-len", "8", "--new-tokens", "3",
+              "--gen-repeats", "1"]
+FIDELITY_ARGS = ["--people", "24", "--val-people", "4", "--test-people", "4", "--hidden", "32", "--intermediate", "64",
+                 "--layers", "2", "--pretrain-steps", "6", "--pretrain-batch", "4", "--adapter-steps", "2",
+                 "--adapter-batch", "4", "--seeds", "2", "--lrs", "1e-3", "3e-3"]
+
+
+def test_speed_memory_writes_every_arm_ratio_and_target(tmp_path, capsys):
+    speed_memory.main([*SPEED_ARGS, "--out-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "speed_memory_cpu.json").read_text())
+    markdown = (tmp_path / "speed_memory_cpu.md").read_text()
+    assert markdown.strip() in capsys.readouterr().out
+
+    assert set(results["arms"]) == {"base", "lora", "denselora"}
+    for arm in results["arms"].values():
+        assert arm["step_time_ms"] > 0 and arm["generate_tokens_per_s"] > 0
+        assert arm["step_times_measured"] == 2
+        assert arm["peak_memory_bytes"] == arm["static_memory_bytes"] + arm["transient_memory_bytes"]
+        assert arm["transient_memory_bytes"] > 0
+        assert arm["label"] in markdown
+    assert results["arms"]["base"]["trainable_params"] == 0 and results["arms"]["base"]["adapter_file_bytes"] is None
+    dense, lora = results["arms"]["denselora"], results["arms"]["lora"]
+    assert 0 < dense["trainable_params"] < lora["trainable_params"]
+    assert 0 < dense["adapter_file_bytes"] < lora["adapter_file_bytes"]
+
+    assert set(results["ratios"]) == {"denselora/lora", "denselora/base"}
+    assert all(v is not None for v in results["ratios"]["denselora/lora"].values())
+    for metric in ("step_time_ms", "peak_memory_bytes", "generate_tokens_per_s"):
+        assert results["ratios"]["denselora/base"][metric] > 0
+    assert "ratio denselora/lora" in markdown and "ratio denselora/base" in markdown
+
+    assert len(results["targets"]) == 4
+    for target in results["targets"]:
+        assert isinstance(target["met"], bool)
+        assert target["target"] in markdown
+    assert results["command"].startswith("python ") and "--model tiny" in results["command"]
+    for key in ("cpu", "logical_cores", "torch", "gpu"):
+        assert key in results["machine"]
+
+
+def test_fidelity_writes_every_arm_with_its_seeds(tmp_path, capsys):
+    fidelity.main([*FIDELITY_ARGS, "--out-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "fidelity_cpu.json").read_text())
+    markdown = (tmp_path / "fidelity_cpu.md").read_text()
+    assert markdown.strip() in capsys.readouterr().out
+
+    labels = list(results["arms"])
+    assert labels[:4] == ["DenseLoRA r8", "DenseLoRA r16", "LoRA r8", "LoRA r16"]
+    assert len(labels) == 5 and labels[4].startswith("LoRA r") and "params of DenseLoRA r16" in labels[4]
+    for label, arm in results["arms"].items():
+        assert label in markdown
+        assert [r["seed"] for r in arm["runs"]] == [0, 1]
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in arm["runs"])
+        assert arm["accuracy_min"] <= arm["accuracy_mean"] <= arm["accuracy_max"]
+        assert arm["trainable_params"] > 0 and arm["lr"] in (1e-3, 3e-3)
+    assert results["arms"]["DenseLoRA r16"]["trainable_params"] < results["arms"]["LoRA r16"]["trainable_params"]
+    assert len(results["lr_sweep"]) == 4
+    assert "pretrained base, no adapter" in markdown
+    assert 0.0 <= results["pretraining"]["fact_recall"] <= 1.0
+
+
+def test_live_tensor_bytes_counts_new_storage_while_it_lives():
+    weight = torch.zeros(100, 100)
+    with speed_memory.LiveTensorBytes() as counter:
+        view = weight.t()  # a view of existing memory: nothing new
+        assert counter.live == 0
+        made = torch.ones(50, 50) + 1  # a temporary of 10,000 bytes, then the result of 10,000 bytes
+        assert counter.live == 10_000 and counter.peak == 20_000
+        del made
+        assert counter.live == 0
+    assert view.shape == (100, 100)
+
+
+def test_answers_are_read_as_the_first_option_named():
+    options = ["cat", "dog", "owl", "goat"]
+    assert fidelity.extract_answer("the correct answer is dog", options) == "dog"
+    assert fidelity.extract_answer("the correct answer is catdog owl", options) == "owl"
+    assert fidelity.extract_answer("the correct answer is", options) is None
+
+
+@pytest.mark.parametrize("mode", ["cpu", "gpu"])
+def test_modes_fill_every_setting(mode):
+    args = fidelity.parse_args(["--gpu"] if mode == "gpu" else [])
+    assert all(getattr(args, name) is not None for name in fidelity.PRESETS[mode])
+    assert args.device == fidelity.PRESETS[mode]["device"]
