@@ -1,6 +1,7 @@
 """The Chat tab in a real browser (Playwright driving Debian's headless Chromium), on a tiny model: pick a run's
-adapter, turn on the comparison with the base model, send a message and watch both answers stream in.
-The screenshot goes to docs/screenshots/chat-compare.png.
+adapter, turn on the comparison with the base model, send a message and watch both answers stream in; then the
+same conversation through the API, as gradio_client drives it. The screenshot goes to
+docs/screenshots/chat-compare.png.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+from gradio_client import Client
 from playwright.sync_api import expect, sync_playwright
 
 from conftest import launch_app
@@ -44,9 +46,10 @@ def test_chat_compares_an_adapter_with_its_base_in_the_browser(tmp_path):
             expect(status).to_contain_text("trainable")
             expect(status).to_contain_text("float32 on cpu")
 
-            max_tokens = page.locator("#chat-max-new-tokens input[type=number]").first
-            max_tokens.fill("24")
-            max_tokens.press("Enter")
+            for setting, value in (("chat-max-new-tokens", "24"), ("chat-temperature", "0")):  # greedy: words
+                field = page.locator(f"#{setting} input[type=number]").first
+                field.fill(value)
+                field.press("Enter")
             page.locator("#chat-compare input[type=checkbox]").check()
             expect(page.locator("#chat-base")).to_be_visible()
 
@@ -65,5 +68,13 @@ def test_chat_compares_an_adapter_with_its_base_in_the_browser(tmp_path):
             page.locator("#tab-chat-button").scroll_into_view_if_needed()
             page.screenshot(path=str(SCREENSHOTS / "chat-compare.png"))
             browser.close()
+
+        client = Client(app.url, verbose=False)
+        adapter = str(workdir / "runs" / run_id / "adapter")
+        _, chat, base_chat, status = client.predict(PROMPT, [], [], adapter, True, "", 0.0, 1.0, 8, 0,
+                                                    api_name="/chat")
+        assert [m["role"] for m in chat] == [m["role"] for m in base_chat] == ["user", "assistant"]
+        assert chat[1]["content"][0]["text"] and base_chat[1]["content"][0]["text"]
+        assert "Last answer: 8 tokens" in status
     finally:
         app.stop()

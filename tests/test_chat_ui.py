@@ -4,6 +4,7 @@ made by hand; the Hub is faked at huggingface_hub's boundary (test_publish.FakeH
 from __future__ import annotations
 
 import json
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from peft import get_peft_model
 from conftest import APP_DATA_ROWS, tiny_tokenizer
 from denselora_app import evaluate as evaluation
 from denselora_app import publish
+from denselora_app.chat import GenerationSettings
 from denselora_app.config import RunConfig
 from denselora_app.denselora import DenseLoraConfig
 from denselora_app.runs import create_run
@@ -115,13 +117,19 @@ def test_replies_stream_and_compare_shows_the_plain_base_beside_the_adapter(adap
     base_text, adapter_text = last_text(base_chat), last_text(chat)
     assert base_text and adapter_text and base_text != adapter_text
     assert adapter_text == last_text(history)  # greedy: the same answer as without compare
-    from denselora_app.chat import GenerationSettings
-
     greedy = GenerationSettings(max_new_tokens=GREEDY["max_new_tokens"], temperature=0.0, seed=0)
     assert base_text == list(chat_tab.engine().stream_reply(PROMPT, settings=greedy, use_adapter=False))[-1]
     # Both columns grow: first the base (the adapter's still empty), then the adapter.
     growing = [(last_text(p[2]), last_text(p[1])) for p in pairs[1:-1]]
     assert len({b for b, a in growing if not a}) >= 3 and len({a for _, a in growing if a}) >= 3
+
+
+def test_stop_ends_the_answer_and_keeps_what_was_said(adapter):
+    stream = chat_tab.send(PROMPT, [], [], adapter, False, **{**GREEDY, "max_new_tokens": 400})
+    next(stream), next(stream)  # the message is taken, the first words arrive
+    chat_tab.stop_chat()
+    *_, (_, chat, _, status) = stream
+    assert "stopped" in status and last_text(chat) and int(status.split("Last answer: ")[1].split()[0]) < 100
 
 
 def test_chat_problems_are_shown_as_messages(adapter):
@@ -149,7 +157,7 @@ def test_evaluate_tab_tables_base_and_run_and_saves_eval_json(adapter, run_id, r
     assert [m.split(":")[0] for m in results["model"]] == ["base", run_id]
     assert all(a.endswith("%") for a in results["accuracy"]) and results["trainable %"].iloc[0] == "-"
     assert all(float(x) > 0 for x in results["loss"]) and all(float(x) > 1 for x in results["perplexity"])
-    assert len(details) == 6 and set(details["model"]) == {"base", run_id}
+    assert len(details) == 6 and list(details["model"].drop_duplicates()) == list(results["model"])
     saved = json.loads((runs_root / run_id / "eval.json").read_text())
     assert saved["results"][0]["mode"] == "loglik" and saved["base"][0]["total"] == 3
 
@@ -164,7 +172,14 @@ def test_evaluate_tab_tables_base_and_run_and_saves_eval_json(adapter, run_id, r
 # ---- publish -------------------------------------------------------------------------------------------------------
 
 
-def test_publish_build_previews_the_card_and_zips_exactly_the_repository(run_id, runs_root):
+@pytest.fixture
+def exports(tmp_path, monkeypatch) -> Path:
+    """The temp dir, where the zips to download go."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_publish_build_previews_the_card_and_zips_exactly_the_repository(run_id, runs_root, exports):
     assert publish_tab.publishable_runs() == [run_id]
     message, card, files, curve, download = publish_tab.build_model(run_id, "alice/tiny-chat", "")
     folder = runs_root / run_id / "publish" / "model"
@@ -174,6 +189,7 @@ def test_publish_build_previews_the_card_and_zips_exactly_the_repository(run_id,
     listed = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert all(f"`{name}`" in files for name in listed) and "adapter_model.safetensors" in listed
     assert download.visible
+    assert (exports / "denselora-studio-exports" / "model-alice--tiny-chat.zip").is_file()
     with zipfile.ZipFile(download.value["path"]) as archive:
         assert sorted(archive.namelist()) == listed
 
@@ -186,7 +202,7 @@ def test_publish_build_previews_the_card_and_zips_exactly_the_repository(run_id,
         assert "adapter/adapter_model.safetensors" in archive.namelist()
 
 
-def test_publishing_errors_are_messages_and_the_token_never_shows(run_id, monkeypatch):
+def test_publishing_errors_are_messages_and_the_token_never_shows(run_id, exports, monkeypatch):
     # gradio fills the OAuth token itself (None when signed out): it is no input of the endpoint.
     inputs = [run_id, "alice/x", False, "", ""]
     special_args(publish_tab.push_model, inputs)

@@ -1,8 +1,8 @@
 """The Chat tab: talk to an adapter (a run's final adapter or one of its checkpoints, any adapter folder, or a Hub
 adapter id), streamed, optionally side by side with its base model.
 
-The engine modules (torch, transformers, peft) are imported inside the functions: the app must serve its first
-page before any of them is loaded.
+The engine modules (torch, transformers, peft) are imported inside the functions, through chat_module(): the app
+must serve its first page before any of them is loaded.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
     from ..chat import ChatEngine, LoadedAdapter
 
 CHOOSE = "Choose a run's adapter or checkpoint above, or type an adapter folder or a Hub adapter id, then **Load**."
-DEFAULTS = dict(max_new_tokens=256, temperature=0.7, top_p=0.9)
 # Every event that uses the one model waits its turn in one queue (chat, loading an adapter, evaluation).
 ENGINE_QUEUE: dict[str, Any] = dict(concurrency_id="chat-engine", concurrency_limit=1)
 
@@ -29,14 +29,25 @@ _engine: ChatEngine | None = None
 _engine_lock = threading.Lock()
 
 
+def chat_module() -> ModuleType:
+    """``denselora_app.chat``, imported on first use after ``denselora_app.models``, as the Train tab's loaders do.
+
+    transformers and peft import each other. Two events importing them for the first time at once from opposite
+    ends (this tab through peft, the Train tab's first parameter count through transformers) can each be handed the
+    other's half-initialised module: "cannot import name 'AutoModel' from 'transformers'". One order avoids that.
+    """
+    from .. import models  # noqa: F401  (first: see above)
+    from .. import chat
+
+    return chat
+
+
 def engine() -> ChatEngine:
     """The app-wide ChatEngine (device and dtype "auto"; runs from $DENSELORA_RUNS at each call)."""
     global _engine
     with _engine_lock:
         if _engine is None:
-            from ..chat import ChatEngine
-
-            _engine = ChatEngine()
+            _engine = chat_module().ChatEngine()
         return _engine
 
 
@@ -49,9 +60,7 @@ def _warn(message: Any) -> str:
 
 def adapter_choices() -> list[tuple[str, str]]:
     """(label, adapter folder) of every run's final adapter and checkpoints, newest run first."""
-    from ..chat import available_adapters
-
-    return [(ref.label, ref.location) for ref in available_adapters()]
+    return [(ref.label, ref.location) for ref in chat_module().available_adapters()]
 
 
 def training_line() -> str:
@@ -76,13 +85,11 @@ def describe(loaded: LoadedAdapter) -> str:
 
 def load_adapter(adapter: str | None) -> str:
     """Load the adapter (and its base, unless the engine holds it already) and describe it."""
-    from ..chat import ChatError
-
     if not adapter or not adapter.strip():
         return _warn(CHOOSE)
     try:
         return describe(engine().select(adapter))
-    except ChatError as err:
+    except chat_module().ChatError as err:
         return _warn(err)
 
 
@@ -115,26 +122,25 @@ def send(
     seed: int | None,
 ) -> Iterator[tuple[Any, ...]]:
     """Answer ``message`` with the adapter, streaming; with ``compare``, the base model answers first in its own
-    column, with the same seed and settings.
+    column, with the same seed and settings. A negative (or no) seed draws a new one for each answer.
 
     Yields the message box, the adapter's chat, the base's chat and the status line. A problem leaves the history
     as it was (and the message in its box) and is shown in the status line.
     """
-    from ..chat import ChatError, GenerationSettings
-
+    core = chat_module()
     history, base_history = list(history or []), list(base_history or [])
     if not message or not message.strip():
         yield gr.skip(), gr.skip(), gr.skip(), _warn("Type a message first.")
         return
     try:
-        settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                      top_p=float(top_p), seed=None if seed is None else int(seed),
-                                      system_prompt=system_prompt or "")
+        settings = core.GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                           top_p=float(top_p), seed=None if seed is None or seed < 0 else int(seed),
+                                           system_prompt=system_prompt or "")
         if not adapter or not adapter.strip():
-            raise ChatError(CHOOSE)
+            raise core.ChatError(CHOOSE)
         # Cheap when the adapter is loaded already; it also picks it again if another tab switched the engine.
         status = describe(engine().select(adapter))
-    except ChatError as err:
+    except core.ChatError as err:
         yield gr.skip(), gr.skip(), gr.skip(), _warn(err)
         return
 
@@ -152,7 +158,7 @@ def send(
             for text in engine().stream_reply(message, history, settings):
                 chat = with_reply(history, text)
                 yield gr.skip(), chat, gr.skip(), gr.skip()
-    except ChatError as err:
+    except core.ChatError as err:
         yield gr.skip(), chat, base_chat, f"{status}\n\n{_warn(err)}"
         return
     yield gr.skip(), chat, base_chat, f"{status}\n\n{_stats_line()}"
@@ -183,13 +189,14 @@ class ChatTab:
 
 def build(demo: gr.Blocks) -> ChatTab:
     """The Chat tab's components and events; call inside ``demo``'s context (and a gr.Tab)."""
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=False):
         adapter = gr.Dropdown([], value=None, label="Adapter", allow_custom_value=True, scale=5,
                               info="A run's final adapter or a checkpoint; or type an adapter folder or a Hub "
                                    "adapter id", elem_id="chat-adapter")
-        refresh_button = gr.Button("Refresh", size="sm", scale=0, elem_id="chat-refresh")
-        load_button = gr.Button("Load", size="sm", scale=0, variant="primary", elem_id="chat-load")
-    notice = gr.Markdown(elem_id="chat-notice", elem_classes="dl-warning")
+        with gr.Column(scale=1, min_width=140):
+            load_button = gr.Button("Load", variant="primary", elem_id="chat-load")
+            refresh_button = gr.Button("Refresh list", size="sm", elem_id="chat-refresh")
+    notice = gr.Markdown(elem_id="chat-notice")
     status = gr.Markdown(CHOOSE, elem_id="chat-status")
     with gr.Row(equal_height=False):
         with gr.Column(scale=4):
@@ -209,13 +216,13 @@ def build(demo: gr.Blocks) -> ChatTab:
         with gr.Column(scale=1, min_width=240):
             system_prompt = gr.Textbox(label="System prompt", placeholder="Optional", lines=3,
                                        elem_id="chat-system")
-            temperature = gr.Slider(0.0, 2.0, value=DEFAULTS["temperature"], step=0.05, label="Temperature",
+            temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature",
                                     info="0: greedy (deterministic)", elem_id="chat-temperature")
-            top_p = gr.Slider(0.05, 1.0, value=DEFAULTS["top_p"], step=0.05, label="Top-p", elem_id="chat-top-p")
-            max_new_tokens = gr.Slider(1, 2048, value=DEFAULTS["max_new_tokens"], step=1, label="Max new tokens",
+            top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", elem_id="chat-top-p")
+            max_new_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max new tokens",
                                        elem_id="chat-max-new-tokens")
-            seed = gr.Number(None, label="Seed", info="Empty: a new random seed per answer", precision=0,
-                             elem_id="chat-seed")
+            seed = gr.Number(-1, label="Seed", info="-1: a new random seed for each answer", precision=0,
+                             minimum=-1, elem_id="chat-seed")
 
     refresh_button.click(refresh_adapters, outputs=[adapter, notice], api_name="chat_adapters")
     gr.on([load_button.click, adapter.select], load_adapter, inputs=[adapter], outputs=[status],

@@ -42,19 +42,19 @@ def results_frame(table: EvalTable) -> pd.DataFrame:
 
 def details_frame(table: EvalTable) -> pd.DataFrame:
     """Every question's expected and predicted answer, per model (a base result reused from eval.json has none)."""
-    rows = [[result.model if result.trainable_percent is not None else "base", item.question, item.expected,
-             "-" if item.predicted is None else item.predicted, "yes" if item.correct else "no", item.output]
-            for result in table.results for item in result.items]
+    rows = [[row["model"], item.question, item.expected, "-" if item.predicted is None else item.predicted,
+             "yes" if item.correct else "no", item.output]
+            for row, result in zip(table.rows(), table.results) for item in result.items]
     return pd.DataFrame(rows, columns=DETAIL_COLUMNS)
 
 
 def run_evaluation(adapters: list[str] | None, data_file: str | None, loss_file: str | None, mode: str,
-                   limit: float | None, progress: gr.Progress = gr.Progress()) -> tuple[str, Any, Any]:
+                   limit: int | None, progress: gr.Progress = gr.Progress()) -> tuple[str, Any, Any]:
     """Evaluate the chosen adapters and their base: the message, the results table and the per-question details.
 
     Results of runs are saved to each run's eval.json by the engine.
     """
-    from ..chat import ChatError
+    chat = chat_tab.chat_module()  # first: it imports the engine's modules in a safe order
     from ..evaluate import EvalError, evaluate
 
     if not adapters:
@@ -62,7 +62,7 @@ def run_evaluation(adapters: list[str] | None, data_file: str | None, loss_file:
     try:
         table = evaluate(adapters, data_file or None, loss_data=loss_file or None, mode=mode,
                          limit=None if limit is None else int(limit), engine=chat_tab.engine(), progress=progress)
-    except (EvalError, ChatError) as err:
+    except (EvalError, chat.ChatError) as err:
         return _warn(err), None, None
     # A base result read back from a run's eval.json carries no per-question items.
     reused = any(r.trainable_percent is None and r.accuracy is not None and not r.items for r in table.results)
@@ -80,15 +80,18 @@ class EvaluateTab:
 
 def build(demo: gr.Blocks) -> EvaluateTab:
     """The Evaluate tab's components and events; call inside ``demo``'s context (and a gr.Tab)."""
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=False):
         adapters = gr.Dropdown([], value=[], multiselect=True, label="Adapters to evaluate",
                                info="Each is compared with its base model", scale=5, elem_id="eval-adapters")
-        refresh_button = gr.Button("Refresh", size="sm", scale=0, elem_id="eval-refresh")
+        with gr.Column(scale=1, min_width=140):
+            refresh_button = gr.Button("Refresh list", size="sm", elem_id="eval-refresh")
     with gr.Row():
         data_file = gr.File(label="Multiple-choice set (.jsonl of question, choices, answer); empty: the set "
-                                  "shipped with the app", file_types=[".jsonl", ".json"], elem_id="eval-data")
+                                  "shipped with the app", file_types=[".jsonl", ".json"], height=130,
+                            elem_id="eval-data")
         loss_file = gr.File(label="Optional held-out data in a training format, for loss and perplexity",
-                            file_types=[".jsonl", ".json", ".csv", ".parquet"], elem_id="eval-loss-data")
+                            file_types=[".jsonl", ".json", ".csv", ".parquet"], height=130,
+                            elem_id="eval-loss-data")
     with gr.Row(equal_height=True):
         mode = gr.Radio(list(MODES), value="generate", label="Mode",
                         info="generate: the model replies with a label (greedy); loglik: the most likely choice",

@@ -46,14 +46,26 @@ def refresh_runs(chosen: str | None) -> Any:
     return gr.Dropdown(choices=ids, value=chosen if chosen in ids else None)
 
 
+def _missing(run_id: str | None, repo_id: str, what: str = "model repository") -> str | None:
+    """What to fill in first, if anything."""
+    if not run_id:
+        return _warn("Choose a run first.")
+    if not repo_id.strip():
+        return _warn(f"Give the {what} id, as NAMESPACE/NAME (your user name or an organization).")
+    return None
+
+
 def _token(oauth_token: gr.OAuthToken | None) -> str | None:
     return oauth_token.token if oauth_token is not None else None
 
 
 def _zip(folder: RepoFolder) -> Path:
-    """The folder zipped in the temp dir: the page may download from there wherever the runs folder is."""
-    name = folder.repo_id.replace("/", "--")
-    return publish.zip_folder(folder, Path(tempfile.mkdtemp(prefix="denselora-publish-")) / f"{name}.zip")
+    """The folder zipped into the temp dir, where the page may download it from wherever the runs folder is. One
+    file per repository, replaced by the next build of it."""
+    target = Path(tempfile.gettempdir()) / "denselora-studio-exports"
+    target.mkdir(exist_ok=True)
+    name = f"{folder.repo_type}-{folder.repo_id.replace('/', '--')}.zip"
+    return publish.zip_folder(folder, target / name)
 
 
 def _file_list(folder: RepoFolder) -> str:
@@ -86,8 +98,8 @@ def _download(zip_path: Path) -> Any:
 def build_model(run_id: str | None, repo_id: str, base_model: str) -> tuple[Any, ...]:
     """Build the model repository: the message, the card preview, the file list, the loss curve, the zip."""
     nothing = ("", "", None, gr.DownloadButton(visible=False))
-    if not run_id:
-        return _warn("Choose a run first."), *nothing
+    if problem := _missing(run_id, repo_id):
+        return problem, *nothing
     try:
         folder = publish.build_model_repo(run_id, repo_id.strip(), base_model=base_model.strip() or None)
     except (PublishError, ConfigError) as err:
@@ -100,8 +112,8 @@ def build_model(run_id: str | None, repo_id: str, base_model: str) -> tuple[Any,
 def push_model(run_id: str | None, repo_id: str, private: bool, commit_message: str, base_model: str,
                oauth_token: gr.OAuthToken | None) -> str:
     """Build the model repository and upload it (creating the repository if needed)."""
-    if not run_id:
-        return _warn("Choose a run first.")
+    if problem := _missing(run_id, repo_id):
+        return problem
     try:
         result = publish.publish_model(run_id, repo_id.strip(), private=private,
                                        commit_message=commit_message.strip() or None, token=_token(oauth_token),
@@ -115,8 +127,8 @@ def build_space(run_id: str | None, space_id: str, repo_id: str, bundle_adapter:
                 base_model: str) -> tuple[Any, ...]:
     """Build the demo Space: the message, its file list and its zip."""
     nothing = ("", gr.DownloadButton(visible=False))
-    if not run_id:
-        return _warn("Choose a run first."), *nothing
+    if problem := _missing(run_id, space_id, "Space"):
+        return problem, *nothing
     try:
         folder = publish.build_space_repo(run_id, space_id.strip(), adapter_repo_id=repo_id.strip() or None,
                                           bundle_adapter=bundle_adapter, base_model=base_model.strip() or None)
@@ -130,8 +142,8 @@ def build_space(run_id: str | None, space_id: str, repo_id: str, bundle_adapter:
 def push_space(run_id: str | None, space_id: str, repo_id: str, bundle_adapter: bool, private: bool,
                commit_message: str, base_model: str, oauth_token: gr.OAuthToken | None) -> str:
     """Build the demo Space and upload it as a Gradio Space."""
-    if not run_id:
-        return _warn("Choose a run first.")
+    if problem := _missing(run_id, space_id, "Space"):
+        return problem
     try:
         result = publish.publish_space(run_id, space_id.strip(), adapter_repo_id=repo_id.strip() or None,
                                        bundle_adapter=bundle_adapter, private=private,
@@ -161,9 +173,10 @@ def build(demo: gr.Blocks) -> PublishTab:
     else:
         gr.Markdown("Publishing uses the token in `HF_TOKEN`, or the login of `hf auth login` on the machine that "
                     "runs this app. It needs write access.")
-    with gr.Row(equal_height=True):
-        run = gr.Dropdown([], label="Run", info="Runs with a final adapter", scale=4, elem_id="publish-run")
-        refresh_button = gr.Button("Refresh", size="sm", scale=0, elem_id="publish-refresh")
+    with gr.Row(equal_height=False):
+        run = gr.Dropdown([], label="Run", info="Runs with a final adapter", scale=5, elem_id="publish-run")
+        with gr.Column(scale=1, min_width=140):
+            refresh_button = gr.Button("Refresh list", size="sm", elem_id="publish-refresh")
     with gr.Row():
         repo_id = gr.Textbox(label="Model repository id", placeholder="your-name/my-denselora-adapter",
                              elem_id="publish-repo-id")
