@@ -36,7 +36,7 @@ def quickstart_run(tmp_path_factory) -> Run:
     runs = tmp_path_factory.mktemp("quickstart-runs")
     result = subprocess.run(
         [sys.executable, "-m", "denselora_app", "train", "presets/quickstart-cpu.yaml"],
-        capture_output=True, text=True, cwd=REPO, timeout=1200, env={**os.environ, "DENSELORA_RUNS": str(runs)},
+        capture_output=True, text=True, cwd=REPO, timeout=2400, env={**os.environ, "DENSELORA_RUNS": str(runs)},
     )
     assert result.returncode == 0, result.stderr[-4000:]
     (folder,) = runs.iterdir()
