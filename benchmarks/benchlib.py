@@ -20,7 +20,7 @@ log = logging.getLogger("benchmarks")
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    # PEFT warns when one base model is wrapped twice; the benchmarks do that on purpose (shared frozen weights).
+    # transformers' notices (generation settings and the like) would drown the progress bars.
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 

@@ -5,14 +5,16 @@ fewer trainable parameters. This is a small-scale, fully offline check of that c
 
 1. A synthetic knowledge base: made-up people, each with a city, a pet, a colour and a job drawn at random.
 2. A small LLaMA-shaped model with its own word-level tokenizer is pretrained (full fine-tune, from random weights)
-   on plain statements of every fact ("Zorbin lives in Lima ."), packed into rows like ordinary language-model
-   pretraining. It never sees a question.
+   on documents that state every fact, as a sentence ("Zorbin lives in Lima .") and as a plain question and answer
+   ("Q : Where does Zorbin live ? A : Lima ."), packed into rows like ordinary language-model pretraining. The
+   corpus also holds unanswered multiple-choice questions, so that every word of the task has been seen in running
+   text, as it would have been by a real pretrained model; it never holds an answer in the task's format.
 3. Adapters are trained on questions in the paper's commonsense prompt format ("Please choose the correct answer to
    the question : Where does Zorbin live ? Answer format : Oslo/Lima/Rome/Cairo" -> "the correct answer is Lima")
-   about one part of the people, and evaluated on questions about people they never saw a question about: those
-   facts are known only from pretraining, so an adapter has to teach the model to answer from its own knowledge in
-   this format, not memorise answers (without an adapter the model scores 0: it just continues the text). The
-   answer is extracted by pattern (the first listed option in the greedy generation), as in the paper's evaluation.
+   about one part of the people, and evaluated on questions about other people: their facts are known only from
+   pretraining, so an adapter has to teach the model to answer in this format from its own knowledge, not memorise
+   answers. Without an adapter the model scores near 0 (it continues the text instead of answering). The answer is
+   extracted by pattern (the first of the question's options named in the greedy generation), as in the paper.
 
 Arms: DenseLoRA r8 and r16, LoRA r8 and r16, and LoRA at the rank whose parameter count is closest to DenseLoRA
 r16's; each with several seeds, on the same five projections, with the same steps and batch. The two methods want
@@ -51,41 +53,42 @@ log = logging.getLogger("benchmarks.fidelity")
 
 # Settings of the two modes; each can be overridden by the flag of the same name (--adapter-steps etc.).
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(device="cpu", threads=1, people=240, val_people=40, test_people=60, hidden=128, layers=4, heads=4,
-                kv_heads=2, intermediate=344, pretrain_steps=1200, pretrain_batch=32, pretrain_length=48,
-                pretrain_lr=2e-3, adapter_steps=400, adapter_batch=16, seeds=3),
-    "gpu": dict(device="cuda", threads=0, people=800, val_people=80, test_people=160, hidden=384, layers=6, heads=6,
-                kv_heads=2, intermediate=1024, pretrain_steps=3000, pretrain_batch=64, pretrain_length=64,
-                pretrain_lr=1e-3, adapter_steps=500, adapter_batch=32, seeds=3),
+    "cpu": dict(device="cpu", threads=1, people=200, val_people=30, test_people=50, hidden=128, layers=4, heads=4,
+                kv_heads=2, intermediate=344, pretrain_steps=1600, pretrain_batch=32, pretrain_length=48,
+                pretrain_lr=3e-3, adapter_steps=800, adapter_batch=8, seeds=3),
+    "gpu": dict(device="cuda", threads=0, people=600, val_people=60, test_people=120, hidden=384, layers=6, heads=6,
+                kv_heads=2, intermediate=1024, pretrain_steps=2500, pretrain_batch=64, pretrain_length=64,
+                pretrain_lr=1.5e-3, adapter_steps=600, adapter_batch=16, seeds=3),
 }
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
-# relation -> (values, statement templates for pretraining, the question asked about it)
-RELATIONS: dict[str, tuple[list[str], list[str], str]] = {
+# relation -> (values, the statement of a fact, the question asked about it)
+RELATIONS: dict[str, tuple[list[str], str, str]] = {
     "city": (
         ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Delhi", "Tokyo", "Quito", "Dakar", "Hanoi"],
-        ["{person} lives in {value} .", "The home town of {person} is {value} ."],
+        "{person} lives in {value} .",
         "Where does {person} live ?",
     ),
     "pet": (
         ["cat", "dog", "owl", "horse", "rabbit", "parrot", "turtle", "goat", "snake", "ferret"],
-        ["{person} keeps a {value} .", "The pet of {person} is a {value} ."],
+        "{person} keeps a {value} .",
         "Which animal does {person} keep ?",
     ),
     "colour": (
         ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "grey", "pink"],
-        ["{person} likes the colour {value} .", "The favourite colour of {person} is {value} ."],
+        "{person} likes the colour {value} .",
         "Which colour does {person} like ?",
     ),
     "job": (
         ["baker", "pilot", "farmer", "nurse", "painter", "lawyer", "sailor", "teacher", "miner", "chef"],
-        ["{person} works as a {value} .", "The job of {person} is {value} ."],
+        "{person} works as a {value} .",
         "What is the job of {person} ?",
     ),
 }
 
 OPTIONS = 4
+DIALOGUE = "Q : {question} A : {answer} ."
 QUESTION = "Please choose the correct answer to the question : {question} Answer format : {options}"
 PROMPT = "### Instruction : {text} ### Response :"
 RESPONSE = "the correct answer is {answer}"
@@ -119,10 +122,17 @@ class KnowledgeBase:
 
     def statements(self) -> list[str]:
         return [
-            template.format(person=person, value=value)
+            RELATIONS[relation][1].format(person=person, value=value)
             for person, attributes in self.facts.items()
             for relation, value in attributes.items()
-            for template in RELATIONS[relation][1]
+        ]
+
+    def dialogues(self) -> list[str]:
+        """Every fact as a plain question and its short answer, the way a pretraining corpus has them."""
+        return [
+            DIALOGUE.format(question=RELATIONS[relation][2].format(person=person), answer=value)
+            for person, attributes in self.facts.items()
+            for relation, value in attributes.items()
         ]
 
     def question(self, person: str, relation: str, rng: random.Random) -> Question:
@@ -154,7 +164,8 @@ def make_knowledge_base(people: int, val_people: int, test_people: int, seed: in
 
 def build_tokenizer(kb: KnowledgeBase) -> Tokenizer:
     """A word-level tokenizer over exactly the task's words: every name and every value is one token."""
-    texts = kb.statements() + [q.prompt + " " + q.response for q in kb.questions(list(kb.facts), random.Random(0))]
+    questions = kb.questions(list(kb.facts), random.Random(0))
+    texts = kb.statements() + kb.dialogues() + [q.prompt + " " + q.response for q in questions]
     tokenizer = Tokenizer(models.WordLevel(unk_token="[unk]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, show_progress=False))
@@ -179,17 +190,18 @@ def pretraining_batches(tokenizer: Tokenizer, kb: KnowledgeBase, batch_size: int
     """Endless pretraining batches of documents, each ended by [eos], shuffled and packed into rows of up to
     ``length`` tokens (facts are learnt at every position and after any context, as in ordinary pretraining).
 
-    Each pass holds every statement, and one unanswered question per person (its text without the response): a
-    real pretrained model has seen every word of the prompt and response, and [eos], in running text, and these do
-    that without ever showing an answer.
+    Each pass holds every statement and dialogue, and unanswered questions (their text without the response) about
+    a quarter of the people: a real pretrained model has seen every word of the prompt and response, and [eos], in
+    running text, and these do that without ever showing an answer.
     """
     pad, eos = tokenizer.token_to_id("[pad]"), tokenizer.token_to_id("[eos]")
-    statements = [tokenizer.encode(s).ids + [eos] for s in kb.statements()]
+    facts = [tokenizer.encode(s).ids + [eos] for s in kb.statements() + kb.dialogues()]
     rows: list[tuple[list[int], int]] = []
     row: list[int] = []
     while True:
-        questions = [kb.question(person, rng.choice(list(RELATIONS)), rng).text for person in kb.facts]
-        documents = statements + [tokenizer.encode(q).ids + [eos] for q in questions]
+        people = rng.sample(list(kb.facts), len(kb.facts) // 4)
+        questions = [kb.question(person, rng.choice(list(RELATIONS)), rng).text for person in people]
+        documents = facts + [tokenizer.encode(q).ids + [eos] for q in questions]
         for document in rng.sample(documents, len(documents)):
             if len(row) + len(document) > length:
                 rows.append((row, 0))
@@ -274,7 +286,7 @@ def fact_recall(model: nn.Module, tokenizer: Tokenizer, kb: KnowledgeBase, devic
     prompts, truths = [], []
     for person, attributes in kb.facts.items():
         for relation, value in attributes.items():
-            prompts.append(RELATIONS[relation][1][0].split("{value}")[0].format(person=person).strip())
+            prompts.append(RELATIONS[relation][1].split("{value}")[0].format(person=person).strip())
             truths.append(value)
     texts = generate(model, tokenizer, prompts, 1, device)
     return sum(t.strip() == v for t, v in zip(texts, truths)) / len(truths)

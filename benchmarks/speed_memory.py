@@ -62,8 +62,8 @@ MODEL_SHAPES: dict[str, dict[str, int]] = {
 
 # Defaults per device: the CPU run finishes in a few minutes on 2 cores, the CUDA run in a few on one GPU.
 DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cpu": dict(model="small", dtype="float32", batch=4, seq=128, steps=3, warmup=2, repeats=5,
-                gen_batch=4, prompt_len=64, new_tokens=32, gen_repeats=3),
+    "cpu": dict(model="small", dtype="float32", batch=4, seq=128, steps=3, warmup=2, repeats=10,
+                gen_batch=4, prompt_len=64, new_tokens=32, gen_repeats=5),
     "cuda": dict(model="llama3-8b", dtype="bfloat16", batch=4, seq=512, steps=5, warmup=3, repeats=5,
                  gen_batch=4, prompt_len=128, new_tokens=64, gen_repeats=3),
 }
@@ -135,11 +135,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, help="Training sequence length.")
     parser.add_argument("--steps", type=int, help="Timed training steps per arm in each repeat.")
     parser.add_argument("--warmup", type=int, help="Untimed training steps per arm before the first repeat.")
-    parser.add_argument("--repeats", type=int, help="Rounds over the arms; each round runs the arms in a rotated order.")
+    parser.add_argument("--repeats", type=int, help="Rounds over the arms, each in a rotated order.")
     parser.add_argument("--gen-batch", type=int, help="Prompts generated from at once.")
     parser.add_argument("--prompt-len", type=int, help="Prompt length in tokens for generation.")
     parser.add_argument("--new-tokens", type=int, help="Tokens generated per prompt (greedy, always this many).")
     parser.add_argument("--gen-repeats", type=int, help="Timed generation rounds over the arms.")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default, one per "
+                        "core). On a CPU shared with other work, 1 avoids threads waiting on each other.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results",
                         help="Where speed_memory_<device>.json and .md are written.")
@@ -176,17 +178,13 @@ def build_arms(base: LlamaForCausalLM, args: argparse.Namespace, input_ids: torc
         base(inputs_embeds=embeds, labels=input_ids).loss.backward()
 
     arms = [Arm("base", "frozen base", base, frozen_step)]
-    adapter_configs = [
-        ("lora", f"LoRA r{args.rank}", LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGET_MODULES)),
-        ("denselora", f"DenseLoRA r{args.rank}",
-         DenseLoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGET_MODULES)),
-    ]
-    for key, label, config in adapter_configs:
+    for key, label, config_class in [("lora", "LoRA", LoraConfig), ("denselora", "DenseLoRA", DenseLoraConfig)]:
+        config = config_class(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGET_MODULES)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PEFT warns that a model it wraps has been wrapped before: the copy
             model = get_peft_model(sharing_copy(base), config)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        arms.append(Arm(key, label, model, adapter_step(model, optimizer, input_ids), optimizer))
+        arms.append(Arm(key, f"{label} r{args.rank}", model, adapter_step(model, optimizer, input_ids), optimizer))
     for arm in arms:
         arm.model.train()
     return arms
@@ -374,6 +372,8 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     machine = machine_description(device)
     log.info("Building the %s model (%s) on %s", args.model, args.dtype, device)
     base = build_base_model(args, device)

@@ -49,7 +49,6 @@ DENSELORA_PACKAGE = PACKAGE_DIR / "denselora"
 SPACE_TEMPLATE = PACKAGE_DIR / "space_template"
 SPACE_SETTINGS = "denselora_space.json"  # read by the Space's app.py
 
-INSTALL_COMMAND = "pip install denselora-studio"  # the project's package, which registers DenseLoRA with PEFT
 PAPER_URL = "https://arxiv.org/abs/2505.23808"
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -335,6 +334,12 @@ def _listing(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
+def _carry_method_package(target: Path) -> None:
+    """Copy the DenseLoRA method into ``target/denselora``: PEFT does not ship it, and DenseLoRA Studio is not needed
+    to load an adapter or run a Space that carries it."""
+    shutil.copytree(DENSELORA_PACKAGE, target / "denselora", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
 def _copy_adapter(run: Run, target: Path, base: BaseModel) -> bool:
     """Copy the PEFT adapter and any tokenizer files; returns whether a tokenizer came along."""
     for name in ADAPTER_FILES:
@@ -370,6 +375,8 @@ def build_model_repo(
     base = base_model_of(cfg, base_model)
     target = _target(run, out_dir, "model")
     has_tokenizer = _copy_adapter(run, target, base)
+    if cfg.method == "denselora":
+        _carry_method_package(target)
     has_curve = draw_loss_curve(run.metrics(), target / LOSS_CURVE)
     card = model_card(run, repo_id, base, has_tokenizer=has_tokenizer, loss_curve=LOSS_CURVE if has_curve else None)
     card.save(target / "README.md")
@@ -440,18 +447,25 @@ with sigma = `{{ activation }}`, r = {{ r }} and alpha = {{ alpha }}. Only E_t, 
 ```
 
 ```python
-import torch
+{% if denselora %}import sys
+
+{% endif %}import torch
+from huggingface_hub import snapshot_download
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-{% if denselora %}
-import denselora_app.denselora  # registers DenseLoRA (peft_type "DENSELORA") with PEFT
-{% endif %}
-base_model_id = "{{ base_model_id }}"{% if not base_hub_id %}  # the base model this adapter was trained on{% endif %}
-adapter_id = "{{ adapter_id }}"
 
-tokenizer = AutoTokenizer.from_pretrained({{ "adapter_id" if has_tokenizer else "base_model_id" }})
+base_model_id = "{{ base_model_id }}"{% if not base_hub_id %}  # the base model this adapter was trained on{% endif %}
+adapter_dir = snapshot_download("{{ adapter_id }}")
+{% if denselora %}
+# DenseLoRA is not built into PEFT: this repository carries the method as the package `denselora`, and importing
+# it registers DenseLoRA (peft_type "DENSELORA") with PEFT. With DenseLoRA Studio installed,
+# `import denselora_app.denselora` does the same.
+sys.path.insert(0, adapter_dir)
+import denselora  # noqa: E402,F401
+{% endif %}
+tokenizer = AutoTokenizer.from_pretrained({{ "adapter_dir" if has_tokenizer else "base_model_id" }})
 model = AutoModelForCausalLM.from_pretrained(base_model_id, dtype="auto")
-model = PeftModel.from_pretrained(model, adapter_id).eval()
+model = PeftModel.from_pretrained(model, adapter_dir).eval()
 
 {% if chat %}messages = [{"role": "user", "content": "Hello! What can you help me with?"}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -495,6 +509,7 @@ def model_card(run: Run, repo_id: str, base: BaseModel, *, has_tokenizer: bool, 
     """The model card: Hub metadata, what DenseLoRA is, a loading snippet, the training setup and results."""
     cfg = run.config()
     denselora = cfg.method == "denselora"
+    versions = _versions()
     data = ModelCardData(
         base_model=base.hub_id,
         library_name="peft",
@@ -518,7 +533,8 @@ def model_card(run: Run, repo_id: str, base: BaseModel, *, has_tokenizer: bool, 
         activation=cfg.activation,
         r=cfg.r,
         alpha=f"{cfg.alpha:g}",
-        install=INSTALL_COMMAND if denselora else "pip install peft transformers torch",
+        install=f'pip install torch "transformers>={versions["transformers"]}" "peft=={versions["peft"]}" huggingface_hub'
+        if denselora else "pip install torch transformers peft huggingface_hub",
         has_tokenizer=has_tokenizer,
         chat=has_tokenizer and _has_chat_template(run.adapter_dir),
         parameters=_parameters_line(run),
@@ -644,8 +660,7 @@ def build_space_repo(
     base = base_model_of(cfg, base_model)
     target = _target(run, out_dir, "space")
     shutil.copy2(SPACE_TEMPLATE / "app.py", target / "app.py")
-    # The method travels with the Space as the package `denselora`, so the Space needs no DenseLoRA Studio install.
-    shutil.copytree(DENSELORA_PACKAGE, target / "denselora", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    _carry_method_package(target)
     bundle_adapter = bundle_adapter or adapter_repo_id is None
     if bundle_adapter:
         (target / "adapter").mkdir()

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from accelerate import PartialState
 from peft import get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback
 
 from .config import SAMPLE_DATA, RunConfig
 from .data import SAMPLE_DATA as SAMPLE_DATA_FILE
@@ -109,7 +110,7 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> str:
     checkpoint = run.last_checkpoint() if resume else None
     if resume and state.is_main_process:
         run.truncate_metrics(after_step=int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
-    callback = RunCallback(run, trainable=trainable, total=base_parameters)
+    callback = RunCallback(run, trainable=trainable, total=base_parameters, echo=not show_progress)
     trainer = Trainer(
         model=peft_model,
         args=args,
@@ -118,6 +119,8 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> str:
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=[callback],
     )
+    if not show_progress:  # RunCallback logs a readable line instead of the Trainer's raw dictionaries
+        trainer.remove_callback(PrinterCallback)
     if _stop_requested(run):  # asked to stop while the model was loading
         return "stopped"
     started = time.time()
@@ -185,12 +188,16 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class RunCallback(TrainerCallback):
-    """Writes metrics.jsonl and status.json as training goes, and turns a stop request into a graceful stop."""
+    """Writes metrics.jsonl and status.json as training goes, and turns a stop request into a graceful stop.
 
-    def __init__(self, run: Run, trainable: int, total: int) -> None:
+    With ``echo``, each logged row is also logged as one readable line (the worker's train.log, the app's log pane).
+    """
+
+    def __init__(self, run: Run, trainable: int, total: int, echo: bool = False) -> None:
         self.run = run
         self.trainable = trainable
         self.total = total
+        self.echo = echo
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.session_start = time.time()
@@ -230,5 +237,23 @@ class RunCallback(TrainerCallback):
             time=now,
         )
         self.run.append_metrics(row)
+        if self.echo:
+            log.info("%s", metrics_line(row, state.max_steps))
         self.run.update_status(step=state.global_step, max_steps=state.max_steps, elapsed_seconds=elapsed,
                                remaining_seconds=remaining, heartbeat=now)
+
+
+def metrics_line(row: dict[str, Any], max_steps: int) -> str:
+    """One metrics row as a log line: ``step 40/60 | loss 1.2345 | lr 3.00e-04 | grad norm 0.512 | 1,071 tok/s``."""
+    parts = [f"step {row['step']}/{max_steps}"]
+    if "eval_loss" in row:
+        parts.append(f"validation loss {row['eval_loss']:.4f}")
+    if "loss" in row:
+        parts.append(f"loss {row['loss']:.4f}")
+    if "learning_rate" in row:
+        parts.append(f"lr {row['learning_rate']:.2e}")
+    if "grad_norm" in row:
+        parts.append(f"grad norm {row['grad_norm']:.3g}")
+    if "tokens_per_second" in row:
+        parts.append(f"{row['tokens_per_second']:,.0f} tok/s")
+    return " | ".join(parts)

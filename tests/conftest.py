@@ -29,6 +29,16 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -
     return LlamaForCausalLM(tiny_llama_config(**overrides)).to(dtype).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread: on a busy machine, waking a second one for each small op (GELU in
+    particular, ~2 ms a call) dominates."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def model() -> LlamaForCausalLM:
     return tiny_llama()

@@ -1,4 +1,4 @@
-"""The benchmark scripts in their smallest settings: they run, and write complete tables and JSON (no timings asserted)."""
+"""The benchmark scripts in their smallest settings: they run and write complete tables and JSON (timings unchecked)."""
 
 from __future__ import annotations
 

@@ -22,16 +22,8 @@ from denselora_app.runs import create_run
 PROMPT = "what is the capital of a country?"
 GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0, seed=0)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread: on a busy machine, waking a second one for each small op (GELU in
-    particular, ~2 ms a call) dominates."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def readable_tiny_llama():
     """A random tiny model that can only emit whole-word tokens (no byte pieces, no end token): its replies stream

@@ -11,7 +11,8 @@ from denselora_app.denselora.layer import dense_update, dense_update_for_trainin
 from conftest import tiny_llama
 
 
-def random_update_inputs(dtype: torch.dtype, tokens: tuple[int, ...] = (2, 5), d_in: int = 12, r: int = 4, d_out: int = 10):
+def random_update_inputs(dtype: torch.dtype, tokens: tuple[int, ...] = (2, 5), d_in: int = 12, r: int = 4,
+                         d_out: int = 10):
     generator = torch.Generator().manual_seed(0)
     shapes = [(*tokens, d_in), (r, d_in), (r, r), (d_out, r)]
     return [torch.randn(*shape, generator=generator, dtype=dtype).requires_grad_() for shape in shapes]
@@ -63,18 +64,29 @@ def test_fast_path_under_bf16_autocast_matches_the_formula():
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_fast_path_stores_no_output_wide_activation():
-    """Why the fast path exists: plain autograd keeps a (tokens x out) tensor for the outer activation, it doesn't."""
+def test_fast_path_stores_what_a_lora_update_stores():
+    """Why the fast path exists: plain autograd also keeps a (tokens x out) tensor and two more rank-r ones."""
     x, encoder, dense, decoder = random_update_inputs(torch.float32, tokens=(8,), d_in=12, r=2, d_out=50)
+    weights = {w.untyped_storage().data_ptr() for w in (encoder, dense, decoder)}
 
-    def saved_shapes(update) -> list[tuple[int, ...]]:
+    def saved_activations(update) -> list[tuple[int, ...]]:
         shapes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
-            update(x, encoder, dense, decoder, "gelu", 1.0)
-        return shapes
 
-    assert (8, 50) in saved_shapes(dense_update)
-    assert (8, 50) not in saved_shapes(dense_update_for_training)
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in weights:
+                shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            update()
+        return sorted(shapes)
+
+    plain = saved_activations(lambda: dense_update(x, encoder, dense, decoder, "gelu", 1.0))
+    fast = saved_activations(lambda: dense_update_for_training(x, encoder, dense, decoder, "gelu", 1.0))
+    # a LoRA update of the same rank and shapes: B(A(x)) * scaling
+    lora = saved_activations(lambda: torch.nn.functional.linear(torch.nn.functional.linear(x, encoder), decoder) * 1.0)
+    assert (8, 50) in plain and len(plain) > len(fast)
+    assert fast == lora == [(8, 2), (8, 12)]
 
 
 def model_loss_and_grads(peft_model: torch.nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:

@@ -109,6 +109,9 @@ def test_stop_then_resume_continues_the_step_count(tiny_model_dir, tiny_data, ru
     steps = [m["step"] for m in run.metrics() if "loss" in m]
     assert steps == list(range(1, steps[-1] + 1)), "steps must continue without gaps or repeats"
     assert steps[-1] > stopped_at
+    # The worker's log (the app's log pane) reads as one line per logged step, not raw dictionaries.
+    log = run.log_path.read_text()
+    assert f"step {stopped_at}/100000 | loss " in log and "{'loss'" not in log
 
 
 def test_a_killed_worker_is_reported_failed_and_its_checkpoints_load(tiny_model_dir, tiny_data, runs_root):

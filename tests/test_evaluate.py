@@ -33,16 +33,8 @@ from denselora_app.evaluate import (
 )
 from denselora_app.runs import Run, create_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread: on a busy machine, waking a second one for each small op (GELU in
-    particular, ~2 ms a call) dominates."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def question(style: str, n: int = 4, answer: int = 1) -> Question:
     choices = ("true", "false") if style == "boolean" else tuple(f"choice {c}" for c in "wxyzv"[:n])

@@ -140,11 +140,15 @@ def http_error(status: int) -> HfHubHTTPError:
 
 # ---- the model repository and its card ---------------------------------------------------------------------------
 
+# The adapter, its tokenizer, the loss curve, the card, and the DenseLoRA method it needs (PEFT does not ship it).
+MODEL_REPO_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
+                    "denselora/__init__.py", "denselora/config.py", "denselora/layer.py", "denselora/model.py",
+                    "loss_curve.png", "tokenizer.json", "tokenizer_config.json"]
+
 
 def test_model_repo_card_metadata_and_zip(embedded_run, local_run, runs_root, tmp_path):
     folder = build_model_repo(embedded_run, "alice/smol-denselora", tmp_path / "out", root=runs_root)
-    assert folder.files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
-                            "loss_curve.png", "tokenizer.json", "tokenizer_config.json"]
+    assert folder.files == MODEL_REPO_FILES
     card = ModelCard.load(folder.path / "README.md")
     meta = card.data.to_dict()
     assert meta["base_model"] == SMOL and meta["license"] == "apache-2.0"
@@ -196,8 +200,11 @@ def test_the_card_snippet_loads_the_exported_adapter_in_a_fresh_process(local_ru
     folder = build_model_repo(local_run, "alice/tiny-denselora", tmp_path / "export", root=runs_root)
     snippet = re.search(r"```python\n(.*?)```", (folder.path / "README.md").read_text(), re.S)[1]
     snippet = re.sub(r"(?m)^base_model_id = .*$", f"base_model_id = {str(app_model_dir)!r}", snippet)
-    snippet = re.sub(r"(?m)^adapter_id = .*$", f"adapter_id = {str(folder.path)!r}", snippet)
+    snippet = re.sub(r"(?m)^adapter_dir = snapshot_download\(\"alice/tiny-denselora\"\)$",
+                     f"adapter_dir = {str(folder.path)!r}", snippet)
     snippet += "print('generated', output.shape, type(model).__name__, model.peft_config['default'].peft_type.value)\n"
+    # The repository carries the method: loading needs PEFT, not DenseLoRA Studio.
+    snippet += "assert 'denselora_app' not in sys.modules, 'the snippet used the installed studio'\n"
     result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=180,
                             cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -214,8 +221,7 @@ def test_publish_makes_exactly_these_hub_calls_and_never_writes_the_token(local_
     result = publish_model(local_run, "alice/tiny-denselora", private=True, commit_message="First adapter",
                            root=runs_root, api=hub)
     folder = runs_root / local_run / "publish" / "model"
-    files = ["README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "loss_curve.png",
-             "tokenizer.json", "tokenizer_config.json"]
+    files = MODEL_REPO_FILES
     assert hub.calls == [
         ("whoami", {"token": SECRET}),
         ("create_repo", {"repo_id": "alice/tiny-denselora", "token": SECRET, "private": True, "repo_type": "model",

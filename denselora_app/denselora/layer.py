@@ -160,12 +160,12 @@ def dense_update_for_training(
 
 
 class _DenseUpdate(torch.autograd.Function):
-    """``dense_update`` with a hand-written backward that recomputes the decoder's output instead of storing it.
+    """``dense_update`` with a hand-written backward that stores what LoRA stores, and recomputes the rest.
 
     Plain autograd would keep ``D(M(h))`` (one value per output feature and token) for the outer activation's
-    backward: more memory than LoRA, whose stored activations are all rank-r wide. Here only ``x`` (already kept by
-    the frozen base layer), ``E x``, ``act(E x)`` and ``M act(E x)`` are stored, and the backward spends one extra
-    r-wide matmul to rebuild ``D(M(h))``. Gradients are the same as autograd's up to float rounding order.
+    backward, and two more rank-r tensors: more memory than LoRA, which keeps its input and one rank-r tensor. Here
+    only the input ``x`` and ``E x`` are stored; the backward rebuilds ``h = act(E x)``, ``M h`` and ``D(M h)`` at the
+    cost of two r-wide matmuls, small next to the layer's own. Gradients are autograd's up to float rounding order.
     """
 
     @staticmethod
@@ -178,21 +178,19 @@ class _DenseUpdate(torch.autograd.Function):
         activation: str,
         scaling: float,
     ) -> torch.Tensor:
-        act = ACTIVATIONS[activation]
         encoded = nn.functional.linear(x, encoder_weight)
-        hidden = act(encoded)
-        mixed = nn.functional.linear(hidden, dense_weight)
-        out = act(nn.functional.linear(mixed, decoder_weight)) * scaling
-        ctx.save_for_backward(x, encoded, hidden, mixed, encoder_weight, dense_weight, decoder_weight)
+        ctx.save_for_backward(x, encoded, encoder_weight, dense_weight, decoder_weight)
         ctx.activation, ctx.scaling = activation, scaling
-        return out
+        act = ACTIVATIONS[activation]
+        return act(nn.functional.linear(nn.functional.linear(act(encoded), dense_weight), decoder_weight)) * scaling
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, encoded, hidden, mixed, encoder_weight, dense_weight, decoder_weight = ctx.saved_tensors
-        act_grad = ACTIVATION_GRADS[ctx.activation]
+        x, encoded, encoder_weight, dense_weight, decoder_weight = ctx.saved_tensors
+        act, act_grad = ACTIVATIONS[ctx.activation], ACTIVATION_GRADS[ctx.activation]
         need_x, need_encoder, need_dense, need_decoder = ctx.needs_input_grad[:4]
-        # Through the outer activation, at the rebuilt decoder output.
+        hidden = act(encoded)
+        mixed = nn.functional.linear(hidden, dense_weight)
         grad_decoded = act_grad(grad * ctx.scaling, nn.functional.linear(mixed, decoder_weight))
         grad_decoder = _weight_grad(grad_decoded, mixed) if need_decoder else None
         grad_mixed = grad_decoded @ decoder_weight
