@@ -199,7 +199,7 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _hub_unreachable_reason() -> str | None:
+def hub_unreachable_reason() -> str | None:
     """Why the Hub cannot be used right now, or None when it answers."""
     # huggingface_hub reads HF_HUB_OFFLINE once, at import, so the environment is checked here too.
     if _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE") or hub_constants.HF_HUB_OFFLINE:
@@ -214,7 +214,7 @@ def _hub_unreachable_reason() -> str | None:
 def _resolve_hub(repo_id: str) -> str:
     """The Hub id when the Hub answers and has the model; offline, the model's folder in the local Hub cache."""
     not_local = f"(There is no local folder named {repo_id!r} either.)"
-    reason = _hub_unreachable_reason()
+    reason = hub_unreachable_reason()
     if reason is not None:
         try:
             folder = snapshot_download(repo_id, local_files_only=True)

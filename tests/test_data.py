@@ -467,7 +467,8 @@ def test_unsupported_file_type_and_folder(tmp_path, tokenizer):
         prepare_data(str(tmp_path), tokenizer)
 
 
-def test_hub_dataset_offline_says_to_upload_a_file(tokenizer, monkeypatch):
+def test_hub_dataset_with_the_connection_dropping_says_to_upload_a_file(tokenizer, monkeypatch):
+    monkeypatch.setattr(D, "hub_unreachable_reason", lambda: None)  # the Hub answered the probe, then went away
     calls = []
 
     def offline(name, split):
@@ -482,7 +483,30 @@ def test_hub_dataset_offline_says_to_upload_a_file(tokenizer, monkeypatch):
     assert calls == [("owner/set", "validation"), ("teknium/OpenHermes-2.5", "train")]
 
 
+def test_an_unreachable_hub_is_named_at_once_without_waiting_for_datasets(tokenizer, monkeypatch, tmp_path):
+    monkeypatch.setattr(D, "hub_unreachable_reason", lambda: "https://huggingface.co did not answer")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("must not wait for the Hub"))
+    with pytest.raises(DataError, match=r"unreachable \(https://huggingface.co did not answer\) and the dataset is "
+                                        r"not in the local Hugging Face cache - upload a data file instead"):
+        prepare_data("owner/set", tokenizer)
+
+
+def test_an_unreachable_hub_uses_the_cached_copy_of_a_dataset(tokenizer, monkeypatch, tmp_path):
+    cache = tmp_path / "hub-cache"
+    snapshot = cache / "datasets--owner--set" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (cache / "datasets--owner--set" / "refs").mkdir()
+    (cache / "datasets--owner--set" / "refs" / "main").write_text("0123abcd")
+    (snapshot / "train.jsonl").write_text(json.dumps({"instruction": "a?", "input": "", "output": "b"}) + "\n")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(D, "hub_unreachable_reason", lambda: "offline mode is on")
+    report = prepare_data("owner/set", tokenizer).report
+    assert (report.source, report.format, report.rows_used) == ("owner/set", "alpaca", 1)
+
+
 def test_hub_dataset_rows_are_used(tokenizer, monkeypatch):
+    monkeypatch.setattr(D, "hub_unreachable_reason", lambda: None)
     rows = [{"instruction": "a?", "input": "", "output": "b"}] * 4
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(rows))
     report = prepare_data("tatsu-lab/alpaca", tokenizer).report

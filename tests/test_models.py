@@ -231,7 +231,7 @@ def test_hub_unreachable_uses_the_local_hub_cache(offline, monkeypatch, tiny_dir
 
 def test_unknown_hub_model(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(models, "_hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: None)
 
     def not_found(repo_id, filename, **kwargs):
         response = httpx2.Response(404, request=httpx2.Request("HEAD", f"https://huggingface.co/{repo_id}"))
