@@ -99,24 +99,25 @@ class Linear(nn.Module, DenseLoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **update_kwargs)
 
-    def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """The adapter's additive update for input ``x``, in the adapter's dtype (or autocast's, under autocast)."""
+    def add_update(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``result`` plus the adapter's update for input ``x``; the update is computed in the adapter's dtype (or
+        autocast's) and added in ``result``'s."""
         encoder, decoder = self.shared[adapter_name]
         x = self.denselora_dropout[adapter_name](self._cast_input_dtype(x, encoder.weight.dtype))
         weights = (encoder.weight, self.denselora_M[adapter_name].weight, decoder.weight)
         activation, scaling = self.activation[adapter_name], self.scaling[adapter_name]
-        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
-            return dense_update_for_training(x, *weights, activation, scaling)
-        return dense_update(x, *weights, activation, scaling)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, *weights)):
+            return add_dense_update(result, x, *weights, activation, scaling)
+        # Scaling inside the add: one pass over the output-wide tensor instead of two.
+        return torch.add(result, dense_update(x, *weights, activation, 1.0).to(result.dtype), alpha=scaling)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
-        result_dtype = result.dtype
         for adapter_name in self.active_adapters:
             if adapter_name in self.denselora_M:
-                result = result + self.delta(x, adapter_name).to(result_dtype)
+                result = self.add_update(result, x, adapter_name)
         return result
 
     def __repr__(self) -> str:
@@ -137,7 +138,8 @@ def dense_update(
     return act(nn.functional.linear(nn.functional.linear(hidden, dense_weight), decoder_weight)) * scaling
 
 
-def dense_update_for_training(
+def add_dense_update(
+    result: torch.Tensor,
     x: torch.Tensor,
     encoder_weight: torch.Tensor,
     dense_weight: torch.Tensor,
@@ -145,10 +147,12 @@ def dense_update_for_training(
     activation: str,
     scaling: float,
 ) -> torch.Tensor:
-    """``dense_update`` with a backward pass that stores only rank-r activations (see ``_DenseUpdate``).
+    """``result + dense_update(x, ...)`` for training: a backward pass that stores only what LoRA stores (see
+    ``_DenseAdd``), and the scaling applied where it costs least.
 
-    Under autocast everything is cast to autocast's dtype first, as autocast itself would for these matmuls, so the
-    custom backward sees one dtype throughout; autograd casts the weights' gradients back to their own dtype.
+    Under autocast the update's inputs are cast to autocast's dtype first, as autocast itself would for these
+    matmuls, so the custom backward sees one dtype throughout; autograd casts the weights' gradients back to their
+    own dtype.
     """
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -156,21 +160,24 @@ def dense_update_for_training(
             t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
             for t in (x, encoder_weight, dense_weight, decoder_weight)
         )
-    return _DenseUpdate.apply(x, encoder_weight, dense_weight, decoder_weight, activation, scaling)
+    return _DenseAdd.apply(result, x, encoder_weight, dense_weight, decoder_weight, activation, scaling)
 
 
-class _DenseUpdate(torch.autograd.Function):
-    """``dense_update`` with a hand-written backward that stores what LoRA stores, and recomputes the rest.
+class _DenseAdd(torch.autograd.Function):
+    """``result + dense_update(x, ...)`` with a hand-written backward that stores what LoRA stores.
 
     Plain autograd would keep ``D(M(h))`` (one value per output feature and token) for the outer activation's
     backward, and two more rank-r tensors: more memory than LoRA, which keeps its input and one rank-r tensor. Here
     only the input ``x`` and ``E x`` are stored; the backward rebuilds ``h = act(E x)``, ``M h`` and ``D(M h)`` at the
-    cost of two r-wide matmuls, small next to the layer's own. Gradients are autograd's up to float rounding order.
+    cost of two r-wide matmuls, small next to the layer's own. The scaling is folded into the add going forward and
+    into r-wide tensors going back, so no output-wide tensor is multiplied by it. Gradients are autograd's up to
+    float rounding order.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
+        result: torch.Tensor,
         x: torch.Tensor,
         encoder_weight: torch.Tensor,
         dense_weight: torch.Tensor,
@@ -182,23 +189,24 @@ class _DenseUpdate(torch.autograd.Function):
         ctx.save_for_backward(x, encoded, encoder_weight, dense_weight, decoder_weight)
         ctx.activation, ctx.scaling = activation, scaling
         act = ACTIVATIONS[activation]
-        return act(nn.functional.linear(nn.functional.linear(act(encoded), dense_weight), decoder_weight)) * scaling
+        update = act(nn.functional.linear(nn.functional.linear(act(encoded), dense_weight), decoder_weight))
+        return torch.add(result, update.to(result.dtype), alpha=scaling)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, encoded, encoder_weight, dense_weight, decoder_weight = ctx.saved_tensors
         act, act_grad = ACTIVATIONS[ctx.activation], ACTIVATION_GRADS[ctx.activation]
-        need_x, need_encoder, need_dense, need_decoder = ctx.needs_input_grad[:4]
+        need_result, need_x, need_encoder, need_dense, need_decoder = ctx.needs_input_grad[:5]
         hidden = act(encoded)
         mixed = nn.functional.linear(hidden, dense_weight)
-        grad_decoded = act_grad(grad * ctx.scaling, nn.functional.linear(mixed, decoder_weight))
-        grad_decoder = _weight_grad(grad_decoded, mixed) if need_decoder else None
-        grad_mixed = grad_decoded @ decoder_weight
+        grad_decoded = act_grad(grad.to(encoded.dtype), nn.functional.linear(mixed, decoder_weight))
+        grad_decoder = _weight_grad(grad_decoded, mixed).mul_(ctx.scaling) if need_decoder else None
+        grad_mixed = (grad_decoded @ decoder_weight).mul_(ctx.scaling)
         grad_dense = _weight_grad(grad_mixed, hidden) if need_dense else None
         grad_encoded = act_grad(grad_mixed @ dense_weight, encoded)
         grad_encoder = _weight_grad(grad_encoded, x) if need_encoder else None
         grad_x = grad_encoded @ encoder_weight if need_x else None
-        return grad_x, grad_encoder, grad_dense, grad_decoder, None, None
+        return grad if need_result else None, grad_x, grad_encoder, grad_dense, grad_decoder, None, None
 
 
 def _weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
