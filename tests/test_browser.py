@@ -99,6 +99,9 @@ def test_the_train_and_runs_tabs_end_to_end(browser, tmp_path, app_model_dir):
         # Opens ready for a CPU-only first run: the embedded default model and the sample data.
         expect(textbox(page, "cfg-model")).to_have_value("embedded:SmolLM2-135M-Instruct")
         expect(textbox(page, "cfg-data")).to_have_value("sample:studio_facts")
+        # Advanced settings open now: gradio mounts their fields on first open, and a value typed into a field in
+        # the instant it mounts can be lost; a person never types that fast, a test does.
+        page.locator("#advanced button").first.click()
 
         # The model: a local folder, checked.
         textbox(page, "cfg-model").fill(str(app_model_dir))
@@ -137,14 +140,17 @@ def test_the_train_and_runs_tabs_end_to_end(browser, tmp_path, app_model_dir):
         set_number(page, "cfg-batch_size", "2")
         set_number(page, "cfg-cutoff_len", "64")
         set_number(page, "cfg-val_size", "2")
-        page.locator("#advanced button").first.click()
         set_number(page, "cfg-eval_steps", "5")
         set_number(page, "cfg-save_steps", "1000")
+        for elem_id, value in (("cfg-max_steps", "100000"), ("cfg-eval_steps", "5"), ("cfg-save_steps", "1000")):
+            expect(page.locator(f"#{elem_id} input[type=number]").first).to_have_value(value)
         shoot(page, "train-tab.png")
 
         page.locator("#start").click()
         expect(page.locator("#start-message")).to_contain_text("Started run")
         run_id = page.locator("#start-message code").first.inner_text()
+        started = RunConfig.from_yaml(app.runs / run_id / "config.yaml")
+        assert (started.r, started.max_steps, started.eval_steps, started.save_steps) == (8, 100000, 5, 1000)
         expect(page.locator("#run-header")).to_contain_text("running")
         page.wait_for_function("() => document.querySelectorAll('#loss-plot g.mark-symbol path').length >= 4")
         seen = line_points(page, "loss-plot")
