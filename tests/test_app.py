@@ -173,7 +173,14 @@ def test_model_check_parameter_line_and_data_preview(client, app, app_model_dir,
     assert forced[0]["visible"] and "instruction" in forced[0]["value"]
 
 
-def test_start_watch_refuse_stop_and_the_runs_tab(client, app, app_model_dir, app_data_file):
+@pytest.fixture
+def workers_stopped_after(app):
+    """A test failing halfway must not leave its worker training into the next test, which would find that run."""
+    yield
+    stop_workers(app.runs)
+
+
+def test_start_watch_refuse_stop_and_the_runs_tab(client, app, app_model_dir, app_data_file, workers_stopped_after):
     refused, _ = client.predict(**tiny_settings(app_model_dir, data=str(app_data_file), batch_size=0),
                                 api_name="/start")
     assert refused.startswith("⚠️ Not started") and "batch_size must be at least 1" in refused
