@@ -35,10 +35,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from .models import hub_unreachable_reason
+from .models import HubUnreachable, cached_copy_if_offline
 
 log = logging.getLogger(__name__)
 
@@ -322,19 +321,15 @@ def _read_txt(path: Path) -> _Source:
 def _read_hub(source: str) -> _Source:
     name, _, split = source.partition(":")
     split = split or "train"
-    location = name
-    # Asked first, in a fraction of a second: left to itself, datasets retries for ~20 s before giving up offline.
-    reason = hub_unreachable_reason()
-    if reason is not None:
-        try:
-            location = snapshot_download(name, repo_type="dataset", local_files_only=True)
-        except LocalEntryNotFoundError:
-            raise DataError(
-                f"cannot download Hub dataset '{name}': the network is unreachable ({reason}) and the dataset is "
-                f"not in the local Hugging Face cache - upload a data file instead ({', '.join(FILE_TYPES)}), or "
-                "check the path if you meant a local file"
-            ) from None
-        log.warning("The Hugging Face Hub is unreachable (%s); using the cached copy of %s.", reason, name)
+    # Offline, datasets itself would retry for ~20 s before giving up.
+    try:
+        location = cached_copy_if_offline(name, repo_type="dataset") or name
+    except HubUnreachable as offline:
+        raise DataError(
+            f"cannot download Hub dataset '{name}': the network is unreachable ({offline.reason}) and the dataset "
+            f"is not in the local Hugging Face cache - upload a data file instead ({', '.join(FILE_TYPES)}), or "
+            "check the path if you meant a local file"
+        ) from None
     try:
         dataset = datasets.load_dataset(location, split=split)
     except datasets.exceptions.DatasetNotFoundError as e:

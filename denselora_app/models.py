@@ -211,19 +211,39 @@ def hub_unreachable_reason() -> str | None:
     return None
 
 
+class HubUnreachable(Exception):
+    """The Hub does not answer and the local Hugging Face cache has no copy of the repository; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def cached_copy_if_offline(repo_id: str, repo_type: str = "model") -> str | None:
+    """None when the Hub answers. When it does not: the folder of ``repo_id`` in the local Hugging Face cache, or
+    HubUnreachable when there is none (asked up front, so offline use never waits on the Hub client's retries)."""
+    reason = hub_unreachable_reason()
+    if reason is None:
+        return None
+    try:
+        folder = snapshot_download(repo_id, repo_type=repo_type, local_files_only=True)
+    except LocalEntryNotFoundError:
+        raise HubUnreachable(reason) from None
+    logger.warning("The Hugging Face Hub is unreachable (%s); using the cached copy of %s.", reason, repo_id)
+    return folder
+
+
 def _resolve_hub(repo_id: str) -> str:
     """The Hub id when the Hub answers and has the model; offline, the model's folder in the local Hub cache."""
     not_local = f"(There is no local folder named {repo_id!r} either.)"
-    reason = hub_unreachable_reason()
-    if reason is not None:
-        try:
-            folder = snapshot_download(repo_id, local_files_only=True)
-        except LocalEntryNotFoundError:
-            raise ModelLoadError(
-                f"The Hugging Face Hub is unreachable ({reason}), and {repo_id!r} is not in the local Hugging Face "
-                f"cache. {_ALTERNATIVES}; or connect to the internet and try again. {not_local}"
-            ) from None
-        logger.warning("The Hugging Face Hub is unreachable (%s); using the cached copy of %s.", reason, repo_id)
+    try:
+        folder = cached_copy_if_offline(repo_id)
+    except HubUnreachable as offline:
+        raise ModelLoadError(
+            f"The Hugging Face Hub is unreachable ({offline.reason}), and {repo_id!r} is not in the local Hugging "
+            f"Face cache. {_ALTERNATIVES}; or connect to the internet and try again. {not_local}"
+        ) from None
+    if folder is not None:
         return folder
     try:
         hf_hub_download(repo_id, "config.json", etag_timeout=_HUB_PROBE_TIMEOUT_S)

@@ -533,8 +533,8 @@ def model_card(run: Run, repo_id: str, base: BaseModel, *, has_tokenizer: bool, 
         activation=cfg.activation,
         r=cfg.r,
         alpha=f"{cfg.alpha:g}",
-        install=f'pip install torch "transformers>={versions["transformers"]}" "peft=={versions["peft"]}" huggingface_hub'
-        if denselora else "pip install torch transformers peft huggingface_hub",
+        install=(f'pip install torch "transformers>={versions["transformers"]}" "peft=={versions["peft"]}" '
+                 "huggingface_hub") if denselora else "pip install torch transformers peft huggingface_hub",
         has_tokenizer=has_tokenizer,
         chat=has_tokenizer and _has_chat_template(run.adapter_dir),
         parameters=_parameters_line(run),

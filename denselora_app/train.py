@@ -243,17 +243,18 @@ class RunCallback(TrainerCallback):
                                remaining_seconds=remaining, heartbeat=now)
 
 
+# How each metrics field reads in a log line, in this order.
+_LINE_FORMATS = (
+    ("eval_loss", "validation loss {:.4f}"),
+    ("loss", "loss {:.4f}"),
+    ("learning_rate", "lr {:.2e}"),
+    ("grad_norm", "grad norm {:.3g}"),
+    ("tokens_per_second", "{:,.0f} tok/s"),
+)
+
+
 def metrics_line(row: dict[str, Any], max_steps: int) -> str:
     """One metrics row as a log line: ``step 40/60 | loss 1.2345 | lr 3.00e-04 | grad norm 0.512 | 1,071 tok/s``."""
     parts = [f"step {row['step']}/{max_steps}"]
-    if "eval_loss" in row:
-        parts.append(f"validation loss {row['eval_loss']:.4f}")
-    if "loss" in row:
-        parts.append(f"loss {row['loss']:.4f}")
-    if "learning_rate" in row:
-        parts.append(f"lr {row['learning_rate']:.2e}")
-    if "grad_norm" in row:
-        parts.append(f"grad norm {row['grad_norm']:.3g}")
-    if "tokens_per_second" in row:
-        parts.append(f"{row['tokens_per_second']:,.0f} tok/s")
+    parts += [fmt.format(row[key]) for key, fmt in _LINE_FORMATS if key in row]
     return " | ".join(parts)

@@ -71,7 +71,8 @@ def test_fidelity_writes_every_arm_with_its_seeds(tmp_path, capsys):
         assert arm["accuracy_min"] <= arm["accuracy_mean"] <= arm["accuracy_max"]
         assert arm["trainable_params"] > 0 and arm["lr"] in (1e-3, 3e-3)
     assert results["arms"]["DenseLoRA r16"]["trainable_params"] < results["arms"]["LoRA r16"]["trainable_params"]
-    assert [(e["arm"], e["lr"]) for e in results["lr_sweep"]] == [(label, lr) for label in labels for lr in (1e-3, 3e-3)]
+    swept = [(e["arm"], e["lr"]) for e in results["lr_sweep"]]
+    assert swept == [(label, lr) for label in labels for lr in (1e-3, 3e-3)]
     assert "pretrained base, no adapter" in markdown
     assert 0.0 <= results["pretraining"]["fact_recall"] <= 1.0
 

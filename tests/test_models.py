@@ -225,7 +225,7 @@ def test_hub_unreachable_without_offline_mode(monkeypatch):
 
 
 def test_hub_unreachable_uses_the_local_hub_cache(offline, monkeypatch, tiny_dir):
-    monkeypatch.setattr(models, "snapshot_download", lambda repo_id, local_files_only: str(tiny_dir))
+    monkeypatch.setattr(models, "snapshot_download", lambda repo_id, repo_type, local_files_only: str(tiny_dir))
     assert ensure_local("org/cached-model") == str(tiny_dir)
 
 
