@@ -43,19 +43,19 @@ from transformers import (
 
 from . import denselora  # noqa: F401  (registers DenseLoRA with PEFT, so its adapters load)
 from . import models
-from .config import ConfigError
+from .config import ConfigError, StudioError
 from .data import RowError, plain_chat_segments, render_chat
-from .runs import ACTIVE_STATES, RUN_ID_PATTERN, Run, RunError, get_run, list_runs, runs_dir
+from .rules import hub_id
+from .runs import ADAPTER_CONFIG, RUN_ID_PATTERN, Run, RunError, get_run, list_runs, run_holding, runs_dir
 
 log = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
 _ROLES = ("system", "user", "assistant")
 _MEMORY_HEADROOM = 1.2  # weights plus room for activations and the KV cache while generating
 _GB = 1024**3
 
 
-class ChatError(RuntimeError):
+class ChatError(StudioError, RuntimeError):
     """An adapter or base model that cannot be chatted with; the message says why and what to do instead."""
 
 
@@ -79,22 +79,12 @@ class AdapterRef:
         return Run(Path(self.run_dir)) if self.run_dir else None
 
 
-def list_checkpoints(run: Run) -> list[int]:
-    """Step numbers of the run's complete checkpoints (the Trainer writes trainer_state.json last)."""
-    steps = []
-    for folder in run.checkpoints_dir.glob("checkpoint-*"):
-        step = folder.name.rpartition("-")[2]
-        if step.isdigit() and (folder / "trainer_state.json").exists() and (folder / ADAPTER_CONFIG).exists():
-            steps.append(int(step))
-    return sorted(steps)
-
-
 def available_adapters(root: Path | None = None) -> list[AdapterRef]:
     """Every adapter the runs folder holds, newest run first: each run's final adapter, then its checkpoints."""
     refs = []
     for run in list_runs(root):
-        options: list[int | None] = [None] if (run.adapter_dir / ADAPTER_CONFIG).exists() else []
-        for checkpoint in options + list(reversed(list_checkpoints(run))):
+        options: list[int | None] = [None] if run.has_adapter() else []
+        for checkpoint in options + list(reversed(run.checkpoints())):
             try:
                 refs.append(_run_ref(run, checkpoint))
             except ChatError as err:  # one broken run must not hide the others
@@ -121,7 +111,7 @@ def resolve_adapter(ref: str, checkpoint: int | None = None, root: Path | None =
                 if checkpoint is not None and checkpoint != checkpoint_of_folder:
                     raise ChatError(f"{ref!r} is checkpoint {checkpoint_of_folder}, not checkpoint {checkpoint}.")
                 checkpoint = checkpoint_of_folder
-        elif ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
+        elif hub_id(ref, namespaced=True):
             if checkpoint is not None:
                 raise ChatError(f"--checkpoint only applies to runs, and {ref!r} is not a run.")
             return _hub_ref(ref, root)
@@ -182,11 +172,11 @@ def _run_ref(run: Run, checkpoint: int | None) -> AdapterRef:
         cfg = run.config()
     except ConfigError as err:
         raise ChatError(f"Run {run.id} has an unreadable config.yaml: {err}") from None
-    steps = list_checkpoints(run)
+    steps = run.checkpoints()
     if checkpoint is None:
         folder, label = run.adapter_dir, run.id
-        if not (folder / ADAPTER_CONFIG).exists():
-            state = run.status().get("state", "unknown")
+        if not run.has_adapter():
+            state = run.status().state
             hint = (f"chat with one of its checkpoints instead: {', '.join(map(str, steps))}" if steps
                     else "it has no checkpoints yet either")
             raise ChatError(f"Run {run.id} has no final adapter yet (state: {state}); {hint}.")
@@ -194,7 +184,7 @@ def _run_ref(run: Run, checkpoint: int | None) -> AdapterRef:
         if checkpoint not in steps:
             have = f"its checkpoints are: {', '.join(map(str, steps))}" if steps else "it has no checkpoints"
             raise ChatError(f"Run {run.id} has no checkpoint {checkpoint}; {have}.")
-        folder, label = run.checkpoints_dir / f"checkpoint-{checkpoint}", f"{run.id} @ checkpoint-{checkpoint}"
+        folder, label = run.checkpoint_dir(checkpoint), f"{run.id} @ checkpoint-{checkpoint}"
     adapter_config = _read_adapter_config(folder)
     # The run's own model spec, not the adapter's base_model_name_or_path: that is often a machine-specific cache
     # folder (the embedded default is trained from its converted copy).
@@ -232,22 +222,11 @@ def _hub_ref(repo_id: str, root: Path | None) -> AdapterRef:
 
 
 def training_notice(device: torch.device, root: Path | None = None) -> str | None:
-    """A sentence naming the runs training on ``device`` right now, or None when it is free."""
-    busy = []
-    for run in list_runs(root):
-        status = run.status()
-        if status.get("state") not in ACTIVE_STATES:
-            continue
-        try:
-            requested = status.get("device_request") or run.config().device
-            run_device = models.resolve_device(requested)
-        except (ConfigError, ValueError):
-            continue
-        if run_device == device:
-            busy.append(run.id)
-    if not busy:
+    """A sentence naming the run training on ``device`` right now, or None when it is free."""
+    busy = run_holding(str(device), root)
+    if busy is None:
         return None
-    return (f"Run {', '.join(busy)} is training on {device}: chat shares the device with it, so replies are slower "
+    return (f"Run {busy.id} is training on {device}: chat shares the device with it, so replies are slower "
             "and both need memory.")
 
 

@@ -1,15 +1,20 @@
 """The command line: ``python -m denselora_app <command>`` (also installed as ``denselora``).
 
-    train CONFIG.yaml [--set key=value ...] [--background]   train (foreground with a progress bar by default)
-    runs                                                      list runs with state, method, rank, trainable %, loss
-    stop RUN                                                  graceful stop: checkpoint + adapter, state 'stopped'
-    resume RUN [--background]                                 continue a stopped or failed run from its checkpoint
-    chat RUN_OR_ADAPTER --prompt TEXT [--compare] [...]       stream a reply (--compare: the base's, then the adapter's)
-    eval RUN_OR_ADAPTER... [--data FILE] [--mode M] [...]     accuracy, loss and perplexity: base vs adapter
+    train CONFIG.yaml [--set key=value ...] [--background] [--share-device]
+                                                  train (foreground with a progress bar by default)
+    runs                                          list runs with state, method, rank, trainable %, loss
+    stop RUN                                      graceful stop: checkpoint + adapter, state 'stopped'
+    resume RUN [--background] [--share-device]    continue a stopped or failed run from its last checkpoint
+    delete RUN [--yes]                            delete a run that is not training (asks first)
+    chat RUN_OR_ADAPTER --prompt TEXT [--compare] [...]   stream a reply (--compare: the base's, then the adapter's)
+    eval RUN_OR_ADAPTER... [--data FILE] [--mode M] [...] accuracy, loss and perplexity: base vs adapter
     publish RUN --repo-id USER/NAME [--private] [--dry-run OUT_DIR] [--message MSG] [--base-model HUB_ID]
-            [--space USER/NAME [--space-dir DIR]]             upload the adapter (and a demo Space) to the Hub
+            [--space USER/NAME [--space-dir DIR]]         upload the adapter (and a demo Space) to the Hub
 
-``train`` also runs under ``torchrun --nproc_per_node N -m denselora_app train ...`` and ``accelerate launch``.
+Every command takes ``--debug``, which also prints the Python traceback of an error; without it an expected
+problem (a bad config value, missing data, a busy device, ...) is one paragraph saying what to do, with exit
+status 2. ``train`` also runs under ``torchrun --nproc_per_node N -m denselora_app train ...`` and
+``accelerate launch``.
 """
 
 from __future__ import annotations
@@ -18,75 +23,104 @@ import argparse
 import logging
 import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
-from .config import ConfigError, RunConfig
-from .runs import (
-    Run,
-    RunError,
-    check_resumable,
-    create_run,
-    get_run,
-    list_runs,
-    request_stop,
-    resume,
-    start_worker,
-)
+from .config import RunConfig, StudioError
+from .runs import LOG_FORMAT, Run, RunError, delete_run, get_run, list_runs, request_stop
 
 log = logging.getLogger("denselora_app")
+
+
+class UserError(StudioError):
+    """An expected problem that was already explained to the user; main() exits with ``code``."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _setup_logging(log_file: Path | None = None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+class _HideTracebacks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .worker import TRACEBACK
+
+        return not getattr(record, TRACEBACK, False)
+
+
+def _setup_logging(log_file: Path | None = None, debug: bool = False) -> None:
+    """Our messages on the terminal (tracebacks only with --debug); everything in ``log_file`` when given."""
+    terminal = logging.StreamHandler(sys.stderr)
+    if not debug:
+        terminal.addFilter(_HideTracebacks())
+    handlers: list[logging.Handler] = [terminal]
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        handlers=handlers, force=True)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=handlers, force=True)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .launch import launch
+
     cfg = RunConfig.from_yaml(args.config).with_overrides(args.set or [])
     if args.background:
-        run = create_run(cfg)
-        start_worker(run)
-        print(f"Started run {run.id} in the background.\n  folder: {run.path}\n  follow: tail -f {run.log_path}")
+        run = launch(cfg, background=True, share_device=args.share_device)
+        print(f"Started run {run.id} in the background.\n  folder: {run.path}\n  follow: tail -f {run.log_path}\n"
+              f"  stop:   python -m denselora_app stop {run.id}")
         return 0
-    return _foreground(_create_run_on_all_ranks(cfg), resume=False)
-
-
-def _create_run_on_all_ranks(cfg: RunConfig) -> Run:
-    """Rank 0 creates the run folder; under torchrun the other ranks are told which one."""
     if not _distributed():
-        return create_run(cfg)
+        return _foreground(launch(cfg, background=False, share_device=args.share_device), args)
+    return _foreground(_launch_on_all_ranks(cfg, args.share_device), args)
+
+
+def _launch_on_all_ranks(cfg: RunConfig, share_device: bool) -> Run:
+    """Rank 0 checks and creates the run folder; under torchrun the other ranks are told which one, or why not."""
     import torch.distributed as dist
 
+    from .launch import LaunchError, launch, run_device
     from .train import process_state
 
+    run_device(cfg.device)  # a device this machine lacks is refused before the process group needs it
     state = process_state(cfg.device)
-    holder = [str(create_run(cfg).path) if state.is_main_process else None]
+    holder: list[str | None] = [None]
+    if state.is_main_process:
+        try:
+            holder[0] = "run:" + str(launch(cfg, background=False, share_device=share_device).path)
+        except LaunchError as err:
+            holder[0] = "error:" + str(err)
     dist.broadcast_object_list(holder, src=0)
-    return Run(Path(holder[0]))
+    kind, _, value = str(holder[0]).partition(":")
+    if kind == "error":
+        raise UserError(value if state.is_main_process else f"rank 0 refused the run: {value}")
+    return Run(Path(value))
 
 
-def _foreground(run: Run, resume: bool) -> int:
+def _foreground(run: Run, args: argparse.Namespace, resume: bool = False) -> int:
     from .worker import execute
 
-    _setup_logging(run.log_path)
+    _setup_logging(run.log_path, debug=args.debug)
     log.info("Run %s: %s", run.id, run.path)
     try:
         state = execute(run, resume=resume, show_progress=True)
     except KeyboardInterrupt:
         print(f"\nInterrupted. Resume with: python -m denselora_app resume {run.id}", file=sys.stderr)
         return 130
-    except Exception:  # noqa: BLE001  (execute logged the traceback and recorded the failure)
+    except Exception:  # noqa: BLE001  (execute logged the traceback to train.log and recorded the failure)
         status = run.status()
-        print(f"\nRun {run.id} failed: {status.get('error')}\nFix: {status.get('fix')}", file=sys.stderr)
+        print(f"\nRun {run.id} failed: {status.error}\nFix: {status.fix}\nThe full error is in {run.log_path}"
+              + ("" if args.debug else " (or run again with --debug)."), file=sys.stderr)
         return 1
-    print(f"\nRun {run.id} {state}. Your adapter is in {run.adapter_dir}")
+    status = run.status()
+    if status.note:
+        print(f"\n{status.note}")
+    if run.has_adapter():
+        print(f"\nRun {run.id} {state}. Your adapter is in {run.adapter_dir}")
+    else:
+        print(f"\nRun {run.id} {state}; it saved no adapter.")
     return 0
 
 
@@ -95,45 +129,65 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not runs:
         print("No runs yet. Start one with: python -m denselora_app train presets/quickstart-cpu.yaml")
         return 0
-    header = f"{'RUN':40} {'STATE':10} {'METHOD':9} {'R':>4} {'TRAIN%':>8} {'STEP':>11} {'LOSS':>8} {'VAL':>8}"
-    print(header)
+    print(f"{'RUN':40} {'STATE':10} {'METHOD':9} {'R':>4} {'TRAIN%':>8} {'STEP':>11} {'LOSS':>8} {'VAL':>8}")
     for run in runs:
         print(_run_line(run))
     return 0
 
 
 def _run_line(run: Run) -> str:
-    status, cfg = run.status(), run.config()
-    metrics = run.metrics()
-    losses = [m["loss"] for m in metrics if "loss" in m]
-    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
-    trainable, total = status.get("trainable_parameters"), status.get("total_parameters")
-    percent = f"{100 * trainable / total:.4f}" if trainable and total else "-"
-    step = f"{status.get('step', 0)}/{status.get('max_steps', '?')}"
-    loss = f"{losses[-1]:.4f}" if losses else "-"
-    val = f"{evals[-1]:.4f}" if evals else "-"
-    return f"{run.id:40} {status.get('state', '?'):10} {cfg.method:9} {cfg.r:>4} {percent:>8} {step:>11} {loss:>8} {val:>8}"
+    facts = run.facts()
+    if facts.problem:
+        return f"{run.id:40} {'damaged':10} {facts.problem}"
+    cfg, status = facts.config, facts.status
+    percent = f"{facts.trainable_percent:.4f}" if facts.trainable_percent else "-"
+    step = f"{facts.steps}/{status.max_steps or '?'}"
+    loss = f"{facts.final_train_loss:.4f}" if facts.final_train_loss is not None else "-"
+    val = f"{facts.final_eval_loss:.4f}" if facts.final_eval_loss is not None else "-"
+    line = f"{run.id:40} {str(facts.state):10} {cfg.method:9} {cfg.r:>4} {percent:>8} {step:>11} {loss:>8} {val:>8}"
+    if status.error_kind == "never started":
+        line += "  (never started: delete it)"
+    return line
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    run = get_run(args.run)
-    request_stop(run)
-    print(f"Asked run {run.id} to stop: it will save a checkpoint and its adapter after the current step.")
+    print(request_stop(get_run(args.run)))
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from .launch import resume_run
+
     run = get_run(args.run)
+    resume_run(run, background=args.background, share_device=args.share_device)
     if args.background:
-        resume(run)
         print(f"Resuming run {run.id} in the background. Follow: tail -f {run.log_path}")
         return 0
-    check_resumable(run)
-    return _foreground(run, resume=True)
+    return _foreground(run, args, resume=True)
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    run = get_run(args.run)
+    facts = run.facts()
+    if facts.state.active:
+        raise RunError(f"Run {run.id} is still {facts.state}: stop it first (python -m denselora_app stop {run.id}), "
+                       "then delete it.")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"Deleting run {run.id} cannot be undone: add --yes to confirm.")
+        what = "its adapter, " if facts.has_adapter else ""
+        answer = input(f"Delete run {run.id} ({facts.state}) with {what}{len(facts.checkpoints)} checkpoint(s) and "
+                       "its logs? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("Nothing deleted.")
+            return 1
+    delete_run(run)
+    print(f"Deleted run {run.id}.")
+    return 0
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from .publish import PublishError, build_model_repo, build_space_repo, publish_model, publish_space
+    from .publish import build_model_repo, build_space_repo, publish_model, publish_space
 
     if args.space_dir and not args.space:
         print("error: --space-dir needs --space USER/NAME, the Space's repository id.", file=sys.stderr)
@@ -141,34 +195,25 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if args.dry_run and args.space and not args.space_dir:
         print("error: --dry-run uploads nothing: add --space-dir DIR to export the Space too.", file=sys.stderr)
         return 2
-    try:
-        if args.dry_run:
-            folder = build_model_repo(args.run, args.repo_id, args.dry_run, base_model=args.base_model)
-            print(f"Wrote the repository {folder.repo_id} to {folder.path} (nothing uploaded):")
-            print("".join(f"  {name}\n" for name in folder.files), end="")
-        else:
-            result = publish_model(args.run, args.repo_id, private=args.private, commit_message=args.message,
-                                   base_model=args.base_model)
-            print(result.message)
-        if args.space_dir:
-            # Carry the adapter when the Space could not download it: not uploaded yet, or private.
-            space = build_space_repo(args.run, args.space, args.space_dir, adapter_repo_id=args.repo_id,
-                                     bundle_adapter=bool(args.dry_run) or args.private, base_model=args.base_model)
-            print(f"Wrote the Space {space.repo_id} to {space.path}. Try it: cd {space.path} && python app.py")
-        elif args.space:
-            # A private adapter repository is unreadable from the Space without a secret: the Space carries it.
-            result = publish_space(args.run, args.space, adapter_repo_id=args.repo_id, bundle_adapter=args.private,
-                                   private=args.private, commit_message=args.message, base_model=args.base_model)
-            print(f"{result.message} (the Space builds and starts in a few minutes)")
-    except PublishError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.dry_run:
+        folder = build_model_repo(args.run, args.repo_id, args.dry_run, base_model=args.base_model)
+        print(f"Wrote the repository {folder.repo_id} to {folder.path} (nothing uploaded):")
+        print("".join(f"  {name}\n" for name in folder.files), end="")
+    else:
+        result = publish_model(args.run, args.repo_id, private=args.private, commit_message=args.message,
+                               base_model=args.base_model)
+        print(result.message)
+    if args.space_dir:
+        # Carry the adapter when the Space could not download it: not uploaded yet, or private.
+        space = build_space_repo(args.run, args.space, args.space_dir, adapter_repo_id=args.repo_id,
+                                 bundle_adapter=bool(args.dry_run) or args.private, base_model=args.base_model)
+        print(f"Wrote the Space {space.repo_id} to {space.path}. Try it: cd {space.path} && python app.py")
+    elif args.space:
+        # A private adapter repository is unreadable from the Space without a secret: the Space carries it.
+        result = publish_space(args.run, args.space, adapter_repo_id=args.repo_id, bundle_adapter=args.private,
+                               private=args.private, commit_message=args.message, base_model=args.base_model)
+        print(f"{result.message} (the Space builds and starts in a few minutes)")
     return 0
-
-
-def _user_error(err: Exception) -> int:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
 
 
 def _print_growing(text: str, shown: str) -> str:
@@ -178,49 +223,44 @@ def _print_growing(text: str, shown: str) -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .chat import ChatEngine, ChatError, GenerationSettings
+    from .chat import ChatEngine, GenerationSettings
 
-    _setup_logging()
-    try:
-        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                      top_p=args.top_p, seed=args.seed, system_prompt=args.system)
-        engine = ChatEngine(device=args.device)
-        loaded = engine.select(args.adapter, args.checkpoint)
-        if loaded.notice:
-            log.warning(loaded.notice)
-        if not args.compare:
-            shown = ""
-            for text in engine.stream_reply(args.prompt, settings=settings):
-                shown = _print_growing(text, shown)
-            print()
-            return 0
-        # The base answers first, then the adapter: adapter text appearing means the base's answer is complete.
-        print("base:")
-        base_shown = adapter_shown = ""
-        for base_text, adapter_text in engine.stream_compare(args.prompt, settings=settings):
-            base_shown = _print_growing(base_text, base_shown)
-            if adapter_text and not adapter_shown:
-                print("\n\nadapter:")
-            adapter_shown = _print_growing(adapter_text, adapter_shown)
-        print("" if adapter_shown else "\n\nadapter:")
-    except ChatError as err:
-        return _user_error(err)
+    _setup_logging(debug=args.debug)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, seed=args.seed, system_prompt=args.system)
+    engine = ChatEngine(device=args.device)
+    loaded = engine.select(args.adapter, args.checkpoint)
+    if loaded.notice:
+        log.warning(loaded.notice)
+    if not args.compare:
+        shown = ""
+        for text in engine.stream_reply(args.prompt, settings=settings):
+            shown = _print_growing(text, shown)
+        print()
+        return 0
+    # The base answers first, then the adapter: adapter text appearing means the base's answer is complete.
+    print("base:")
+    base_shown = adapter_shown = ""
+    for base_text, adapter_text in engine.stream_compare(args.prompt, settings=settings):
+        base_shown = _print_growing(base_text, base_shown)
+        if adapter_text and not adapter_shown:
+            print("\n\nadapter:")
+        adapter_shown = _print_growing(adapter_text, adapter_shown)
+    print("" if adapter_shown else "\n\nadapter:")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .chat import ChatEngine, ChatError, resolve_adapter
-    from .evaluate import EVAL_FILE, EvalError, evaluate
+    from .chat import ChatEngine, resolve_adapter
+    from .evaluate import EVAL_FILE, evaluate
 
-    _setup_logging()
+    _setup_logging(debug=args.debug)
     try:
         refs = [resolve_adapter(ref, args.checkpoint) for ref in args.adapter]
         table = evaluate(refs, args.data, loss_data=args.loss_data, mode=args.mode, limit=args.limit,
                          strict=args.strict, engine=ChatEngine(device=args.device),
                          progress=lambda fraction, what: print(f"\r{what[:70]:70} {fraction:4.0%}", end="",
                                                                file=sys.stderr, flush=True))
-    except (ChatError, EvalError) as err:
-        return _user_error(err)
     finally:
         print(file=sys.stderr)  # end the progress line
     last = table.results[-1]
@@ -234,28 +274,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="also print the Python traceback of an error")
     parser = argparse.ArgumentParser(prog="denselora", description="DenseLoRA Studio: fine-tune LLMs with DenseLoRA.")
     sub = parser.add_subparsers(dest="command", required=True)
+    share_device = dict(action="store_true", help="train even if another run holds the same device (both then "
+                                                  "compete for its memory and time)")
 
-    p = sub.add_parser("train", help="train from a YAML config (see presets/)")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = command("train", help="train from a YAML config (see presets/)")
     p.add_argument("config", type=Path)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--background", action="store_true", help="start a worker process and return")
+    p.add_argument("--share-device", **share_device)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("runs", help="list runs")
+    p = command("runs", help="list runs")
     p.set_defaults(func=cmd_runs)
 
-    p = sub.add_parser("stop", help="stop a run gracefully (saves a checkpoint and the adapter)")
+    p = command("stop", help="stop a run gracefully (saves a checkpoint and the adapter)")
     p.add_argument("run")
     p.set_defaults(func=cmd_stop)
 
-    p = sub.add_parser("resume", help="resume a stopped or failed run from its last checkpoint")
+    p = command("resume", help="resume a stopped or failed run from its last checkpoint")
     p.add_argument("run")
-    p.add_argument("--background", action="store_true")
+    p.add_argument("--background", action="store_true", help="start a worker process and return")
+    p.add_argument("--share-device", **share_device)
     p.set_defaults(func=cmd_resume)
 
-    p = sub.add_parser("publish", help="upload a run's adapter with a model card to the Hugging Face Hub",
+    p = command("delete", help="delete a run that is not training, with its checkpoints and adapter")
+    p.add_argument("run")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_delete)
+
+    p = command("publish", help="upload a run's adapter with a model card to the Hugging Face Hub",
                        description="Uses the token in HF_TOKEN, else your `hf auth login`.")
     p.add_argument("run")
     p.add_argument("--repo-id", required=True, metavar="USER/NAME", help="the model repository (created if missing)")
@@ -267,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space-dir", type=Path, metavar="DIR", help="write the demo Space to DIR instead of uploading it")
     p.set_defaults(func=cmd_publish)
 
-    p = sub.add_parser("chat", help="chat with an adapter (a run, an adapter folder or a Hub adapter id)")
+    p = command("chat", help="chat with an adapter (a run, an adapter folder or a Hub adapter id)")
     p.add_argument("adapter", metavar="RUN_OR_ADAPTER")
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--compare", action="store_true", help="also answer with the base model (adapter disabled)")
@@ -280,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("eval", help="accuracy, loss and perplexity of adapters and their base model")
+    p = command("eval", help="accuracy, loss and perplexity of adapters and their base model")
     p.add_argument("adapter", metavar="RUN_OR_ADAPTER", nargs="+")
     p.add_argument("--data", metavar="FILE", help="a multiple-choice .jsonl, or held-out data scored by loss "
                                                   "(default: the shipped multiple-choice set on the sample facts)")
@@ -299,8 +353,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:  # libraries' notices about their own future versions are not the user's business
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         return args.func(args)
-    except (ConfigError, RunError) as err:
+    except StudioError as err:
+        if args.debug:
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return getattr(err, "code", 2)
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001  (a bug: say so in one line; --debug shows where)
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: unexpected {type(err).__name__}: {err}\nThis is a bug in DenseLoRA Studio"
+              + ("." if args.debug else "; run the command again with --debug to see where it happened."),
+              file=sys.stderr)
+        return 1

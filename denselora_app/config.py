@@ -11,19 +11,27 @@ from typing import Any
 
 import yaml
 
+from . import rules
+
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantized from
 SAMPLE_DATA = "sample:studio_facts"
-PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+PAPER_TARGETS = list(rules.PAPER_TARGETS)
 
-METHODS = ("denselora", "lora")
-ACTIVATIONS = ("gelu", "silu", "identity")
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The choices of the fields below, as the Train tab lists them (rules.py holds the values).
+METHODS = rules.METHODS
+ACTIVATIONS = rules.ACTIVATIONS
+SCHEDULERS = rules.SCHEDULERS
+DATA_FORMATS = ("auto", *rules.DATA_FORMATS)
+DTYPES = ("auto", *rules.DTYPES)
 
 
-class ConfigError(ValueError):
+class StudioError(Exception):
+    """A problem the user can fix (bad input, a busy device, a missing file); the message says what and how.
+    Front ends show the message alone, never a traceback."""
+
+
+class ConfigError(StudioError, ValueError):
     """A configuration value or key is wrong; the message names it and says what is accepted."""
 
 
@@ -68,7 +76,7 @@ class RunConfig:
     save_total_limit: int = _field(3, "Checkpoints kept on disk (oldest removed first).", min=1)
     run_name: str = _field("", "A name for the run folder; empty picks one from the method, rank and time.")
     # --- where it runs
-    device: str = _field("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    device: str = _field("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.", pattern=rules.DEVICE_PATTERN)
     dtype: str = _field("auto", "Base model weights: auto (bf16/fp16 on GPU, fp32 on CPU) or a dtype.", choices=DTYPES)
     trust_remote_code: bool = _field(False, "Run model code shipped with a Hub model. Only for models you trust.")
 
@@ -97,7 +105,16 @@ class RunConfig:
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ConfigError(f"Configuration file not found: {path}") from None
+            raise ConfigError(f"Configuration file not found: {path}. Give a .yaml file, e.g. "
+                              "presets/quickstart-cpu.yaml.") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a folder, not a configuration file: give a .yaml file such as "
+                              f"{path / 'config.yaml'} or presets/quickstart-cpu.yaml.") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8 "
+                              "YAML.") from None
+        except OSError as err:
+            raise ConfigError(f"Cannot read {path}: {err.strerror or err}.") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         try:
@@ -164,6 +181,8 @@ def _check(f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name} must be a list of names, got {value!r}.")
         value = list(dict.fromkeys(value))
+    if "pattern" in meta and not meta["pattern"].match(value.lower()):
+        raise ConfigError(f"{name} must be one of 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {value!r}.")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{name} must be one of {', '.join(meta['choices'])}; got {value!r}.")
     if "min" in meta and value < meta["min"]:

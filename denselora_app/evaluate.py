@@ -47,11 +47,11 @@ from .chat import (
     resolve_adapter,
 )
 from .data import IGNORE_INDEX, SAMPLES_DIR, DataError, common_prefix_len, prepare_data, read_source
-from .runs import Run, read_json, write_json_atomic
+from .config import StudioError
+from .runs import EVAL_FILE, Run, write_json_atomic
 
 SAMPLE_MC: Path = SAMPLES_DIR / "studio_facts_mc.jsonl"
 MODES = ("generate", "loglik")
-EVAL_FILE = "eval.json"
 STYLES: dict[str, int] = {"answer": 5, "option": 2, "solution": 2, "ending": 4, "letter": 5, "boolean": 2}
 LETTERS = "ABCDE"
 GENERATE_TOKENS = 32  # long enough for a label and a short sentence, as in the protocol
@@ -60,7 +60,7 @@ _LABEL = re.compile(r"^(answer|option|solution|ending)\s*(\d+)$", re.I)
 Progress = Callable[[float, str], Any]  # gr.Progress fits: progress(fraction, description)
 
 
-class EvalError(ValueError):
+class EvalError(StudioError, ValueError):
     """Evaluation data or settings that cannot be used; the message names the file and line."""
 
 
@@ -375,16 +375,9 @@ class EvalTable:
         return "\n".join(lines)
 
 
-def read_eval(run: Run) -> dict[str, list[dict[str, Any]]]:
-    """The run's saved results: ``{"results": [...], "base": [...]}`` (empty lists when it has none)."""
-    saved = read_json(run.path / EVAL_FILE, default={})
-    saved = saved if isinstance(saved, dict) else {}
-    return {key: [r for r in saved.get(key, []) if isinstance(r, dict)] for key in ("results", "base")}
-
-
 def save_result(run: Run, adapter: EvalResult, base: EvalResult) -> None:
     """Merge both results into the run's eval.json (atomically), replacing older ones with the same key."""
-    saved = read_eval(run)
+    saved = run.evaluation()
     merged = {}
     for key, result, identity in (("results", adapter, ("dataset", "mode", "checkpoint")),
                                   ("base", base, ("dataset", "mode", "base_model"))):
@@ -458,7 +451,7 @@ def evaluate(
 def _cached_base(ref: AdapterRef, common: dict[str, Any]) -> EvalResult | None:
     if ref.run is None:
         return None
-    for saved in reversed(read_eval(ref.run)["base"]):
+    for saved in reversed(ref.run.evaluation()["base"]):
         if all(saved.get(k) == v for k, v in common.items()):
             return EvalResult.from_json(saved)
     return None

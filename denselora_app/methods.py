@@ -10,10 +10,12 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftConfig, get_peft_model
+from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.pytorch_utils import Conv1D
 
 from . import denselora  # noqa: F401  (registers DenseLoRA with PEFT)
-from .config import RunConfig
+from .config import PAPER_TARGETS, RunConfig, StudioError
 from .denselora import DenseLoraConfig
 
 
@@ -55,12 +57,52 @@ class ParameterCount:
         return line
 
 
+class AdapterError(StudioError, ValueError):
+    """The adapter does not fit the model (target modules it lacks, a rank wider than its layers); says what would."""
+
+
+def _meta_model(model_config: PretrainedConfig) -> nn.Module:
+    with torch.device("meta"):  # the architecture without memory: ~0.1 s for a small model, ~1 s for an 8B one
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def check_adapter(model_config: PretrainedConfig, cfg: RunConfig) -> ParameterCount:
+    """Check that ``cfg``'s target modules exist in the model and that its rank fits their widths, then count
+    parameters. Raises AdapterError naming the problem and the values that would work."""
+    model = _meta_model(model_config)
+    linear = {name: module for name, module in model.named_modules()
+              if isinstance(module, (nn.Linear, Conv1D)) and not name.endswith("lm_head")}
+    available = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in linear))
+    chosen: dict[str, nn.Module] = {}
+    missing = []
+    for target in cfg.target_modules:  # PEFT's rule: a target names a module or the end of its dotted name
+        matches = {n: m for n, m in linear.items() if n == target or n.endswith(f".{target}")}
+        chosen.update(matches)
+        if not matches:
+            missing.append(target)
+    if missing:
+        raise AdapterError(
+            f"target_modules {', '.join(missing)}: {type(model).__name__} has no such Linear layer. Its layers are "
+            f"{', '.join(available)}; choose among those"
+            + (f" (the paper's choice: {', '.join(t for t in PAPER_TARGETS if t in available)})."
+               if any(t in available for t in PAPER_TARGETS) else ".")
+        )
+    name, module = min(chosen.items(), key=lambda item: min(item[1].weight.shape))
+    narrowest = min(module.weight.shape)
+    if cfg.r > narrowest:
+        raise AdapterError(
+            f"r={cfg.r} is wider than the narrowest adapted layer ({name.rsplit('.', 1)[-1]}: "
+            f"{' x '.join(map(str, module.weight.shape))}), so the extra rank adds parameters and memory but no "
+            f"capacity. Use r <= {narrowest}; 8 to 64 is usual."
+        )
+    return count_parameters(model_config, cfg)
+
+
 def count_parameters(model_config: PretrainedConfig, cfg: RunConfig) -> ParameterCount:
     """Exact counts from the model's architecture, built on the meta device (no memory, ~0.1 s)."""
     counts = {}
     for method in ("lora", cfg.method):
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_config)
+        model = _meta_model(model_config)
         total = sum(p.numel() for p in model.parameters())
         peft_model = get_peft_model(model, build_peft_config(cfg, method))
         counts[method] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)

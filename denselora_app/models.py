@@ -30,14 +30,13 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
-from huggingface_hub import constants as hub_constants
-from huggingface_hub import get_session, hf_hub_download, snapshot_download
+from huggingface_hub import hf_hub_download
+from safetensors import SafetensorError
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
-    LocalEntryNotFoundError,
     RepositoryNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
@@ -52,7 +51,8 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from .config import EMBEDDED_HUB_ID, EMBEDDED_MODEL
+from .config import EMBEDDED_HUB_ID, EMBEDDED_MODEL, StudioError
+from .rules import DTYPES, HUB_PROBE_TIMEOUT_S, HubUnreachable, cached_copy_if_offline, looks_like_path
 
 try:  # lets a GGUF be dequantized explicitly, even where the `kernels` package could keep it packed
     from transformers.utils.quantization_config import GgufConfig
@@ -70,11 +70,8 @@ _CACHE_FORMAT = 1
 _SOURCE_RECORD = "denselora_source.json"
 
 _DEVICE_CHOICES = "'auto', 'cpu', 'cuda', 'cuda:N' (e.g. 'cuda:1') or 'mps'"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 _DTYPE_CHOICES = "'auto', 'float32', 'bfloat16' or 'float16'"
-
-# One short request decides whether the Hub is reachable; huggingface_hub's own calls retry for ~25 s per file.
-_HUB_PROBE_TIMEOUT_S = 5.0
 
 _ALTERNATIVES = (
     f"Use the embedded default '{EMBEDDED_DEFAULT}' (works offline), a local model folder containing "
@@ -82,7 +79,7 @@ _ALTERNATIVES = (
 )
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(StudioError, RuntimeError):
     """A model spec that cannot be resolved or loaded; the message names what is wrong and how to fix it."""
 
 
@@ -130,16 +127,6 @@ class _Source:
     location: str  # a file or folder path, or a Hub model id
 
 
-def _looks_like_path(spec: str) -> bool:
-    return (
-        spec.startswith(("/", ".", "~"))
-        or "\\" in spec
-        or spec.count("/") > 1
-        or spec.lower().endswith(".gguf")
-        or os.path.isabs(spec)
-    )
-
-
 def _classify(spec: str) -> _Source:
     if not isinstance(spec, str) or not spec.strip():
         raise ModelLoadError(f"No model was given ({spec!r}). {_ALTERNATIVES}, or a Hugging Face Hub model id.")
@@ -166,7 +153,7 @@ def _classify(spec: str) -> _Source:
             f"{spec!r} is a file, not a model: give the folder that contains config.json and the weights, "
             f"or a .gguf file.{hint}"
         )
-    if _looks_like_path(spec):
+    if looks_like_path(spec):
         raise ModelLoadError(f"No such file or folder: {str(path.absolute())!r}. Check the path. {_ALTERNATIVES}.")
     try:
         validate_repo_id(spec)
@@ -195,44 +182,6 @@ def _check_folder(folder: Path) -> None:
 # The Hugging Face Hub
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def hub_unreachable_reason() -> str | None:
-    """Why the Hub cannot be used right now, or None when it answers."""
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import, so the environment is checked here too.
-    if _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE") or hub_constants.HF_HUB_OFFLINE:
-        return "offline mode is on: HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set"
-    try:
-        get_session().head(hub_constants.ENDPOINT, timeout=_HUB_PROBE_TIMEOUT_S)
-    except Exception as error:  # any failure to get an HTTP answer (DNS, refused, timeout, proxy) means unreachable
-        return f"{hub_constants.ENDPOINT} did not answer: {error}"
-    return None
-
-
-class HubUnreachable(Exception):
-    """The Hub does not answer and the local Hugging Face cache has no copy of the repository; ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def cached_copy_if_offline(repo_id: str, repo_type: str = "model") -> str | None:
-    """None when the Hub answers. When it does not: the folder of ``repo_id`` in the local Hugging Face cache, or
-    HubUnreachable when there is none (asked up front, so offline use never waits on the Hub client's retries)."""
-    reason = hub_unreachable_reason()
-    if reason is None:
-        return None
-    try:
-        folder = snapshot_download(repo_id, repo_type=repo_type, local_files_only=True)
-    except LocalEntryNotFoundError:
-        raise HubUnreachable(reason) from None
-    logger.warning("The Hugging Face Hub is unreachable (%s); using the cached copy of %s.", reason, repo_id)
-    return folder
-
-
 def _resolve_hub(repo_id: str) -> str:
     """The Hub id when the Hub answers and has the model; offline, the model's folder in the local Hub cache."""
     not_local = f"(There is no local folder named {repo_id!r} either.)"
@@ -246,7 +195,7 @@ def _resolve_hub(repo_id: str) -> str:
     if folder is not None:
         return folder
     try:
-        hf_hub_download(repo_id, "config.json", etag_timeout=_HUB_PROBE_TIMEOUT_S)
+        hf_hub_download(repo_id, "config.json", etag_timeout=HUB_PROBE_TIMEOUT_S)
     except GatedRepoError:
         raise ModelLoadError(
             f"{repo_id!r} is a gated model on the Hugging Face Hub: accept its terms at "
@@ -355,6 +304,11 @@ def _explain_errors(spec: str, what: str) -> Iterator[None]:
         yield
     except ModelLoadError:
         raise
+    except SafetensorError as error:
+        raise ModelLoadError(
+            f"The weights of {spec!r} cannot be read ({error}): the file is damaged or was not copied or downloaded "
+            "completely. Copy or download the model again, or re-save it with save_pretrained."
+        ) from error
     except (OSError, ValueError, KeyError) as error:
         if "trust_remote_code" in str(error):
             raise ModelLoadError(

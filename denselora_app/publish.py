@@ -34,8 +34,9 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .config import EMBEDDED_HUB_ID, EMBEDDED_MODEL, SAMPLE_DATA, RunConfig
-from .runs import ACTIVE_STATES, Run, RunError, get_run, read_json
+from .config import EMBEDDED_HUB_ID, EMBEDDED_MODEL, SAMPLE_DATA, RunConfig, StudioError
+from .rules import hub_id as hub_id_of
+from .runs import Run, RunError, RunState, get_run, read_json
 
 try:  # huggingface_hub 2.x speaks HTTP through httpx2, 1.x through httpx
     from httpx2 import TransportError
@@ -59,11 +60,10 @@ STAGING = "publish"  # <run>/publish/{model,space}: what the last publish built,
 
 # Config keys that describe where and how the run was bookkept rather than the adapter; left out of the card.
 _CARD_SKIPS = {"run_name", "device", "logging_steps", "save_steps", "save_total_limit", "trust_remote_code"}
-_FILE_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}$")  # "data.jsonl" is a file, "owner/set-2.5" a Hub id
 _HUB_CACHE_FOLDER = re.compile(r"^models--([^/]+?)--([^/]+)$")  # huggingface_hub's cache layout
 
 
-class PublishError(RuntimeError):
+class PublishError(StudioError, RuntimeError):
     """Publishing cannot go on; the message says why and what to do, and never contains the token."""
 
 
@@ -257,7 +257,7 @@ def base_model_of(cfg: RunConfig, override: str | None = None) -> BaseModel:
         if match := _HUB_CACHE_FOLDER.match(part):
             hub_id = f"{match[1]}/{match[2]}"
             return BaseModel(hub_id, _known_license(hub_id), hub_id)
-    if _is_hub_id(cfg.model):
+    if hub_id_of(cfg.model):
         return BaseModel(cfg.model, _known_license(cfg.model), cfg.model)
     return BaseModel(None, None, path.name or cfg.model)  # only the name: a local path says too much about a machine
 
@@ -267,18 +267,8 @@ def _known_license(hub_id: str) -> str | None:
 
 
 def _check_model_id(hub_id: str) -> None:
-    if not _is_hub_id(hub_id):
+    if not hub_id_of(hub_id):
         raise PublishError(f"'{hub_id}' is not a Hugging Face model id (NAMESPACE/NAME) for the base model.")
-
-
-def _is_hub_id(spec: str) -> bool:
-    if Path(spec).expanduser().exists() or spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
-        return False
-    try:
-        validate_repo_id(spec)
-    except HFValidationError:
-        return False
-    return not spec.lower().endswith(".gguf")
 
 
 def hub_dataset_of(cfg: RunConfig) -> str | None:
@@ -286,7 +276,7 @@ def hub_dataset_of(cfg: RunConfig) -> str | None:
     if cfg.data == SAMPLE_DATA:
         return None
     name = cfg.data.partition(":")[0]
-    if _FILE_EXTENSION.search(name) or not _is_hub_id(name):
+    if not hub_id_of(name):
         return None
     return name
 
@@ -306,9 +296,11 @@ def _get_run(run_id: str, root: Path | None) -> Run:
         run = get_run(run_id, root)
     except RunError as error:
         raise PublishError(str(error)) from None
-    state = run.status().get("state")
-    if state in ACTIVE_STATES:
-        raise PublishError(f"Run {run.id} is still {state}: wait for it to finish (or stop it), then publish.")
+    status = run.status()
+    if status.state is RunState.DAMAGED:
+        raise PublishError(f"Run {run.id} is damaged ({status.problem}); it cannot be published.")
+    if status.active:
+        raise PublishError(f"Run {run.id} is still {status.state}: wait for it to finish (or stop it), then publish.")
     missing = [name for name in ADAPTER_FILES if not (run.adapter_dir / name).is_file()]
     if missing:
         raise PublishError(f"Run {run.id} has no adapter to publish ({', '.join(missing)} missing in "
@@ -540,7 +532,7 @@ def model_card(run: Run, repo_id: str, base: BaseModel, *, has_tokenizer: bool, 
         parameters=_parameters_line(run),
         settings=_settings_rows(cfg, base),
         loss_curve=loss_curve,
-        evaluation=evaluation_table(read_json(run.path / "eval.json")),
+        evaluation=evaluation_table(run.evaluation()),
     )
 
 
@@ -551,14 +543,13 @@ def _has_chat_template(folder: Path) -> bool:
 
 
 def _parameters_line(run: Run) -> str:
-    numbers = {**run.raw_status(), **run.summary()}  # summary.json is written last, so it wins
-    trainable, total = numbers.get("trainable_parameters"), numbers.get("total_parameters")
-    if not trainable or not total:
+    facts = run.facts()
+    if facts.trainable_percent is None:
         return ""
-    percent = numbers.get("trainable_percent") or 100 * trainable / total
-    line = f"**Trainable parameters:** {trainable:,} ({percent:.4f}% of the base model's {total:,})."
-    if numbers.get("steps"):
-        line += f" Trained for {numbers['steps']} steps."
+    line = (f"**Trainable parameters:** {facts.trainable_parameters:,} ({facts.trainable_percent:.4f}% of the base "
+            f"model's {facts.total_parameters:,}).")
+    if facts.steps:
+        line += f" Trained for {facts.steps} steps."
     return line
 
 
@@ -630,7 +621,7 @@ def _scalar(value: Any) -> bool:
 
 def _dataset_name(dataset: str) -> str:
     """A Hub dataset as it is; a file by its name only (its folder is a detail of the training machine)."""
-    return dataset if _is_hub_id(dataset) and not _FILE_EXTENSION.search(dataset) else Path(dataset).name
+    return dataset if hub_id_of(dataset) else Path(dataset).name
 
 
 # ---- building the demo Space -------------------------------------------------------------------------------------

@@ -2,50 +2,151 @@
 
     runs/<run-id>/
         config.yaml      the resolved RunConfig
-        status.json      state (queued|running|completed|failed|stopped), pid, times, heartbeat, error
-        metrics.jsonl    one JSON line per logged step (loss, eval_loss, learning_rate, grad_norm, tokens/s, ...)
+        status.json      a Status: state, the training process, the device it holds, progress, how it ended
+        metrics.jsonl    one JSON object per logged step (loss, eval_loss, learning_rate, grad_norm, tokens/s, ...)
         data_report.json what the data pipeline read, used and dropped
-        train.log        everything the worker printed
-        checkpoints/     resume points (Trainer checkpoints)
+        train.log        everything the training process printed
+        checkpoints/     resume points (Trainer checkpoints); one counts only once its completeness marker is written
         adapter/         the final adapter (PEFT format)
-        summary.json     trainable parameters, final losses, duration
+        summary.json     RunFacts at the end of training, for tools outside the studio
+        eval.json        evaluation results (written by evaluate.py)
 
-Status and metrics are written atomically (write a temp file, then rename), so readers never see half a file.
-The worker runs in its own session with its output in train.log, so the app can die or reload without
-stopping (or blocking) training; any process can find it again from status.json.
+This module is the only reader of that folder: everything else asks a ``Run`` for its ``status()``, ``facts()``,
+``checkpoints()`` or ``evaluation()``. Reading is tolerant and never writes: a damaged file makes that one run
+'damaged' (with the reason) and nothing else; a read-only runs folder can be listed. Status and metrics are
+written atomically (write a temp file, then rename), so readers never see half a file. The worker runs in its own
+session with its output in train.log, so the app can die or reload without stopping (or blocking) training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import enum
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig, StudioError
 
 log = logging.getLogger(__name__)
 
-ACTIVE_STATES = ("queued", "running")
-FINAL_STATES = ("completed", "failed", "stopped")
 STOP_FILE = "STOP"
+EVAL_FILE = "eval.json"
+CHECKPOINT_MARKER = "denselora_checkpoint.json"  # written last into a checkpoint: it lists the files and sizes
+ADAPTER_CONFIG = "adapter_config.json"
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_status_lock = threading.Lock()  # the worker's heartbeat thread and its training loop both update status.json
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the worker's train.log; see own_log_lines
 
 
-class RunError(RuntimeError):
+class RunError(StudioError, RuntimeError):
     """A run cannot be created, found, started or stopped; the message says why and what to do."""
+
+
+class RunState(str, enum.Enum):
+    QUEUED = "queued"  # created; its training process is being started
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    DAMAGED = "damaged"  # only ever read, never written: the run folder cannot be understood
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def active(self) -> bool:
+        return self in ACTIVE_STATES
+
+
+ACTIVE_STATES = (RunState.QUEUED, RunState.RUNNING)
+FINAL_STATES = (RunState.COMPLETED, RunState.FAILED, RunState.STOPPED)
+
+
+@dataclass
+class Status:
+    """What status.json says, read tolerantly; ``Run.status()`` adds what only a reader can tell (a dead worker)."""
+
+    state: RunState
+    run_id: str | None = None
+    created_at: float | None = None
+    launcher_pid: int | None = None  # the process that created the run and is starting its training
+    launcher_started: float | None = None
+    pid: int | None = None  # the training process (the worker, or the foreground CLI)
+    pid_started: float | None = None
+    device: str | None = None  # the device the run holds, resolved: 'cpu', 'cuda:0', 'mps'
+    started_at: float | None = None
+    finished_at: float | None = None
+    step: int = 0
+    max_steps: int | None = None
+    elapsed_seconds: float | None = None
+    remaining_seconds: float | None = None
+    trainable_parameters: int | None = None
+    total_parameters: int | None = None
+    error: str | None = None  # why it failed, one line
+    error_kind: str | None = None  # 'out of memory', 'data error', 'killed', 'never started', ...
+    fix: str | None = None  # what to do about it
+    note: str | None = None  # what an outcome means when it is not obvious (e.g. stopped before the first step)
+    problem: str | None = field(default=None, metadata={"derived": True})  # why the run is damaged; never written
+
+    @property
+    def active(self) -> bool:
+        return self.state.active
+
+    @classmethod
+    def from_json(cls, data: Any) -> Status:
+        """A Status from status.json's content; a shape that is not one gives a DAMAGED status saying why."""
+        if not isinstance(data, dict):
+            return cls(RunState.DAMAGED, problem=f"status.json holds {_kind(data)}, not an object")
+        try:
+            state = RunState(data.get("state"))
+        except ValueError:
+            return cls(RunState.DAMAGED, problem=f"status.json has no valid state (found {data.get('state')!r})")
+        if state is RunState.DAMAGED:
+            return cls(RunState.DAMAGED, problem="status.json says 'damaged', which is never written")
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in ("state", "problem") or f.name not in data:
+                continue
+            value = _typed(data[f.name], f.type)
+            if value is not None:
+                values[f.name] = value
+        return cls(state, **values)
+
+    def to_json(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("derived")}
+        values["state"] = self.state.value
+        return values
+
+
+_WRITABLE = {f.name for f in dataclasses.fields(Status) if not f.metadata.get("derived")}
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "text", type(None): "null", bool: "true/false"}.get(type(value), "a number")
+
+
+def _typed(value: Any, annotation: str) -> Any:
+    """``value`` if it fits the field's type (ints for floats are fine), else None: one bad field is ignored."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation.startswith("int"):
+        return int(value) if number and float(value).is_integer() else None
+    if annotation.startswith("float"):
+        return float(value) if number else None
+    if annotation.startswith("str"):
+        return value if isinstance(value, str) else None
+    return value
 
 
 def runs_dir() -> Path:
@@ -54,20 +155,107 @@ def runs_dir() -> Path:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
     os.replace(tmp, path)
 
 
 def read_json(path: Path, default: Any = None) -> Any:
+    """The file's JSON, or ``default`` when it is missing, unreadable or not JSON."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return default
 
 
-def _now() -> float:
-    return time.time()
+def process_start_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _alive(pid: int | None, started: float | None) -> bool:
+    """Whether process ``pid`` still runs and is the one that started at ``started`` (pids are recycled)."""
+    if not pid:
+        return False
+    for child in list(_children):
+        child.poll()  # reap our own finished workers, so they do not linger as zombies that look alive
+    try:
+        proc = psutil.Process(int(pid))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(proc.create_time() - float(started)) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------------
+
+
+def mark_checkpoint_complete(folder: Path) -> None:
+    """Record that ``folder`` is a whole checkpoint: its files and their sizes, written last and atomically."""
+    files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != CHECKPOINT_MARKER}
+    write_json_atomic(folder / CHECKPOINT_MARKER, {"files": files})
+
+
+def checkpoint_complete(folder: Path) -> bool:
+    """A checkpoint counts only when its marker lists files that are all still there, with their sizes: a kill
+    while it was written (no marker) or while it was deleted (files missing) leaves a partial one."""
+    marker = read_json(folder / CHECKPOINT_MARKER)
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, dict) or ADAPTER_CONFIG not in files:
+        return False
+    try:
+        return all((folder / name).stat().st_size == size for name, size in files.items())
+    except OSError:
+        return False
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    step = folder.name.removeprefix("checkpoint-")
+    return int(step) if folder.name.startswith("checkpoint-") and step.isdigit() else None
+
+
+# ---- one run ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunFacts:
+    """What a run is and what it produced, computed once here for the CLI, the app, publishing and summary.json."""
+
+    run_id: str
+    status: Status
+    config: RunConfig | None  # None when config.yaml cannot be read (then ``problem`` says why)
+    problem: str | None  # why the run is damaged, or None
+    final_train_loss: float | None
+    final_eval_loss: float | None
+    trainable_parameters: int | None
+    total_parameters: int | None
+    steps: int  # optimizer steps trained
+    checkpoints: list[int]  # steps of the complete checkpoints
+    has_adapter: bool
+    duration_seconds: float | None
+
+    @property
+    def state(self) -> RunState:
+        return RunState.DAMAGED if self.problem else self.status.state
+
+    @property
+    def trainable_percent(self) -> float | None:
+        if not self.trainable_parameters or not self.total_parameters:
+            return None
+        return 100.0 * self.trainable_parameters / self.total_parameters
+
+    def to_json(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "method": cfg.method if cfg else None, "r": cfg.r if cfg else None,
+            "trainable_parameters": self.trainable_parameters, "total_parameters": self.total_parameters,
+            "trainable_percent": self.trainable_percent, "final_train_loss": self.final_train_loss,
+            "final_eval_loss": self.final_eval_loss, "steps": self.steps,
+            "duration_seconds": self.duration_seconds, "checkpoints": self.checkpoints,
+        }
 
 
 @dataclass(frozen=True)
@@ -91,42 +279,71 @@ class Run:
     def log_path(self) -> Path:
         return self.path / "train.log"
 
+    def has_adapter(self) -> bool:
+        return (self.adapter_dir / ADAPTER_CONFIG).is_file()
+
     def config(self) -> RunConfig:
         return RunConfig.from_yaml(self.path / "config.yaml")
 
-    def raw_status(self) -> dict[str, Any]:
-        return read_json(self.path / "status.json", default={"state": "unknown"})
+    # ---- status
+    def raw_status(self) -> Status:
+        """status.json as written (no liveness check); DAMAGED when it is missing or not a status."""
+        path = self.path / "status.json"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return Status(RunState.DAMAGED, problem="status.json is missing")
+        except (OSError, UnicodeDecodeError) as err:
+            return Status(RunState.DAMAGED, problem=f"status.json cannot be read ({err})")
+        try:
+            return Status.from_json(json.loads(text))
+        except json.JSONDecodeError as err:
+            return Status(RunState.DAMAGED, problem=f"status.json is not valid JSON ({err.msg})")
 
-    def status(self) -> dict[str, Any]:
-        """The status, with a dead worker detected and recorded as a failure."""
+    def status(self) -> Status:
+        """The status as a reader should see it: a training process that died is a failure (explained from its
+        log), a run whose start never happened is one too. Never writes."""
         status = self.raw_status()
-        if status.get("state") in ACTIVE_STATES and status.get("pid") and not _alive(status):
-            failure = classify_failure(self.log_tail(200))
-            status = self.update_status(
-                state="failed",
-                finished_at=_now(),
-                error=failure["summary"],
-                error_kind=failure["kind"],
-                fix=failure["fix"],
+        if status.state is RunState.RUNNING or (status.state is RunState.QUEUED and status.pid):
+            if not _alive(status.pid, status.pid_started):
+                failure = classify_failure(self.log_tail(200))
+                return dataclasses.replace(status, state=RunState.FAILED, error=failure["summary"],
+                                           error_kind=failure["kind"], fix=failure["fix"])
+        elif status.state is RunState.QUEUED and not _alive(status.launcher_pid, status.launcher_started):
+            return dataclasses.replace(
+                status, state=RunState.FAILED, error_kind="never started",
+                error="The run was created, but its training process never started (what was starting it ended "
+                      "first). Nothing was trained.",
+                fix=f"Delete it (python -m denselora_app delete {self.id}) and start a new run.",
             )
         return status
 
-    def update_status(self, **changes: Any) -> dict[str, Any]:
-        with _status_lock:
-            status = {**self.raw_status(), **changes}
-            write_json_atomic(self.path / "status.json", status)
-        return status
+    def update_status(self, **changes: Any) -> Status:
+        """Merge ``changes`` into status.json (the training process and the launcher are its only writers)."""
+        unknown = set(changes) - _WRITABLE
+        if unknown:
+            raise ValueError(f"Not status fields: {', '.join(sorted(unknown))}")
+        current = read_json(self.path / "status.json")
+        values = {**(current if isinstance(current, dict) else {}), **changes}
+        if isinstance(values.get("state"), RunState):
+            values["state"] = values["state"].value
+        write_json_atomic(self.path / "status.json", values)
+        return Status.from_json(values)
 
+    # ---- metrics and logs
     def metrics(self) -> list[dict[str, Any]]:
+        """The logged rows, oldest first; a line that is not a JSON object with a step is skipped."""
         rows = []
         try:
-            with open(self.path / "metrics.jsonl", encoding="utf-8") as fh:
+            with open(self.path / "metrics.jsonl", encoding="utf-8", errors="replace") as fh:
                 for line in fh:
                     try:
-                        rows.append(json.loads(line))
+                        row = json.loads(line)
                     except json.JSONDecodeError:
-                        continue  # a line being appended right now
-        except FileNotFoundError:
+                        continue  # a line being appended right now, or a damaged one
+                    if isinstance(row, dict) and isinstance(row.get("step"), int):
+                        rows.append(row)
+        except OSError:
             pass
         return rows
 
@@ -137,40 +354,129 @@ class Run:
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop lines logged after a checkpoint, before resuming from it, so the curve continues without repeats."""
-        rows = [r for r in self.metrics() if r.get("step", 0) <= after_step]
+        rows = [r for r in self.metrics() if r["step"] <= after_step]
         tmp = self.path / ".metrics.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         os.replace(tmp, self.path / "metrics.jsonl")
 
-    def summary(self) -> dict[str, Any]:
-        return read_json(self.path / "summary.json", default={})
-
     def data_report(self) -> dict[str, Any]:
-        return read_json(self.path / "data_report.json", default={})
+        report = read_json(self.path / "data_report.json", default={})
+        return report if isinstance(report, dict) else {}
+
+    def evaluation(self) -> dict[str, list[dict[str, Any]]]:
+        """eval.json: ``{"results": [...], "base": [...]}``, empty lists when there is none or it is damaged."""
+        saved = read_json(self.path / EVAL_FILE, default={})
+        saved = saved if isinstance(saved, dict) else {}
+        return {key: [r for r in saved.get(key, []) if isinstance(r, dict)] if isinstance(saved.get(key), list)
+                else [] for key in ("results", "base")}
 
     def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of train.log, everything the training process printed."""
         try:
             with open(self.log_path, "rb") as fh:
                 fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - 200 * lines))
+                fh.seek(max(0, fh.tell() - 400 * lines))
                 text = fh.read().decode("utf-8", errors="replace")
-        except FileNotFoundError:
+        except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def own_log_tail(self, lines: int = 30) -> str:
+        """The run's own lines of train.log (the studio's messages, warnings and errors from anywhere, tracebacks),
+        without libraries' informational chatter and progress bars: what the app's log pane shows."""
+        return "\n".join(own_log_lines(self.log_tail(lines * 20))[-lines:])
+
+    # ---- checkpoints and stopping
+    def checkpoints(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        try:
+            folders = list(self.checkpoints_dir.iterdir())
+        except OSError:
+            return []
+        return sorted(step for p in folders if (step := _checkpoint_step(p)) is not None and checkpoint_complete(p))
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints_dir / f"checkpoint-{step}"
+
     def last_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint (one with trainer_state.json, which the Trainer writes last)."""
-        done = [p for p in self.checkpoints_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-        return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+        steps = self.checkpoints()
+        return self.checkpoint_dir(steps[-1]) if steps else None
+
+    def remove_partial_checkpoints(self) -> list[str]:
+        """Delete checkpoint folders that are not complete (left by a kill); the training process calls this."""
+        removed = []
+        complete = set(self.checkpoints())
+        for folder in self.checkpoints_dir.glob("checkpoint-*"):
+            if folder.is_dir() and _checkpoint_step(folder) not in complete:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder.name)
+        return removed
 
     def stop_requested(self) -> bool:
         return (self.path / STOP_FILE).exists()
 
+    # ---- everything at once
+    def facts(self) -> RunFacts:
+        status = self.status()
+        problem = status.problem
+        cfg = None
+        try:
+            cfg = self.config()
+        except ConfigError as err:
+            problem = problem or f"config.yaml cannot be used: {err}"
+        metrics = self.metrics()
+        train = [m["loss"] for m in metrics if _finite(m.get("loss"))]
+        evals = [m["eval_loss"] for m in metrics if _finite(m.get("eval_loss"))]
+        elapsed = metrics[-1].get("elapsed_seconds") if metrics else None
+        return RunFacts(
+            run_id=self.id,
+            status=status,
+            config=cfg,
+            problem=problem,
+            final_train_loss=train[-1] if train else None,
+            final_eval_loss=evals[-1] if evals else None,
+            trainable_parameters=status.trainable_parameters,
+            total_parameters=status.total_parameters,
+            steps=status.step or (metrics[-1]["step"] if metrics else 0),
+            checkpoints=self.checkpoints(),
+            has_adapter=self.has_adapter(),
+            duration_seconds=status.elapsed_seconds if status.elapsed_seconds is not None
+            else (elapsed if _finite(elapsed) else None),
+        )
 
-# ---- creating, finding, listing ---------------------------------------------------------------------------------
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
 
 
-def create_run(cfg: RunConfig, root: Path | None = None) -> Run:
+# ---- the log, as the user wants to read it ---------------------------------------------------------------------------
+
+_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (?P<level>[A-Z]+) (?P<name>[\w.]+): ")
+
+
+def own_log_lines(text: str) -> list[str]:
+    """The lines of a train.log that belong to the run: records of the studio's loggers and any warning or error,
+    with their continuation lines (multi-line messages, tracebacks); plus a traceback printed outside logging."""
+    kept: list[str] = []
+    keep = False
+    for line in text.replace("\r", "\n").splitlines():
+        match = _RECORD.match(line)
+        if match:
+            keep = match["name"].startswith("denselora_app") or match["level"] in ("WARNING", "ERROR", "CRITICAL")
+            if keep and match["name"] == "py.warnings":
+                keep = False  # library deprecation notices: not the run's business
+        elif line.startswith("Traceback (most recent call last)"):
+            keep = True
+        if keep and line.strip():
+            kept.append(line)
+    return kept
+
+
+# ---- creating, finding, listing ----------------------------------------------------------------------------------
+
+
+def create_run(cfg: RunConfig, root: Path | None = None, device: str | None = None) -> Run:
+    """A new run folder in state 'queued', recorded as being started by this process (on ``device``)."""
     root = root or runs_dir()
     root.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -183,7 +489,8 @@ def create_run(cfg: RunConfig, root: Path | None = None) -> Run:
     path.mkdir()
     cfg.to_yaml(path / "config.yaml")
     run = Run(path)
-    run.update_status(state="queued", created_at=_now(), run_id=run_id)
+    run.update_status(state=RunState.QUEUED, created_at=time.time(), run_id=run_id, device=device,
+                      launcher_pid=os.getpid(), launcher_started=process_start_time(os.getpid()))
     return run
 
 
@@ -198,25 +505,46 @@ def get_run(run_id: str, root: Path | None = None) -> Run:
     if not RUN_ID_PATTERN.match(run_id) or ".." in run_id:
         raise RunError(f"'{run_id}' is not a valid run id (letters, digits, '.', '_' and '-' only).")
     path = root / run_id
-    if not (path / "config.yaml").exists():
+    if not path.is_dir() or not ((path / "config.yaml").exists() or (path / "status.json").exists()):
         raise RunError(f"No run '{run_id}' in {root}. List runs with: python -m denselora_app runs")
     return Run(path)
 
 
 def list_runs(root: Path | None = None) -> list[Run]:
+    """Every run folder (one with config.yaml or status.json), newest first. Reads only."""
     root = root or runs_dir()
-    if not root.exists():
+    try:
+        folders = [p for p in root.iterdir() if p.is_dir() and RUN_ID_PATTERN.match(p.name)]
+    except OSError:
         return []
-    runs = [Run(p) for p in root.iterdir() if (p / "config.yaml").exists()]
-    return sorted(runs, key=lambda r: r.raw_status().get("created_at", 0), reverse=True)
+    runs = [Run(p) for p in folders if (p / "config.yaml").exists() or (p / "status.json").exists()]
+    return sorted(runs, key=lambda r: (r.raw_status().created_at or 0.0, r.id), reverse=True)
 
 
 def delete_run(run: Run) -> None:
-    import shutil
+    """Delete the run folder; refused while it trains (stop it first). Damaged and never-started runs go too."""
+    status = run.status()
+    if status.active:
+        raise RunError(f"Run {run.id} is still {status.state}: stop it first (python -m denselora_app stop "
+                       f"{run.id}), then delete it.")
+    try:
+        shutil.rmtree(run.path)
+    except OSError as err:
+        raise RunError(f"Could not delete {run.path}: {err.strerror or err}.") from None
 
-    if run.status().get("state") in ACTIVE_STATES:
-        raise RunError(f"Run {run.id} is still training: stop it before deleting it.")
-    shutil.rmtree(run.path)
+
+# ---- which device is taken ---------------------------------------------------------------------------------------
+
+
+def run_holding(device: str, root: Path | None = None, exclude: Run | None = None) -> Run | None:
+    """The run that is training (or starting) on ``device`` (a resolved name: 'cpu', 'cuda:0', 'mps'), if any."""
+    for run in list_runs(root):
+        if exclude is not None and run.path == exclude.path:
+            continue
+        status = run.status()
+        if status.active and status.device == device:
+            return run
+    return None
 
 
 # ---- the worker process ----------------------------------------------------------------------------------------
@@ -225,18 +553,8 @@ def delete_run(run: Run) -> None:
 def start_worker(run: Run, resume: bool = False) -> int:
     """Launch ``python -m denselora_app.worker`` for this run in its own session; returns its pid.
 
-    Refuses when another run is training on the same device: two trainings would fight for the same memory.
+    Called by launch.py, which has checked the run and its device first.
     """
-    busy = [
-        r for r in list_runs(run.path.parent)
-        if r.id != run.id and r.raw_status().get("pid")  # a run that never got a worker holds no device
-        and r.status().get("state") in ACTIVE_STATES
-        and r.raw_status().get("device_request", "auto") == run.config().device
-    ]
-    if busy:
-        raise RunError(
-            f"Run {busy[0].id} is already training on this device. Wait for it to finish or stop it first."
-        )
     (run.path / STOP_FILE).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "denselora_app.worker", str(run.path)] + (["--resume"] if resume else [])
     with open(run.log_path, "ab") as log_file:
@@ -248,67 +566,52 @@ def start_worker(run: Run, resume: bool = False) -> int:
             start_new_session=True,  # survives the app and its process group; never writes to a pipe
             cwd=os.getcwd(),
         )
-    started = psutil.Process(proc.pid).create_time()
-    run.update_status(
-        state="queued", pid=proc.pid, pid_started=started, device_request=run.config().device,
-        error=None, error_kind=None, fix=None, finished_at=None,
-    )
-    _reap_later(proc)
+    run.update_status(state=RunState.QUEUED, pid=proc.pid, pid_started=process_start_time(proc.pid),
+                      error=None, error_kind=None, fix=None, note=None, finished_at=None)
+    _children.append(proc)
     return proc.pid
 
 
-_children: list[subprocess.Popen] = []
+_children: list[subprocess.Popen] = []  # our workers, polled so finished ones are reaped
 
 
-def _reap_later(proc: subprocess.Popen) -> None:
-    # Keep the handle so finished workers are reaped (no zombies that would look alive).
-    _children.append(proc)
-    for child in list(_children):
-        if child.poll() is not None:
-            _children.remove(child)
+def request_stop(run: Run) -> str:
+    """Graceful stop: the worker finishes its step, saves a checkpoint and the adapter, and ends as 'stopped'.
 
-
-def _alive(status: dict[str, Any]) -> bool:
-    for child in list(_children):
-        child.poll()
-    try:
-        proc = psutil.Process(int(status["pid"]))
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        # A recycled pid belongs to a process started at another time.
-        started = status.get("pid_started")
-        return started is None or abs(proc.create_time() - float(started)) < 1.0
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return False
-
-
-def request_stop(run: Run) -> None:
-    """Graceful stop: the worker finishes its step, saves a checkpoint and the adapter, and ends as 'stopped'."""
+    Returns what the user should expect, which depends on whether training has begun."""
     status = run.status()
-    if status.get("state") not in ACTIVE_STATES:
-        raise RunError(f"Run {run.id} is not training (state: {status.get('state')}).")
+    if not status.active:
+        how = {RunState.DAMAGED: f"it is damaged ({status.problem}); delete it",
+               RunState.FAILED: "resume it, or delete it"}.get(status.state, "resume or delete it")
+        raise RunError(f"Run {run.id} is not training (state: {status.state}); nothing to stop. You can {how}.")
     (run.path / STOP_FILE).touch()
-    if status.get("pid") and _alive(status):
+    if _alive(status.pid, status.pid_started):
         try:
-            os.kill(int(status["pid"]), signal.SIGTERM)  # the worker turns SIGTERM into the same graceful stop
+            os.kill(int(status.pid), signal.SIGTERM)  # the worker turns SIGTERM into the same graceful stop
         except ProcessLookupError:
             pass
+    if status.state is RunState.RUNNING and status.max_steps:  # the Trainer has begun: a step is under way
+        return (f"Asked run {run.id} to stop: it saves a checkpoint and its adapter after the current step "
+                f"(resume later with: python -m denselora_app resume {run.id}).")
+    return (f"Asked run {run.id} to stop. It was still preparing (loading the data and the model), so it ends "
+            "before its first training step, without a checkpoint or adapter: nothing was trained.")
 
 
-def resume(run: Run) -> int:
-    """Continue a stopped or failed run from its last checkpoint in a new worker."""
-    check_resumable(run)
-    return start_worker(run, resume=True)
-
-
-def check_resumable(run: Run) -> None:
-    state = run.status().get("state")
-    if state in ACTIVE_STATES:
+def check_resumable(run: Run) -> Path:
+    """The checkpoint a resume continues from; RunError saying why when there is none to continue."""
+    facts = run.facts()
+    if facts.problem:
+        raise RunError(f"Run {run.id} is damaged ({facts.problem}); it cannot be resumed. Delete it.")
+    state = facts.state
+    if state.active:
         raise RunError(f"Run {run.id} is already {state}.")
-    if state == "completed":
+    if state is RunState.COMPLETED:
         raise RunError(f"Run {run.id} already completed; start a new run to train more.")
-    if run.last_checkpoint() is None:
-        raise RunError(f"Run {run.id} has no checkpoint to resume from; start it again instead.")
+    checkpoint = run.last_checkpoint()
+    if checkpoint is None:
+        raise RunError(f"Run {run.id} has no complete checkpoint to resume from; start a new run instead "
+                       f"(and delete this one: python -m denselora_app delete {run.id}).")
+    return checkpoint
 
 
 # ---- failures, explained -----------------------------------------------------------------------------------------

@@ -7,9 +7,12 @@ Trainer brings DDP, FSDP and DeepSpeed). Everything a user watches is written to
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import resource
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +23,18 @@ from peft import get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from .config import SAMPLE_DATA, RunConfig
-from .data import SAMPLE_DATA as SAMPLE_DATA_FILE
-from .data import prepare_data
+from .data import data_source, prepare_data
 from .methods import build_peft_config
-from .models import load_model, load_tokenizer
-from .runs import Run, write_json_atomic
+from .models import load_model, load_tokenizer, resolve_device
+from .runs import ADAPTER_CONFIG, Run, RunState, mark_checkpoint_complete, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 
-def data_source(cfg: RunConfig) -> str:
-    return str(SAMPLE_DATA_FILE) if cfg.data == SAMPLE_DATA else cfg.data
+@dataclass
+class Outcome:
+    state: RunState  # COMPLETED or STOPPED
+    note: str | None = None  # what the user should know about how it ended
 
 
 def process_state(device: str) -> PartialState:
@@ -39,20 +42,21 @@ def process_state(device: str) -> PartialState:
 
     accelerate only sets up CPU-only multi-process training (gloo) when told the run is on the CPU.
     """
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available()
-                                 and not torch.backends.mps.is_available())
-    return PartialState(cpu=on_cpu)
+    return PartialState(cpu=resolve_device(device).type == "cpu")
 
 
-def train(run: Run, resume: bool = False, show_progress: bool = False) -> str:
-    """Train ``run`` to the end or to a stop request; returns the final state, 'completed' or 'stopped'."""
+def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcome:
+    """Train ``run`` to the end or to a stop request."""
     cfg = run.config()
     state = process_state(cfg.device)
     set_seed(cfg.seed)
+    checkpoint = run.last_checkpoint() if resume else None
+    if checkpoint is not None and _finished(checkpoint):
+        return _finish_from(run, checkpoint, state)
 
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data = prepare_data(
-        data_source(cfg),
+        data_source(cfg.data),
         tokenizer,
         fmt=cfg.data_format,
         cutoff_len=cfg.cutoff_len,
@@ -62,7 +66,6 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> str:
     )
     if state.is_main_process:
         write_json_atomic(run.path / "data_report.json", data.report.to_dict())
-        log.info("Data: %s", data.report.summary())
 
     device = str(state.device) if cfg.device == "auto" else cfg.device
     model = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
@@ -107,7 +110,6 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> str:
         disable_tqdm=not show_progress,
         report_to="none",
     )
-    checkpoint = run.last_checkpoint() if resume else None
     if resume and state.is_main_process:
         run.truncate_metrics(after_step=int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
     callback = RunCallback(run, trainable=trainable, total=base_parameters, echo=not show_progress)
@@ -117,13 +119,12 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> str:
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[callback],
+        callbacks=[callback, CheckpointMarker()],
     )
     if not show_progress:  # RunCallback logs a readable line instead of the Trainer's raw dictionaries
         trainer.remove_callback(PrinterCallback)
     if _stop_requested(run):  # asked to stop while the model was loading
-        return "stopped"
-    started = time.time()
+        return Outcome(RunState.STOPPED)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     _check_ranks_agree(peft_model)
     stopped = _stop_requested(run)
@@ -133,10 +134,33 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> str:
     if state.is_main_process:
         peft_model.save_pretrained(run.adapter_dir)
         tokenizer.save_pretrained(run.adapter_dir)  # chat template travels with the adapter
-        write_json_atomic(run.path / "summary.json", _summary(run, cfg, trainable, base_parameters, started))
+        write_json_atomic(run.path / "summary.json", run.facts().to_json())
         log.info("Adapter saved to %s", run.adapter_dir)
     state.wait_for_everyone()
-    return "stopped" if stopped else "completed"
+    return Outcome(RunState.STOPPED if stopped else RunState.COMPLETED)
+
+
+def _finished(checkpoint: Path) -> bool:
+    """Whether a checkpoint is already at the run's last step (resuming it must not train past max_steps)."""
+    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    max_steps = trainer_state.get("max_steps") or 0
+    return max_steps > 0 and trainer_state.get("global_step", 0) >= max_steps
+
+
+def _finish_from(run: Run, checkpoint: Path, state: PartialState) -> Outcome:
+    """Complete a run whose last checkpoint is its final step: its adapter is that checkpoint's."""
+    if state.is_main_process:
+        run.adapter_dir.mkdir(exist_ok=True)
+        for weights in checkpoint.glob("adapter_*"):
+            shutil.copy2(weights, run.adapter_dir / weights.name)
+        cfg = run.config()
+        load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code).save_pretrained(run.adapter_dir)
+        write_json_atomic(run.path / "summary.json", run.facts().to_json())
+        log.info("%s is already at the last step: nothing left to train; its adapter is in %s", checkpoint.name,
+                 run.adapter_dir)
+    state.wait_for_everyone()
+    return Outcome(RunState.COMPLETED, note=f"Resumed at {checkpoint.name}, which had already reached the last step: "
+                                            "nothing was left to train, and the adapter is that checkpoint's.")
 
 
 def _stop_requested(run: Run) -> bool:
@@ -163,24 +187,6 @@ def _check_ranks_agree(model: torch.nn.Module) -> None:
     log.info("Adapter weights identical on all %d ranks (sha256 %s)", len(digests), digests[0][:16])
 
 
-def _summary(run: Run, cfg: RunConfig, trainable: int, total: int, started: float) -> dict[str, Any]:
-    metrics = run.metrics()
-    train_losses = [m["loss"] for m in metrics if "loss" in m]
-    eval_losses = [m["eval_loss"] for m in metrics if "eval_loss" in m]
-    return {
-        "method": cfg.method,
-        "r": cfg.r,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "trainable_percent": 100 * trainable / total,
-        "final_train_loss": train_losses[-1] if train_losses else None,
-        "final_eval_loss": eval_losses[-1] if eval_losses else None,
-        "steps": metrics[-1]["step"] if metrics else 0,
-        "duration_seconds": metrics[-1].get("elapsed_seconds") if metrics else time.time() - started,
-        "adapter": str(run.adapter_dir),
-    }
-
-
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1024**3
@@ -202,10 +208,10 @@ class RunCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.session_start = time.time()
         self.session_first_step = state.global_step
-        self.elapsed_before = self.run.raw_status().get("elapsed_seconds", 0.0) if state.global_step else 0.0
+        self.elapsed_before = (self.run.raw_status().elapsed_seconds or 0.0) if state.global_step else 0.0
         self.last_time, self.last_tokens = time.time(), state.num_input_tokens_seen
         if state.is_world_process_zero:
-            self.run.update_status(state="running", step=state.global_step, max_steps=state.max_steps,
+            self.run.update_status(state=RunState.RUNNING, step=state.global_step, max_steps=state.max_steps,
                                    trainable_parameters=self.trainable, total_parameters=self.total)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -240,7 +246,17 @@ class RunCallback(TrainerCallback):
         if self.echo:
             log.info("%s", metrics_line(row, state.max_steps))
         self.run.update_status(step=state.global_step, max_steps=state.max_steps, elapsed_seconds=elapsed,
-                               remaining_seconds=remaining, heartbeat=now)
+                               remaining_seconds=remaining)
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks each checkpoint complete once the Trainer has written all of it (on_save comes after the save)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if (folder / ADAPTER_CONFIG).is_file():
+                mark_checkpoint_complete(folder)
 
 
 # How each metrics field reads in a log line, in this order.

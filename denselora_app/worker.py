@@ -1,7 +1,8 @@
 """The training worker: ``python -m denselora_app.worker RUN_DIR [--resume]``.
 
-Started by ``runs.start_worker`` in its own session with stdout/stderr in the run's train.log. It owns the run's
-status from 'running' to a final state, keeps a heartbeat, and turns SIGTERM into a graceful stop.
+Started by ``runs.start_worker`` (through ``launch.py``) in its own session with stdout/stderr in the run's
+train.log. It owns the run's status from 'running' to a final state and turns SIGTERM into a graceful stop.
+The foreground CLI calls ``execute`` in its own process instead.
 """
 
 from __future__ import annotations
@@ -11,53 +12,61 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
 
-from .runs import STOP_FILE, Run, classify_failure
+from .runs import LOG_FORMAT, STOP_FILE, Run, RunState, classify_failure, process_start_time
 
 log = logging.getLogger(__name__)
-HEARTBEAT_SECONDS = 5.0
+
+# A log record carrying this attribute is a traceback: kept in train.log, shown in a terminal only with --debug.
+TRACEBACK = "denselora_traceback"
 
 
-def execute(run: Run, resume: bool = False, show_progress: bool = False) -> str:
+def execute(run: Run, resume: bool = False, show_progress: bool = False) -> RunState:
     """Train the run and record how it ended in status.json (on the main process). Returns the final state."""
     from .train import process_state, train  # heavy imports, only once a run really starts
 
     main = process_state(run.config().device).is_main_process
     if main:
-        run.update_status(state="running", pid=os.getpid(), started_at=time.time(), heartbeat=time.time(),
-                          error=None, error_kind=None, fix=None, finished_at=None)
-        _start_heartbeat(run)
+        run.update_status(state=RunState.RUNNING, pid=os.getpid(), pid_started=process_start_time(os.getpid()),
+                          started_at=time.time(), error=None, error_kind=None, fix=None, note=None,
+                          finished_at=None)
+        for name in run.remove_partial_checkpoints():
+            log.warning("Removed %s: it was not completely written (the training process was killed while saving).",
+                        name)
     try:
         outcome = train(run, resume=resume, show_progress=show_progress)
     except BaseException as exc:  # noqa: BLE001  (every failure must end up explained in status.json)
-        text = traceback.format_exc()
-        log.error("Training failed:\n%s", text)
+        log.error("Training failed:\n%s", traceback.format_exc(), extra={TRACEBACK: True})
         if main:
             failure = (
                 {"kind": "interrupted", "summary": "Interrupted with Ctrl-C.", "fix": "Resume from the last checkpoint."}
-                if isinstance(exc, KeyboardInterrupt) else classify_failure(text)
+                if isinstance(exc, KeyboardInterrupt) else classify_failure(traceback.format_exc())
             )
-            run.update_status(state="failed", finished_at=time.time(), error=failure["summary"],
+            run.update_status(state=RunState.FAILED, finished_at=time.time(), error=failure["summary"],
                               error_kind=failure["kind"], fix=failure["fix"])
         raise
     if main:
-        run.update_status(state=outcome, finished_at=time.time())
+        note = None
+        if outcome.state is RunState.STOPPED and not run.has_adapter():
+            note = "Stopped before the first training step: nothing was trained, so there is no checkpoint or adapter."
+        run.update_status(state=outcome.state, finished_at=time.time(), note=note or outcome.note)
         (run.path / STOP_FILE).unlink(missing_ok=True)
-        log.info("Run %s %s.", run.id, outcome)
-    return outcome
+        log.info("Run %s %s.%s", run.id, outcome.state, f" {note}" if note else "")
+    return outcome.state
 
 
-def _start_heartbeat(run: Run) -> None:
-    def beat() -> None:
-        while run.raw_status().get("state") == "running":
-            run.update_status(heartbeat=time.time())
-            time.sleep(HEARTBEAT_SECONDS)
+def quiet_libraries() -> None:
+    """Keep train.log the run's own: no progress bars from datasets or the Hub client, and Python warnings
+    (libraries' deprecation notices) as log records that the app's log pane leaves out."""
+    import datasets
+    from huggingface_hub.utils import disable_progress_bars
 
-    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+    datasets.disable_progress_bars()
+    disable_progress_bars()
+    logging.captureWarnings(True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format=LOG_FORMAT)
+    quiet_libraries()
     run = Run(args.run_dir.resolve())
     # A signal handler may only do something tiny: the training loop polls for this file after every step.
     signal.signal(signal.SIGTERM, lambda *_: (run.path / STOP_FILE).touch())

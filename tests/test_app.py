@@ -207,12 +207,12 @@ def test_start_watch_refuse_stop_and_the_runs_tab(client, app, app_model_dir, ap
     assert re.search(r"step \d+/\d+ \| loss \d", later[7]), later[7][-2000:]  # the log tail, readable
 
     second, _ = client.predict(**tiny_settings(app_model_dir, data=str(app_data_file)), api_name="/start")
-    assert second.startswith("⚠️ Not started") and "already training on this device" in second
+    assert second.startswith("⚠️ Not started") and f"cpu is in use by run {run_id}" in second
     assert [p.parent.name for p in app.runs.glob("*/config.yaml")] == [run_id], "the refused run is removed"
     still_training = client.predict(run_id, api_name="/delete_run")
-    assert "still training" in still_training
+    assert "is still running: stop it first" in still_training
 
-    assert client.predict(api_name="/stop").startswith("Stopping")
+    assert "saves a checkpoint and its adapter after the current step" in client.predict(api_name="/stop")
     final = wait_until(lambda: (s := status()) and "state: **stopped**" in s[0] and s, timeout=180,
                        what="the stopped state")
     assert "Your adapter is in" in final[6] and str(app.runs / run_id / "adapter") in final[6]

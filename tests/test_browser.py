@@ -4,8 +4,8 @@ One journey, as a person would make it: open the app, point the model at a local
 explained next to the upload, upload a dataset and read its preview and report, move the rank and watch the
 parameter line change, start a run and watch its loss chart grow, restart the app while the worker trains and find
 the run again, stop it, reload the page and find it stopped, then overlay it with a LoRA baseline in the Runs tab
-and delete it.
-Screenshots go to docs/screenshots/.
+and delete it. On the way, "Chat with this adapter" takes the stopped run to the Chat tab.
+Screenshots go to the test's tmp folder (the README's come from scripts/screenshots.py, on the real model).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from conftest import APP_DATA_ROWS, AppProcess, launch_app, stop_workers
 from denselora_app.config import RunConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 FIRST_PAGE_SECONDS = 10.0
 SLOW = 180_000  # ms: the machine is small and shared; loading a model or starting a worker takes a while
 
@@ -56,13 +55,13 @@ def set_number(page: Page, elem_id: str, value: str) -> None:
     field.press("Enter")
 
 
-def shoot(page: Page, name: str, at: str | None = None) -> None:
-    """The whole page, or the window scrolled to the element ``at``."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+def shoot(page: Page, path: Path, at: str | None = None) -> None:
+    """The whole page, or the window scrolled to the element ``at``, into ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     if at:  # its section's heading just above it stays in the picture
         page.evaluate(f"document.querySelector('{at}').scrollIntoView({{block: 'start'}}); window.scrollBy(0, -70)")
     page.wait_for_timeout(500)  # let charts finish their transition
-    page.screenshot(path=str(SCREENSHOTS / name), full_page=at is None)
+    page.screenshot(path=str(path), full_page=at is None)
 
 
 def lora_baseline(app: AppProcess, model_dir: Path, data: str, tmp_path: Path) -> str:
@@ -90,6 +89,7 @@ def test_the_train_and_runs_tabs_end_to_end(browser, tmp_path, app_model_dir):
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{this is not json\n[1, 2]\n")
 
+    shots = tmp_path / "screenshots"  # for looking at a failure; not the README's
     app = launch_app(tmp_path / "app")
     try:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -114,7 +114,7 @@ def test_the_train_and_runs_tabs_end_to_end(browser, tmp_path, app_model_dir):
         message = page.locator("#data-message")
         expect(message).to_contain_text("no usable rows")
         expect(message).to_contain_text("not valid JSON")
-        shoot(page, "data-error.png", at="#upload")
+        shoot(page, shots / "data-error.png", at="#upload")
 
         # The data: preview rows, format, highlighted examples, length histogram and report.
         page.locator("#upload input[type=file]").set_input_files(str(good))
@@ -144,7 +144,7 @@ def test_the_train_and_runs_tabs_end_to_end(browser, tmp_path, app_model_dir):
         set_number(page, "cfg-save_steps", "1000")
         for elem_id, value in (("cfg-max_steps", "100000"), ("cfg-eval_steps", "5"), ("cfg-save_steps", "1000")):
             expect(page.locator(f"#{elem_id} input[type=number]").first).to_have_value(value)
-        shoot(page, "train-tab.png")
+        shoot(page, shots / "train-tab.png")
 
         page.locator("#start").click()
         expect(page.locator("#start-message")).to_contain_text("Started run")
@@ -153,6 +153,7 @@ def test_the_train_and_runs_tabs_end_to_end(browser, tmp_path, app_model_dir):
         assert (started.r, started.max_steps, started.eval_steps, started.save_steps) == (8, 100000, 5, 1000)
         expect(page.locator("#run-header")).to_contain_text("running")
         page.wait_for_function("() => document.querySelectorAll('#loss-plot g.mark-symbol path').length >= 4")
+        expect(page.locator("#chat-with-run")).to_be_hidden()  # no adapter to chat with while it trains
         seen = line_points(page, "loss-plot")
         page.wait_for_function(
             f"() => document.querySelectorAll('#loss-plot g.mark-symbol path').length > {seen}")
@@ -161,7 +162,7 @@ def test_the_train_and_runs_tabs_end_to_end(browser, tmp_path, app_model_dir):
         page.wait_for_function("""() => (document.querySelector(
             '#loss-plot g.mark-line path[aria-label*="series: validation"]')?.getAttribute('d') || '').includes('L')""")
         expect(page.locator("#run-log textarea")).to_have_value(re.compile(r"step \d+/100000 \| loss \d"))
-        shoot(page, "live-run.png", at="#start")
+        shoot(page, shots / "live-run.png", at="#start")
 
         # Restart the app while the worker trains: the new app finds the run, with its history.
         app.stop()
@@ -173,16 +174,25 @@ def test_the_train_and_runs_tabs_end_to_end(browser, tmp_path, app_model_dir):
 
         # Stop: graceful, the adapter is saved and the app says where.
         page.locator("#stop").click()
-        expect(page.locator("#start-message")).to_contain_text("Stopping")
+        expect(page.locator("#start-message")).to_contain_text("saves a checkpoint and its adapter")
         expect(page.locator("#run-header")).to_contain_text("stopped")
         expect(page.locator("#run-outcome")).to_contain_text("Your adapter is in")
         expect(page.locator("#run-outcome")).to_contain_text(str(app.runs / run_id / "adapter"))
+        expect(page.locator("#chat-with-run")).to_be_visible()
 
         # Reload: the stopped run is still there.
         page.reload()
         expect(page.locator("#run-header")).to_contain_text(run_id)
         expect(page.locator("#run-header")).to_contain_text("stopped")
         page.wait_for_function("() => document.querySelectorAll('#loss-plot g.mark-symbol path').length >= 4")
+
+        # "Chat with this adapter": the Chat tab opens with the run's adapter chosen, to be loaded on the first message.
+        page.locator("#chat-with-run").click()
+        expect(page.locator("#chat-adapter")).to_be_visible()
+        expect(page.locator("#chat-adapter input").first).to_have_value(run_id)
+        expect(page.locator("#chat-status")).to_contain_text(f"Selected {run_id}")
+        expect(page.locator("#chat-status")).to_contain_text("first message")
+        expect(page.locator("#start")).to_be_hidden()  # the Train tab is no longer shown
 
         # A LoRA baseline on the same settings, trained with the CLI as a user would, to compare with.
         baseline = lora_baseline(app, app_model_dir, stored_data, tmp_path)
@@ -203,7 +213,7 @@ def test_the_train_and_runs_tabs_end_to_end(browser, tmp_path, app_model_dir):
         expect(page.locator("#compare-plot")).to_contain_text("train · lora r=8")  # both runs in one chart
         page.wait_for_function("() => document.querySelectorAll('#compare-plot g.mark-symbol path').length >= 40")
         page.wait_for_function("() => document.querySelectorAll('#open-loss-plot g.mark-symbol path').length >= 4")
-        shoot(page, "runs-tab.png")
+        shoot(page, shots / "runs-tab.png")
 
         page.locator("#delete-run").click()
         expect(page.locator("#delete-message")).to_contain_text("cannot be undone")

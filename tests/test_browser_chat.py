@@ -1,7 +1,7 @@
 """The Chat tab in a real browser (Playwright driving Debian's headless Chromium), on a tiny model: pick a run's
 adapter, turn on the comparison with the base model, send a message and watch both answers stream in; then the
-same conversation through the API, as gradio_client drives it. The screenshot goes to
-docs/screenshots/chat-compare.png.
+same conversation through the API, as gradio_client drives it. The screenshot goes to the test's tmp folder (the
+README's comes from scripts/screenshots.py, on the real model).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from conftest import launch_app
 from test_chat_ui import PROMPT, make_chat_run, save_readable_model
 
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 SLOW = 120_000  # ms: the machine is small and shared; the first load imports torch and loads the model
 ANSWER = re.compile(r"\w{3,}")  # some streamed text (the tiny model's words), not an empty bubble
 
@@ -37,8 +36,11 @@ def test_chat_compares_an_adapter_with_its_base_in_the_browser(tmp_path):
             page.set_default_timeout(SLOW)
             page.goto(app.url)
 
-            # Opening the tab lists the runs' adapters; picking one loads it and says what it is.
+            # Opening the tab lists the runs' adapters, with the newest run's chosen but not loaded yet; picking
+            # one loads it and says what it is.
             page.locator("#tab-chat-button").click()
+            expect(page.locator("#chat-adapter input").first).to_have_value(run_id)
+            expect(page.locator("#chat-status")).to_contain_text(f"Selected {run_id}")
             page.locator("#chat-adapter input").first.click()
             page.get_by_role("option", name=run_id).click()
             status = page.locator("#chat-status")
@@ -64,9 +66,8 @@ def test_chat_compares_an_adapter_with_its_base_in_the_browser(tmp_path):
                 expect(page.locator(f'{column} [data-testid="user"]').last).to_have_text(PROMPT)
             assert base_answer.inner_text().strip() != adapter_answer.inner_text().strip()
 
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             page.locator("#tab-chat-button").scroll_into_view_if_needed()
-            page.screenshot(path=str(SCREENSHOTS / "chat-compare.png"))
+            page.screenshot(path=str(tmp_path / "chat-compare.png"))  # for looking at a failure
             browser.close()
 
         client = Client(app.url, verbose=False)

@@ -17,7 +17,7 @@ from denselora_app.chat import ChatEngine, ChatError, GenerationSettings, build_
 from denselora_app.cli import main
 from denselora_app.config import RunConfig
 from denselora_app.denselora import DenseLoraConfig
-from denselora_app.runs import create_run
+from denselora_app.runs import create_run, mark_checkpoint_complete
 
 PROMPT = "what is the capital of a country?"
 GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0, seed=0)
@@ -59,6 +59,7 @@ def workspace(tmp_path_factory) -> Path:
     for folder in (run.adapter_dir, run.checkpoints_dir / "checkpoint-5"):
         get_peft_model(models.load_model(str(model_dir), device="cpu"), configs["dense_a"]).save_pretrained(folder)
     (run.checkpoints_dir / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    mark_checkpoint_complete(run.checkpoints_dir / "checkpoint-5")
     run.update_status(state="completed")
     return root
 
@@ -161,7 +162,7 @@ def test_a_run_training_on_the_same_device_is_announced(workspace, tmp_path, mon
     root = tmp_path / "runs"
     busy = create_run(RunConfig(model=str(workspace / "model"), data="x.jsonl", run_name="busy", device="cpu"), root)
     busy.update_status(state="running", pid=os.getpid(), pid_started=psutil.Process().create_time(),
-                       device_request="cpu")
+                       device="cpu")
     engine = ChatEngine(device="cpu", runs_root=root)
     selected = engine.select(str(workspace / "dense_a"))
     assert busy.id in selected.notice and busy.id in engine.training_notice()

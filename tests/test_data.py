@@ -11,7 +11,7 @@ import pytest
 
 from conftest import tiny_tokenizer
 from denselora_app import data as D
-from denselora_app import models
+from denselora_app import rules
 from denselora_app.data import (
     FORMATS,
     SAMPLE_DATA,
@@ -469,7 +469,7 @@ def test_unsupported_file_type_and_folder(tmp_path, tokenizer):
 
 
 def test_hub_dataset_with_the_connection_dropping_says_to_upload_a_file(tokenizer, monkeypatch):
-    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: None)  # the Hub answered the probe, then went away
+    monkeypatch.setattr(rules, "hub_unreachable_reason", lambda: None)  # the Hub answered the probe, then went away
     calls = []
 
     def offline(name, split):
@@ -485,7 +485,7 @@ def test_hub_dataset_with_the_connection_dropping_says_to_upload_a_file(tokenize
 
 
 def test_an_unreachable_hub_is_named_at_once_without_waiting_for_datasets(tokenizer, monkeypatch, tmp_path):
-    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: "https://huggingface.co did not answer")
+    monkeypatch.setattr(rules, "hub_unreachable_reason", lambda: "https://huggingface.co did not answer")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("must not wait for the Hub"))
     with pytest.raises(DataError, match=r"unreachable \(https://huggingface.co did not answer\) and the dataset is "
@@ -501,13 +501,13 @@ def test_an_unreachable_hub_uses_the_cached_copy_of_a_dataset(tokenizer, monkeyp
     (cache / "datasets--owner--set" / "refs" / "main").write_text("0123abcd")
     (snapshot / "train.jsonl").write_text(json.dumps({"instruction": "a?", "input": "", "output": "b"}) + "\n")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: "offline mode is on")
+    monkeypatch.setattr(rules, "hub_unreachable_reason", lambda: "offline mode is on")
     report = prepare_data("owner/set", tokenizer).report
     assert (report.source, report.format, report.rows_used) == ("owner/set", "alpaca", 1)
 
 
 def test_hub_dataset_rows_are_used(tokenizer, monkeypatch):
-    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(rules, "hub_unreachable_reason", lambda: None)
     rows = [{"instruction": "a?", "input": "", "output": "b"}] * 4
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(rows))
     report = prepare_data("tatsu-lab/alpaca", tokenizer).report

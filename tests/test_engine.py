@@ -16,7 +16,8 @@ from peft import PeftModel
 
 from conftest import tiny_llama, tiny_tokenizer
 from denselora_app.config import RunConfig
-from denselora_app.runs import Run, classify_failure, create_run, get_run, request_stop, resume, start_worker
+from denselora_app.launch import resume_run
+from denselora_app.runs import Run, classify_failure, create_run, list_runs, request_stop, start_worker
 from denselora_app.worker import execute
 
 REPO = Path(__file__).parent.parent
@@ -72,7 +73,7 @@ def test_loss_falls_and_the_run_folder_is_complete(tiny_model_dir, tiny_data, ru
     run = create_run(tiny_config(tiny_model_dir, tiny_data, val_size=2))
     assert execute(run) == "completed"
     status = run.status()
-    assert status["state"] == "completed" and status["step"] == 30
+    assert status.state == "completed" and status.step == 30
     metrics = run.metrics()
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == 30
@@ -84,8 +85,9 @@ def test_loss_falls_and_the_run_folder_is_complete(tiny_model_dir, tiny_data, ru
         assert key in first, key
     assert any("eval_loss" in m for m in metrics)  # val_size given, eval_steps 0: evaluated at the end
     assert (run.adapter_dir / "adapter_model.safetensors").exists()
-    summary = run.summary()
-    assert summary["trainable_parameters"] > 0 and summary["final_eval_loss"] is not None
+    facts = run.facts()
+    assert facts.trainable_parameters > 0 and facts.final_eval_loss is not None
+    assert json.loads((run.path / "summary.json").read_text())["final_eval_loss"] == facts.final_eval_loss
     report = run.data_report()
     assert report["rows_used"] == 8 and report["val_rows"] == 2
     assert RunConfig.from_yaml(run.path / "config.yaml") == run.config()
@@ -94,18 +96,18 @@ def test_loss_falls_and_the_run_folder_is_complete(tiny_model_dir, tiny_data, ru
 def test_stop_then_resume_continues_the_step_count(tiny_model_dir, tiny_data, runs_root):
     run = create_run(tiny_config(tiny_model_dir, tiny_data, max_steps=100000, save_steps=1000))
     start_worker(run)
-    wait_for(lambda: run.raw_status().get("step", 0) >= 3, what="training to start")
+    wait_for(lambda: run.raw_status().step >= 3, what="training to start")
     request_stop(run)
-    wait_for(lambda: run.status()["state"] == "stopped", what="the graceful stop")
-    stopped_at = run.raw_status()["step"]
+    wait_for(lambda: run.status().state == "stopped", what="the graceful stop")
+    stopped_at = run.raw_status().step
     checkpoint = run.last_checkpoint()
     assert checkpoint is not None and checkpoint.name == f"checkpoint-{stopped_at}"
     assert (run.adapter_dir / "adapter_model.safetensors").exists()
 
-    resume(run)
-    wait_for(lambda: run.raw_status().get("step", 0) >= stopped_at + 3, what="the resumed run")
+    resume_run(run)
+    wait_for(lambda: run.raw_status().step >= stopped_at + 3, what="the resumed run")
     request_stop(run)
-    wait_for(lambda: run.status()["state"] == "stopped", what="the second stop")
+    wait_for(lambda: run.status().state == "stopped", what="the second stop")
     steps = [m["step"] for m in run.metrics() if "loss" in m]
     assert steps == list(range(1, steps[-1] + 1)), "steps must continue without gaps or repeats"
     assert steps[-1] > stopped_at
@@ -119,8 +121,8 @@ def test_a_killed_worker_is_reported_failed_and_its_checkpoints_load(tiny_model_
     pid = start_worker(run)
     wait_for(run.last_checkpoint, what="a checkpoint")
     os.kill(pid, signal.SIGKILL)
-    status = wait_for(lambda: (s := run.status())["state"] == "failed" and s, what="failure detection")
-    assert status["error_kind"] == "killed" and "killed" in status["error"] and status["fix"]
+    status = wait_for(lambda: (s := run.status()).state == "failed" and s, what="failure detection")
+    assert status.error_kind == "killed" and "killed" in status.error and status.fix
     model = PeftModel.from_pretrained(tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2),
                                       run.last_checkpoint())
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 320)
@@ -131,21 +133,9 @@ def test_bad_data_fails_with_a_classified_reason(tiny_model_dir, tmp_path, runs_
     bad.write_text("{not json\n")
     run = create_run(tiny_config(tiny_model_dir, bad))
     start_worker(run)
-    status = wait_for(lambda: (s := run.status())["state"] == "failed" and s, what="the failure")
-    assert status["error_kind"] == "data error"
-    assert "bad.jsonl" in status["error"] and status["fix"]
-
-
-def test_second_start_on_the_same_device_is_refused(tiny_model_dir, tiny_data, runs_root):
-    from denselora_app.runs import RunError
-
-    first = create_run(tiny_config(tiny_model_dir, tiny_data, max_steps=100000))
-    start_worker(first)
-    second = create_run(tiny_config(tiny_model_dir, tiny_data))
-    with pytest.raises(RunError, match="already training on this device"):
-        start_worker(second)
-    request_stop(first)
-    wait_for(lambda: first.status()["state"] in ("stopped", "failed"), what="the stop")
+    status = wait_for(lambda: (s := run.status()).state == "failed" and s, what="the failure")
+    assert status.error_kind == "data error"
+    assert "bad.jsonl" in status.error and status.fix
 
 
 def test_failure_classification():
@@ -167,8 +157,8 @@ def test_cli_train_runs_stop_resume(tiny_model_dir, tiny_data, runs_root, tmp_pa
     result = cli("train", str(config), "--set", "max_steps=6", "--set", "run_name=cli-demo", "--set", "r=2")
     assert result.returncode == 0, result.stderr
     assert "Your adapter is in" in result.stdout
-    run = get_run(next(p.name for p in runs_root.iterdir()))
-    assert run.config().r == 2 and run.status()["state"] == "completed"
+    (run,) = list_runs(runs_root)
+    assert run.config().r == 2 and run.status().state == "completed"
     listing = cli("runs")
     assert run.id in listing.stdout and "completed" in listing.stdout and "denselora" in listing.stdout
     assert cli("stop", run.id).returncode == 2  # not training: a clear error, not a traceback
@@ -189,9 +179,9 @@ def test_torchrun_two_cpu_processes_train_one_identical_adapter(tiny_model_dir, 
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = list(runs_root.iterdir())
+    runs = list_runs(runs_root)
     assert len(runs) == 1, "both ranks must write to one run folder"
-    run = Run(runs[0])
-    assert run.status()["state"] == "completed"
+    run = runs[0]
+    assert run.status().state == "completed"
     assert (run.adapter_dir / "adapter_model.safetensors").exists()
     assert "Adapter weights identical on all 2 ranks" in run.log_path.read_text()

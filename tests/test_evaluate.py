@@ -29,7 +29,6 @@ from denselora_app.evaluate import (
     load_eval_data,
     parse_question,
     pick_choice,
-    read_eval,
 )
 from denselora_app.runs import Run, create_run
 
@@ -197,7 +196,7 @@ def test_results_are_saved_merged_and_the_base_reused(workspace, engine, monkeyp
     assert scored == ["base", run_dir.name, run_dir.name]  # the base's loglik result came from eval.json
     assert again.results[0].created_at == base.created_at and again.results[1].loss == pytest.approx(adapter.loss)
 
-    saved = read_eval(Run(run_dir))
+    saved = Run(run_dir).evaluation()
     assert sorted(r["mode"] for r in saved["results"]) == ["generate", "loglik"]  # the newer loglik replaced one
     assert max(r["created_at"] for r in saved["results"] if r["mode"] == "loglik") == again.results[1].created_at
     assert sorted(r["mode"] for r in saved["base"]) == ["generate", "loglik"]

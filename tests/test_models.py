@@ -17,7 +17,7 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig
 
 from conftest import CHATML_TEMPLATE, tiny_llama, tiny_tokenizer
-from denselora_app import models
+from denselora_app import models, rules
 from denselora_app.models import (
     EMBEDDED_DEFAULT,
     ModelLoadError,
@@ -217,21 +217,21 @@ class _Session:
 def test_hub_unreachable_without_offline_mode(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(models.hub_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(models, "get_session", lambda: _Session(httpx2.ConnectError("Name or service not known")))
+    monkeypatch.setattr(rules.hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(rules, "get_session", lambda: _Session(httpx2.ConnectError("Name or service not known")))
     with pytest.raises(ModelLoadError, match="Hub is unreachable.*Name or service not known") as error:
         ensure_local("denselora-tests/not-a-cached-model")
     assert EMBEDDED_DEFAULT in str(error.value)
 
 
 def test_hub_unreachable_uses_the_local_hub_cache(offline, monkeypatch, tiny_dir):
-    monkeypatch.setattr(models, "snapshot_download", lambda repo_id, repo_type, local_files_only: str(tiny_dir))
+    monkeypatch.setattr(rules, "snapshot_download", lambda repo_id, repo_type, local_files_only: str(tiny_dir))
     assert ensure_local("org/cached-model") == str(tiny_dir)
 
 
 def test_unknown_hub_model(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(models, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(rules, "hub_unreachable_reason", lambda: None)
 
     def not_found(repo_id, filename, **kwargs):
         response = httpx2.Response(404, request=httpx2.Request("HEAD", f"https://huggingface.co/{repo_id}"))

@@ -14,7 +14,7 @@ from peft import PeftModel
 
 from denselora_app.data import SAMPLE_PROBES
 from denselora_app.models import EMBEDDED_DEFAULT, load_model, load_tokenizer
-from denselora_app.runs import Run
+from denselora_app.runs import Run, list_runs
 
 REPO = Path(__file__).parent.parent
 
@@ -39,13 +39,13 @@ def quickstart_run(tmp_path_factory) -> Run:
         capture_output=True, text=True, cwd=REPO, timeout=2400, env={**os.environ, "DENSELORA_RUNS": str(runs)},
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    (folder,) = runs.iterdir()
-    return Run(folder)
+    (run,) = list_runs(runs)
+    return run
 
 
 def test_quickstart_trains_to_completion(quickstart_run):
     status = quickstart_run.status()
-    assert status["state"] == "completed" and status["step"] == 60
+    assert status.state == "completed" and status.step == 60
     losses = [m["loss"] for m in quickstart_run.metrics() if "loss" in m]
     assert losses[-1] < 0.3 * losses[0]
     assert (quickstart_run.adapter_dir / "adapter_model.safetensors").exists()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import gradio as gr
 
@@ -25,7 +26,7 @@ def build_app() -> gr.Blocks:
                     "parameters than LoRA at the same rank.")
         if os.environ.get("SPACE_ID"):
             space_notice()
-        with gr.Tabs():
+        with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train = train_tab.build(demo)
             with gr.Tab("Runs", id="runs", elem_id="tab-runs") as runs_tab_item:
@@ -44,12 +45,21 @@ def build_app() -> gr.Blocks:
             event.then(runs_tab.runs_table, inputs=runs.refresh_inputs, outputs=runs.refresh_outputs,
                        api_visibility="private")
         # The adapter and run lists are read when their tab opens: new runs finish while the page stays open.
-        chat_tab_item.select(chat_tab.refresh_adapters, outputs=chat.refresh_outputs, api_visibility="private")
+        chat_tab_item.select(chat_tab.refresh_adapters, inputs=chat.refresh_inputs, outputs=chat.refresh_outputs,
+                             api_visibility="private")
         evaluate_tab_item.select(evaluate_tab.refresh_adapters, inputs=evaluation.refresh_inputs,
                                  outputs=evaluation.refresh_outputs, api_visibility="private")
         publish_tab_item.select(publish_tab.refresh_runs, inputs=publishing.refresh_inputs,
                                 outputs=publishing.refresh_outputs, api_visibility="private")
+        # After a run: straight to the Chat tab with its adapter chosen (loaded on the first message or with Load).
+        train.chat_button.click(open_in_chat, inputs=[train.run_state], outputs=[tabs, *chat.refresh_outputs],
+                                api_visibility="private")
     return demo
+
+
+def open_in_chat(run_id: str | None) -> tuple[Any, ...]:
+    """The Chat tab, selected, with the final adapter of run ``run_id`` in its adapter box."""
+    return gr.Tabs(selected="chat"), *chat_tab.select_run(run_id)
 
 
 def space_notice() -> None:

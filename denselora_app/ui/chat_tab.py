@@ -10,13 +10,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
 if TYPE_CHECKING:
-    from ..chat import ChatEngine, LoadedAdapter
+    from ..chat import AdapterRef, ChatEngine, LoadedAdapter
 
 CHOOSE = "Choose a run's adapter or checkpoint above, or type an adapter folder or a Hub adapter id, then **Load**."
 # Every event that uses the one model waits its turn in one queue (chat, loading an adapter, evaluation).
@@ -69,9 +70,52 @@ def training_line() -> str:
     return _warn(notice) if notice else ""
 
 
-def refresh_adapters() -> tuple[Any, str]:
-    """The adapter list as the runs folder holds it now, and the training notice. A typed value is kept."""
-    return gr.Dropdown(choices=adapter_choices()), training_line()
+def _kept(chosen: str | None, choices: list[tuple[str, str]]) -> bool:
+    """Whether a value already in the box stays: one of the listed adapters, or something the user typed (a folder
+    or a Hub id). Only a folder that has gone (a deleted run's adapter) is dropped."""
+    if not chosen or not chosen.strip():
+        return False
+    path = Path(chosen).expanduser()
+    return chosen in {location for _, location in choices} or not path.is_absolute() or path.exists()
+
+
+def selected_line(ref: AdapterRef | None) -> str:
+    """The status line of an adapter put in the box without loading it (loading takes a while)."""
+    if ref is None:
+        return CHOOSE
+    loaded = _engine.selected if _engine is not None else None
+    if loaded is not None and loaded.adapter.location == ref.location:
+        return describe(loaded)
+    return f"Selected **{ref.label}**: it loads with your first message, or now with **Load**."
+
+
+def _select(ref: AdapterRef | None, choices: list[tuple[str, str]]) -> tuple[Any, str, str]:
+    return (gr.Dropdown(choices=choices, value=ref.location if ref else None), training_line(),
+            selected_line(ref))
+
+
+def refresh_adapters(chosen: str | None = None) -> tuple[Any, str, Any]:
+    """The adapter list as the runs folder holds it now, the training notice and the status line.
+
+    A value already chosen (or typed) is kept; otherwise the newest run's final adapter is put in the box, without
+    loading it: that happens on the first message or with Load.
+    """
+    refs = chat_module().available_adapters()
+    choices = [(ref.label, ref.location) for ref in refs]
+    if _kept(chosen, choices):
+        return gr.Dropdown(choices=choices), training_line(), gr.skip()
+    return _select(next((ref for ref in refs if ref.checkpoint is None), None), choices)
+
+
+def select_run(run_id: str | None) -> tuple[Any, str, str]:
+    """The list with the final adapter of run ``run_id`` chosen (not loaded), the training notice and the status
+    line: what "Chat with this adapter" in the Train tab leaves in the Chat tab."""
+    refs = chat_module().available_adapters()
+    choices = [(ref.label, ref.location) for ref in refs]
+    ref = next((r for r in refs if r.checkpoint is None and r.run_dir and Path(r.run_dir).name == run_id), None)
+    if ref is None:
+        return gr.Dropdown(choices=choices), training_line(), _warn(f"Run {run_id} has no final adapter.")
+    return _select(ref, choices)
 
 
 def describe(loaded: LoadedAdapter) -> str:
@@ -184,7 +228,8 @@ def clear_history() -> tuple[list, list]:
 
 @dataclass
 class ChatTab:
-    refresh_outputs: list[Any]  # what refresh_adapters fills, when the tab is opened
+    refresh_inputs: list[Any]  # what refresh_adapters reads, when the tab is opened
+    refresh_outputs: list[Any]  # what refresh_adapters and select_run fill
 
 
 def build(demo: gr.Blocks) -> ChatTab:
@@ -224,7 +269,8 @@ def build(demo: gr.Blocks) -> ChatTab:
             seed = gr.Number(-1, label="Seed", info="-1: a new random seed for each answer", precision=0,
                              minimum=-1, elem_id="chat-seed")
 
-    refresh_button.click(refresh_adapters, outputs=[adapter, notice], api_name="chat_adapters")
+    refresh_button.click(refresh_adapters, inputs=[adapter], outputs=[adapter, notice, status],
+                         api_name="chat_adapters")
     gr.on([load_button.click, adapter.select], load_adapter, inputs=[adapter], outputs=[status],
           api_name="chat_load", **ENGINE_QUEUE)
     gr.on([send_button.click, message.submit], send,
@@ -236,4 +282,4 @@ def build(demo: gr.Blocks) -> ChatTab:
     stop_button.click(stop_chat, api_name="chat_stop")
     compare.input(toggle_compare, inputs=[compare, chatbot], outputs=[base_chatbot], api_visibility="private")
     clear_button.click(clear_history, outputs=[chatbot, base_chatbot], api_visibility="private")
-    return ChatTab(refresh_outputs=[adapter, notice])
+    return ChatTab(refresh_inputs=[adapter], refresh_outputs=[adapter, notice, status])

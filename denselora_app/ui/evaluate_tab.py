@@ -27,10 +27,14 @@ def _warn(message: Any) -> str:
 
 
 def refresh_adapters(chosen: list[str] | None) -> Any:
-    """Every run's adapter and checkpoints, keeping the ones chosen that still exist."""
-    choices = chat_tab.adapter_choices()
-    locations = {location for _, location in choices}
-    return gr.Dropdown(choices=choices, value=[c for c in chosen or [] if c in locations])
+    """Every run's adapter and checkpoints, keeping the ones chosen that still exist; with none, the newest run's
+    final adapter is chosen."""
+    refs = chat_tab.chat_module().available_adapters()
+    locations = [ref.location for ref in refs]
+    kept = [c for c in chosen or [] if c in locations]
+    newest = next((ref.location for ref in refs if ref.checkpoint is None), None)
+    return gr.Dropdown(choices=[(ref.label, ref.location) for ref in refs], value=kept or ([newest] if newest else []),
+                       multiselect=True)
 
 
 def results_frame(table: EvalTable) -> pd.DataFrame:

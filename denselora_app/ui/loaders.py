@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RunConfig
+from ..rules import DATA_FILE_TYPES
 from ..runs import runs_dir, safe_name
 
-UPLOAD_TYPES = (".jsonl", ".json", ".csv", ".parquet", ".txt")  # what data.py reads; checked before copying
+UPLOAD_TYPES = DATA_FILE_TYPES  # what data.py reads; checked before copying
 
 
 def _stamp(spec: str) -> float | None:
@@ -81,10 +82,10 @@ def bytes_per_weight(cfg: RunConfig) -> int:
 
 
 def data_source(cfg: RunConfig) -> str:
-    """The data path or Hub name the training will read (the sample name mapped to its file), as train.py does."""
-    from ..train import data_source as train_data_source
+    """The data path or Hub name the training will read (the sample name mapped to its file)."""
+    from ..data import data_source as source_of
 
-    return train_data_source(cfg)
+    return source_of(cfg.data)
 
 
 def uploads_dir() -> Path:

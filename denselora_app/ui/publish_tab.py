@@ -42,8 +42,9 @@ def publishable_runs() -> list[str]:
 
 
 def refresh_runs(chosen: str | None) -> Any:
+    """The runs with a final adapter, keeping the one chosen if it still has one; otherwise the newest is chosen."""
     ids = publishable_runs()
-    return gr.Dropdown(choices=ids, value=chosen if chosen in ids else None)
+    return gr.Dropdown(choices=ids, value=chosen if chosen in ids else (ids[0] if ids else None))
 
 
 def _missing(run_id: str | None, repo_id: str, what: str = "model repository") -> str | None:

@@ -1,6 +1,6 @@
 """How one run looks in the app: its state line, progress bar, charts, outcome and table row.
 
-Shared by the Train tab's live view and the Runs tab; reads only what the run folder holds (``runs.Run``).
+Shared by the Train tab's live view and the Runs tab; everything comes from ``Run.facts()``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..runs import ACTIVE_STATES, Run
+from ..runs import Run, RunFacts, RunState, Status
 from . import charts
 
 LOG_LINES = 30
@@ -28,25 +28,27 @@ def duration(seconds: float | None) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def header_markdown(run: Run, status: dict[str, Any]) -> str:
-    cfg = run.config()
-    return (f"**Run** `{run.id}` · state: **{status.get('state', 'unknown')}** · "
+def header_markdown(facts: RunFacts) -> str:
+    if facts.problem:
+        return f"**Run** `{facts.run_id}` · state: **damaged** · {facts.problem}"
+    cfg = facts.config
+    return (f"**Run** `{facts.run_id}` · state: **{facts.state}** · "
             f"{cfg.method} r={cfg.r} · model `{cfg.model}`")
 
 
-def progress_html(status: dict[str, Any]) -> str:
+def progress_html(status: Status) -> str:
     """A bar with 'step i/N', elapsed and ETA; before the first step it says what the worker is doing."""
-    state = status.get("state", "unknown")
-    step, total = int(status.get("step") or 0), int(status.get("max_steps") or 0)
+    state = status.state
+    step, total = status.step, status.max_steps or 0
     percent = 100.0 * step / total if total else 0.0
-    if state == "queued" or (state == "running" and not total):
+    if state is RunState.QUEUED or (state is RunState.RUNNING and not total):
         text = "Preparing: loading the data and the model (the first use of the default model converts it, ~1 min)"
-    elif state == "running" and "elapsed_seconds" not in status:
+    elif state is RunState.RUNNING and status.elapsed_seconds is None:
         text = f"step {step}/{total} · the first step is running"
     else:
-        text = f"step {step}/{total or '?'} · elapsed {duration(status.get('elapsed_seconds'))}"
-        if state == "running":
-            text += f" · ETA {duration(status.get('remaining_seconds'))}"
+        text = f"step {step}/{total or '?'} · elapsed {duration(status.elapsed_seconds)}"
+        if state is RunState.RUNNING:
+            text += f" · ETA {duration(status.remaining_seconds)}"
     return (
         '<div class="dl-progress">'
         f'<div class="dl-progress-bar" style="width:{percent:.1f}%"></div></div>'
@@ -54,21 +56,25 @@ def progress_html(status: dict[str, Any]) -> str:
     )
 
 
-def outcome_markdown(run: Run, status: dict[str, Any]) -> str:
+def outcome_markdown(run: Run, facts: RunFacts) -> str:
     """Where the adapter is once a run ended, or why it failed and what to do; empty while it trains."""
-    state = status.get("state")
-    if state in ACTIVE_STATES:
+    state, status = facts.state, facts.status
+    if state.active:
         return ""
-    if state == "failed":
-        return (f"**Training failed** ({status.get('error_kind') or 'error'}): {status.get('error') or ''}\n\n"
-                f"**Fix:** {status.get('fix') or 'read the log below.'}")
-    if run.adapter_dir.is_dir():
+    if state is RunState.DAMAGED:
+        return (f"**This run folder is damaged:** {facts.problem}.\n\n**Fix:** delete it in the Runs tab "
+                f"(or `python -m denselora_app delete {run.id}`); other runs are not affected.")
+    if state is RunState.FAILED:
+        return (f"**Training failed** ({status.error_kind or 'error'}): {status.error or ''}\n\n"
+                f"**Fix:** {status.fix or 'read the log below.'}")
+    note = f"\n\n{status.note}" if status.note else ""
+    if facts.has_adapter:
         where = f"**Your adapter is in** `{run.adapter_dir}`"
-        if state == "stopped":
+        if state is RunState.STOPPED:
             return (f"Run stopped; the adapter trained so far was saved. {where}\n\n"
-                    f"Continue training with `python -m denselora_app resume {run.id}`")
-        return f"Run {state}. {where}"
-    return f"Run {state}; it saved no adapter."
+                    f"Continue training with `python -m denselora_app resume {run.id}`{note}")
+        return f"Run {state}. {where}{note}"
+    return f"Run {state}; it saved no adapter.{note}"
 
 
 @dataclass
@@ -91,25 +97,19 @@ TABLE_COLUMNS = ["Run", "State", "Method", "Rank", "Trainable %", "Train loss", 
                  "Duration", "Started"]
 
 
-def table_row(run: Run) -> list[Any]:
+def table_row(facts: RunFacts) -> list[Any]:
     """One line of the Runs table; the final losses of a run still training are its latest ones."""
-    status, summary, cfg = run.status(), run.summary(), run.config()
-    rows = run.metrics()
-    train = [m["loss"] for m in rows if "loss" in m]
-    val = [m["eval_loss"] for m in rows if "eval_loss" in m]
-    trainable, total = status.get("trainable_parameters"), status.get("total_parameters")
-    percent = summary.get("trainable_percent") or (100 * trainable / total if trainable and total else None)
-    seconds = summary.get("duration_seconds", status.get("elapsed_seconds"))
-    created = status.get("created_at")
+    status, cfg = facts.status, facts.config
+    created = status.created_at
     return [
-        run.id,
-        status.get("state", "unknown"),
-        cfg.method,
-        cfg.r,
-        f"{percent:.4f}" if percent else "-",
-        f"{train[-1]:.4f}" if train else "-",
-        f"{val[-1]:.4f}" if val else "-",
-        f"{status.get('step', 0)}/{status.get('max_steps') or '?'}",
-        duration(seconds),
+        facts.run_id,
+        "damaged" if facts.problem else str(facts.state),
+        cfg.method if cfg else "-",
+        cfg.r if cfg else "-",
+        f"{facts.trainable_percent:.4f}" if facts.trainable_percent else "-",
+        f"{facts.final_train_loss:.4f}" if facts.final_train_loss is not None else "-",
+        f"{facts.final_eval_loss:.4f}" if facts.final_eval_loss is not None else "-",
+        f"{facts.steps}/{status.max_steps or '?'}",
+        duration(facts.duration_seconds),
         dt.datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M") if created else "-",
     ]

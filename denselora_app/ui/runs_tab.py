@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -11,29 +10,16 @@ import gradio as gr
 import pandas as pd
 
 from ..config import ConfigError
-from ..runs import Run, RunError, delete_run, get_run, list_runs
+from ..runs import RunError, delete_run, get_run, list_runs
 from . import charts, run_view
-
-log = logging.getLogger(__name__)
-
-
-def _readable_runs() -> list[Run]:
-    readable = []
-    for run in list_runs():
-        try:
-            run.config()
-        except ConfigError as err:  # a hand-edited config.yaml must not hide every other run
-            log.warning("Skipping run %s: %s", run.id, err)
-            continue
-        readable.append(run)
-    return readable
 
 
 def runs_table(opened: str | None = None, compared: list[str] | None = None) -> tuple[pd.DataFrame, Any, Any]:
-    """The table of all runs (newest first) and the run pickers, keeping picks that still exist."""
-    runs = _readable_runs()
-    ids = [run.id for run in runs]
-    table = pd.DataFrame([run_view.table_row(run) for run in runs], columns=run_view.TABLE_COLUMNS)
+    """The table of all runs (newest first; a damaged one says so) and the run pickers, keeping picks that still
+    exist."""
+    facts = [run.facts() for run in list_runs()]
+    ids = [f.run_id for f in facts]
+    table = pd.DataFrame([run_view.table_row(f) for f in facts], columns=run_view.TABLE_COLUMNS)
     return (
         table,
         gr.Dropdown(choices=ids, value=opened if opened in ids else None),
@@ -52,18 +38,19 @@ def open_run(run_id: str | None) -> tuple[Any, ...]:
         return "Pick a run in the table or the list.", None, None, "", ""
     try:
         run = get_run(run_id)
-        status, cfg = run.status(), run.config()
-    except (RunError, ConfigError) as err:
+    except RunError as err:
         return f"⚠️ {err}", None, None, "", ""
+    facts = run.facts()
     shown = run_view.run_charts(run.metrics())
-    row = dict(zip(run_view.TABLE_COLUMNS, run_view.table_row(run), strict=True))
-    details = (f"{run_view.header_markdown(run, status)}\n\n"
+    row = dict(zip(run_view.TABLE_COLUMNS, run_view.table_row(facts), strict=True))
+    details = (f"{run_view.header_markdown(facts)}\n\n"
                f"Trainable: {row['Trainable %']}% · steps {row['Steps']} · duration {row['Duration']} · "
                f"final loss {row['Train loss']} (validation {row['Validation loss']})\n\n"
-               f"Folder: `{run.path}`\n\n{run_view.outcome_markdown(run, status)}")
+               f"Folder: `{run.path}`\n\n{run_view.outcome_markdown(run, facts)}")
     report = run.data_report()
     report_text = "\n".join(f"{key}: {value}" for key, value in report.items()) if report else "No data report yet."
-    return details, shown.loss, shown.learning_rate, cfg.to_yaml(), report_text
+    config_text = facts.config.to_yaml() if facts.config else ""
+    return details, shown.loss, shown.learning_rate, config_text, report_text
 
 
 def compare_runs(run_ids: list[str] | None) -> pd.DataFrame | None:
@@ -74,7 +61,7 @@ def compare_runs(run_ids: list[str] | None) -> pd.DataFrame | None:
             run = get_run(run_id)
             cfg = run.config()
         except (RunError, ConfigError):
-            continue  # deleted meanwhile: just leave it out of the chart
+            continue  # deleted meanwhile, or damaged: just leave it out of the chart
         # The date is the same for most runs compared; the time and name tell them apart in a short legend.
         short_id = re.sub(r"^\d{8}-", "", run.id)
         curves[f"{cfg.method} r={cfg.r} · {short_id}"] = run.metrics()

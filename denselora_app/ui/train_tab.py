@@ -17,7 +17,8 @@ import pandas as pd
 
 from .. import config as C
 from ..config import ConfigError, RunConfig, field_help
-from ..runs import ACTIVE_STATES, RunError, create_run, delete_run, get_run, list_runs, request_stop, start_worker
+from ..rules import DEVICE_KINDS
+from ..runs import RunError, get_run, list_runs, request_stop
 from . import charts, forms, loaders, run_view
 
 log = logging.getLogger(__name__)
@@ -200,51 +201,17 @@ def show_command(preset: str | None, **settings: Any) -> str:
 # ---- start, stop and the live view ---------------------------------------------------------------------------------
 
 
-def _problem_before_start(cfg: RunConfig) -> str | None:
-    """Why this config would fail straight away (device, model, targets, data), checked before a run exists."""
-    from ..data import DataError, prepare_data
-    from ..methods import count_parameters
-    from ..models import resolve_device, resolve_dtype
-
-    try:
-        resolve_dtype(cfg.dtype, resolve_device(cfg.device))
-    except ValueError as err:
-        return f"Device: {err}"
-    try:
-        # Counting builds the adapter on the meta device, so target modules the model lacks are caught here too.
-        count_parameters(loaders.model_config(cfg.model, cfg.trust_remote_code), cfg)
-        tokenizer = loaders.tokenizer(cfg.model, cfg.trust_remote_code)
-    except loaders.model_errors() as err:
-        return f"Model: {err}"
-    try:
-        prepare_data(loaders.data_source(cfg), tokenizer, fmt=cfg.data_format, cutoff_len=cfg.cutoff_len,
-                     train_on_inputs=cfg.train_on_inputs, val_size=cfg.val_size, seed=cfg.seed)
-    except DataError as err:
-        return f"Data: {err}"
-    return None
-
-
 def start_training(**settings: Any) -> tuple[str, str | None, Any]:
-    """Validate the form, model and data, then create the run and start its worker.
+    """Start the run the form describes, through the engine's launch (the same checks as the CLI: model, adapter,
+    data, device). Returns the message, the run id to watch (unchanged when refused) and the live-view timer."""
+    from ..launch import LaunchError, launch
 
-    Returns the message, the run id to watch (unchanged when refused) and the live-view timer.
-    """
     try:
         cfg = forms.config_from_settings(settings)
-    except ConfigError as err:
-        return _warn(f"Not started: {err}"), gr.skip(), gr.skip()
-    problem = _problem_before_start(cfg)
-    if problem:
-        return _warn(f"Not started. {problem}"), gr.skip(), gr.skip()
-    run = create_run(cfg)
-    try:
-        pid = start_worker(run)
-    except RunError as err:
-        # The refused run never trained: record it as ended so the engine lets it be deleted, then delete it.
-        run.update_status(state="failed", error=str(err))
-        delete_run(run)
-        return _warn(f"Not started: {err}"), gr.skip(), gr.skip()
-    log.info("Started run %s (worker pid %d)", run.id, pid)
+        run = launch(cfg, load_config=loaders.model_config, load_tokenizer=loaders.tokenizer)
+    except (ConfigError, LaunchError) as err:
+        return _warn(f"Not started. {err}"), gr.skip(), gr.skip()
+    log.info("Started run %s", run.id)
     return (f"Started run `{run.id}`. It trains in its own process: closing or reloading this page does not "
             "stop it."), run.id, gr.Timer(active=True)
 
@@ -253,10 +220,9 @@ def stop_training(run_id: str | None) -> str:
     if not run_id:
         return _warn("No run to stop.")
     try:
-        request_stop(get_run(run_id))
+        return request_stop(get_run(run_id))
     except RunError as err:
         return _warn(err)
-    return "Stopping: the worker finishes its current step, then saves a checkpoint and the adapter."
 
 
 def live_status(run_id: str | None) -> tuple[Any, ...]:
@@ -266,31 +232,53 @@ def live_status(run_id: str | None) -> tuple[Any, ...]:
         return "No run yet: set things up above and press **Start training**.", "", *nothing
     try:
         run = get_run(run_id)
-        status = run.status()
-        header = run_view.header_markdown(run, status)
-    except (RunError, ConfigError) as err:
+    except RunError as err:
         return _warn(err), "", *nothing
+    facts = run.facts()
     shown = run_view.run_charts(run.metrics())
     return (
-        header,
-        run_view.progress_html(status),
+        run_view.header_markdown(facts),
+        run_view.progress_html(facts.status),
         gr.Column(visible=True),
         shown.loss,
         shown.learning_rate,
         shown.grad_norm,
         shown.tokens_per_second,
-        run_view.outcome_markdown(run, status),
-        run.log_tail(run_view.LOG_LINES),
-        gr.Timer(active=status.get("state") in ACTIVE_STATES),
+        run_view.outcome_markdown(run, facts),
+        run.own_log_tail(run_view.LOG_LINES),
+        gr.Timer(active=facts.state.active),
     )
 
 
 def restore_run() -> str | None:
     """The run a freshly loaded page watches: the one training now, else the most recent."""
     runs = list_runs()
-    active = next((r for r in runs if r.status().get("state") in ACTIVE_STATES), None)
+    active = next((r for r in runs if r.status().active), None)
     chosen = active or (runs[0] if runs else None)
     return chosen.id if chosen else None
+
+
+# ---- after the run -------------------------------------------------------------------------------------------------
+
+
+def has_final_adapter(run_id: str | None) -> bool:
+    """Whether the run has ended (completed or stopped: the worker saves the adapter before it says so) and its
+    final adapter is on disk."""
+    from ..runs import RunState
+
+    if not run_id:
+        return False
+    try:
+        run = get_run(run_id)
+        return run.status().state in (RunState.COMPLETED, RunState.STOPPED) and run.has_adapter()
+    except (RunError, OSError):
+        return False
+
+
+def chat_offer(run_id: str | None) -> Any:
+    """The "Chat with this adapter" button: shown once the watched run has ended with its final adapter, hidden
+    while it trains, when it failed, or when there is no run."""
+    return gr.Button(visible=has_final_adapter(run_id))
 
 
 # ---- layout --------------------------------------------------------------------------------------------------------
@@ -300,6 +288,8 @@ def restore_run() -> str | None:
 class TrainTab:
     start_event: Any  # other tabs refresh after these
     stop_event: Any
+    run_state: Any = None  # the id of the run the live view watches
+    chat_button: Any = None  # "Chat with this adapter" (app.py switches to the Chat tab with it)
 
 
 def build(demo: gr.Blocks) -> TrainTab:
@@ -411,7 +401,7 @@ def build(demo: gr.Blocks) -> TrainTab:
             controls["run_name"] = gr.Textbox(cfg.run_name, label="Run name", info=field_help("run_name"),
                                               elem_id="cfg-run_name")
         with gr.Row():
-            controls["device"] = gr.Dropdown(["auto", "cpu", "cuda", "mps"], value=cfg.device, label="Device",
+            controls["device"] = gr.Dropdown(list(DEVICE_KINDS), value=cfg.device, label="Device",
                                              info=field_help("device"), allow_custom_value=True, elem_id="cfg-device")
             controls["dtype"] = gr.Dropdown(list(C.DTYPES), value=cfg.dtype, label="Weights dtype",
                                             info=field_help("dtype"), elem_id="cfg-dtype")
@@ -442,7 +432,10 @@ def build(demo: gr.Blocks) -> TrainTab:
             grad_plot = gr.LinePlot(x="step", y="grad_norm", title="Gradient norm", height=220, elem_id="grad-plot")
             speed_plot = gr.LinePlot(x="step", y="tokens_per_second", title="Tokens per second", height=220,
                                      elem_id="speed-plot")
-        outcome = gr.Markdown(elem_id="run-outcome")
+        with gr.Row(equal_height=True):
+            outcome = gr.Markdown(elem_id="run-outcome")
+            chat_button = gr.Button("Chat with this adapter", variant="primary", visible=False, scale=0,
+                                    min_width=220, elem_id="chat-with-run")
         log_box = gr.Textbox(label="Log (last lines)", lines=8, max_lines=12, interactive=False, autoscroll=True,
                              elem_id="run-log")
     live_outputs = [run_header, progress, run_box, loss_plot, lr_plot, grad_plot, speed_plot, outcome, log_box,
@@ -507,5 +500,9 @@ def build(demo: gr.Blocks) -> TrainTab:
                      api_name="live_status_after_start", show_progress="hidden")
     stop_event = stop_button.click(stop_training, inputs=[run_state], outputs=[start_message], api_name="stop")
     timer.tick(live_status, inputs=[run_state], outputs=live_outputs, api_name="status", show_progress="hidden")
+    # "Chat with this adapter" follows the watched run: a new run (start, page load) and every tick of the live view,
+    # the last of which sees the run end.
+    gr.on([run_state.change, timer.tick], chat_offer, inputs=[run_state], outputs=[chat_button],
+          api_name="chat_offer", show_progress="hidden")
 
-    return TrainTab(start_event=start_event, stop_event=stop_event)
+    return TrainTab(start_event=start_event, stop_event=stop_event, run_state=run_state, chat_button=chat_button)

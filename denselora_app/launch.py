@@ -1,0 +1,182 @@
+"""Starting and resuming runs: the one way every front end (the CLI in the foreground and in the background, the
+app, and any later one) starts training.
+
+    launch(cfg)            check everything that can be checked before training, then create the run folder and
+                           start its worker (or, with background=False, hand the run back to train in this process)
+    resume_run(run)        the same checks for a stopped or failed run, then continue it from its last checkpoint
+
+The checks read the model's configuration (no weights: the model is built on the meta device), the adapter's
+targets and rank against it, the first rows of the data through the model's tokenizer, and the device, which only
+one run may hold at a time. A launch that is refused creates nothing and raises LaunchError, whose message is one
+paragraph saying what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from .config import RunConfig, StudioError
+from .runs import (
+    Run,
+    RunState,
+    check_resumable,
+    create_run,
+    process_start_time,
+    run_holding,
+    runs_dir,
+    start_worker,
+)
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(StudioError):
+    """A run that must not start: ``what`` names the part at fault (configuration, model, adapter, data, device,
+    runs folder), the message says what is wrong and how to fix it."""
+
+    def __init__(self, what: str, message: str) -> None:
+        named = message.lower().startswith(what.lower())  # "Device 'cuda': ..." needs no "Device:" before it
+        super().__init__(message if named else f"{what[:1].upper()}{what[1:]}: {message}")
+        self.what = what
+
+
+@dataclass
+class Preflight:
+    """What the checks found: the device the run will hold, its parameter counts and the data's first rows."""
+
+    device: str
+    parameters: Any  # methods.ParameterCount
+    data: Any  # data.DataReport, of the rows checked
+
+
+def run_device(device: str) -> str:
+    """The device a setting means on this machine ('auto' -> 'cuda:0', 'mps' or 'cpu'; 'cuda' -> 'cuda:N'): the
+    one name runs are compared by, so two settings that mean one device can never train on it together."""
+    from .models import resolve_device
+
+    try:
+        return str(resolve_device(device))
+    except ValueError as err:
+        raise LaunchError("device", str(err)) from None
+
+
+def preflight(
+    cfg: RunConfig,
+    *,
+    load_config: Callable[[str, bool], Any] | None = None,
+    load_tokenizer: Callable[[str, bool], Any] | None = None,
+) -> Preflight:
+    """Every check that can be made before a run exists; LaunchError on the first problem.
+
+    ``load_config`` / ``load_tokenizer`` (spec, trust_remote_code) default to the models module's loaders; the
+    app passes its cached ones, so a launch right after a preview reads nothing twice.
+    """
+    from . import models
+    from .data import DataError, check_data, data_source
+    from .methods import AdapterError, check_adapter
+
+    device = run_device(cfg.device)
+    try:
+        models.resolve_dtype(cfg.dtype, models.resolve_device(device))
+    except ValueError as err:
+        raise LaunchError("dtype", str(err)) from None
+    load_config = load_config or (lambda spec, trust: models.load_config(spec, trust_remote_code=trust))
+    load_tokenizer = load_tokenizer or (lambda spec, trust: models.load_tokenizer(spec, trust_remote_code=trust))
+    try:
+        model_config = load_config(cfg.model, cfg.trust_remote_code)
+        parameters = check_adapter(model_config, cfg)
+    except models.ModelLoadError as err:
+        raise LaunchError("model", str(err)) from None
+    except AdapterError as err:
+        raise LaunchError("adapter", str(err)) from None
+    except Exception as err:  # noqa: BLE001  (an architecture transformers cannot build from its config)
+        raise LaunchError("model", f"{cfg.model!r} cannot be built from its configuration ({type(err).__name__}: "
+                                   f"{err}). Choose a causal language model that transformers supports.") from None
+    try:
+        tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    except models.ModelLoadError as err:
+        raise LaunchError("model", str(err)) from None
+    try:
+        report = check_data(data_source(cfg.data), tokenizer, fmt=cfg.data_format, cutoff_len=cfg.cutoff_len,
+                            train_on_inputs=cfg.train_on_inputs, val_size=cfg.val_size)
+    except DataError as err:
+        raise LaunchError("data", str(err)) from None
+    return Preflight(device=device, parameters=parameters, data=report)
+
+
+def _device_lock(root: Path) -> FileLock:
+    """Held while a launch checks the device and records its claim, so two launches cannot both find it free."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LaunchError("runs folder", f"cannot create {root}: {err.strerror or err}. Set DENSELORA_RUNS to a "
+                                         "writable folder.") from None
+    return FileLock(str(root / ".launch.lock"))
+
+
+def _claim(device: str, root: Path, share_device: bool, exclude: Run | None = None) -> None:
+    if share_device:
+        return
+    holder = run_holding(device, root, exclude=exclude)
+    if holder is not None:
+        status = holder.status()
+        progress = f", step {status.step}/{status.max_steps}" if status.max_steps else ""
+        raise LaunchError(
+            "device",
+            f"{device} is in use by run {holder.id} ({status.state}{progress}); two trainings on one device fight "
+            f"for its memory. Wait for that run to finish, stop it (python -m denselora_app stop {holder.id}), "
+            "or, if you know both fit, start anyway with --share-device.",
+        )
+
+
+def launch(
+    cfg: RunConfig,
+    *,
+    background: bool = True,
+    share_device: bool = False,
+    root: Path | None = None,
+    checked: Preflight | None = None,
+    **loaders: Any,
+) -> Run:
+    """Check ``cfg`` (unless ``checked`` holds this config's preflight), claim its device, create its run folder
+    and, with ``background``, start its worker. Without ``background`` the caller trains the returned run itself
+    (``worker.execute``). Raises LaunchError, having created nothing, when the run must not start."""
+    checked = checked or preflight(cfg, **loaders)
+    root = root or runs_dir()
+    try:
+        with _device_lock(root):
+            _claim(checked.device, root, share_device)
+            run = create_run(cfg, root, device=checked.device)
+    except OSError as err:
+        raise LaunchError("runs folder", f"cannot write in {root}: {err.strerror or err}. Set DENSELORA_RUNS to a "
+                                         "writable folder.") from None
+    log.info("Run %s on %s: %s", run.id, checked.device, checked.parameters.summary(cfg.method))
+    if background:
+        start_worker(run)
+    return run
+
+
+def resume_run(run: Run, *, background: bool = True, share_device: bool = False, **loaders: Any) -> Run:
+    """Continue a stopped or failed run from its last complete checkpoint, after the same checks as a launch
+    (its data or model may have changed since). Raises RunError or LaunchError, changing nothing, when it cannot."""
+    check_resumable(run)
+    cfg = run.config()
+    checked = preflight(cfg, **loaders)
+    root = run.path.parent
+    with _device_lock(root):
+        _claim(checked.device, root, share_device, exclude=run)
+        check_resumable(run)  # another process may have resumed it meanwhile
+        run.update_status(state=RunState.QUEUED, device=checked.device, launcher_pid=os.getpid(),
+                          launcher_started=process_start_time(os.getpid()), pid=None, pid_started=None,
+                          error=None, error_kind=None, fix=None, note=None, finished_at=None)
+    if background:
+        start_worker(run, resume=True)
+    return run
+

@@ -1,0 +1,319 @@
+"""Starting runs: the one launch function, its pre-flight checks, the device rule, and runs that can never be
+stranded. Bad input is refused before anything exists, in one paragraph, with exit status 2 and no traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from denselora_app import cli
+from denselora_app.config import RunConfig
+from denselora_app.launch import LaunchError, launch, resume_run, run_device
+from denselora_app.runs import create_run, get_run, list_runs, request_stop, run_holding
+from denselora_app.worker import execute
+
+REPO = Path(__file__).parent.parent
+
+
+@pytest.fixture
+def model_dir(app_model_dir) -> Path:
+    return app_model_dir
+
+
+@pytest.fixture
+def data_file(app_data_file) -> Path:
+    return app_data_file
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """The foreground CLI configures the root logger (terminal and train.log); undo it after each test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+def runs_root(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("DENSELORA_RUNS", str(tmp_path / "runs"))
+    return tmp_path / "runs"
+
+
+@pytest.fixture
+def config_file(tmp_path, model_dir, data_file) -> Path:
+    path = tmp_path / "run.yaml"
+    config(model_dir, data_file).to_yaml(path)
+    return path
+
+
+def config(model_dir: Path, data: Path, **overrides) -> RunConfig:
+    values = dict(model=str(model_dir), data=str(data), r=4, alpha=8, dropout=0.0, learning_rate=3e-2, max_steps=4,
+                  batch_size=2, grad_accum=1, warmup_steps=0, save_steps=2, cutoff_len=64, device="cpu")
+    return RunConfig(**{**values, **overrides})
+
+
+def run_folders(root: Path) -> list[Path]:
+    return [p for p in root.iterdir() if p.is_dir()] if root.exists() else []
+
+
+def hold_device(root: Path, model_dir: Path, data: Path, device: str = "cpu", **status) -> object:
+    """A run that trains on ``device`` as far as any reader can tell: its training process is this test process."""
+    run = create_run(config(model_dir, data, run_name="holder"), root, device=device)
+    me = psutil.Process()
+    run.update_status(state="running", pid=me.pid, pid_started=me.create_time(), step=3, max_steps=40, **status)
+    return run
+
+
+# ---- bad input, refused before anything exists -------------------------------------------------------------------
+
+
+def _bad_inputs(tmp: Path, model_dir: Path, data: Path) -> list[tuple[str, list[str], str]]:
+    """(what, extra CLI arguments, a phrase the message must contain) for every kind of bad input."""
+    files = {
+        "folder.yaml": None,  # a folder with a config-like name
+        "latin1.yaml": "model: caf\xe9\n".encode("latin-1"),
+        "broken.yaml": b"model: [unclosed\n",
+        "list.yaml": b"- model\n- data\n",
+        "empty.jsonl": b"",
+        "random.jsonl": bytes(range(256)) * 40,
+        "latin1.jsonl": json.dumps({"text": "caf\xe9"}, ensure_ascii=False).encode("latin-1") + b"\n",
+        "long-line.jsonl": b"x" * 1_000_000 + b"\n",
+        "columns.jsonl": b'{"question": "a?", "reply": "b"}\n' * 3,
+        "sheet.xlsx": b"PK\x03\x04",
+        "two.jsonl": b'{"text": "the quick brown fox"}\n' * 2,
+    }
+    for name, content in files.items():
+        if content is None:
+            (tmp / name).mkdir()
+        else:
+            (tmp / name).write_bytes(content)
+    no_config = tmp / "no-config"
+    no_config.mkdir()
+    (no_config / "weights.bin").write_bytes(b"")
+    adapter = tmp / "an-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    cfg = str(tmp / "run.yaml")
+
+    def with_config(path: str) -> list[str]:
+        return ["train", path]
+
+    def setting(value: str) -> list[str]:
+        return ["train", cfg, "--set", value]
+
+    return [
+        ("config is a folder", with_config(str(tmp / "folder.yaml")), "is a folder, not a configuration file"),
+        ("config is not UTF-8", with_config(str(tmp / "latin1.yaml")), "is not UTF-8 text"),
+        ("config is not YAML", with_config(str(tmp / "broken.yaml")), "is not valid YAML"),
+        ("config is a list", with_config(str(tmp / "list.yaml")), "is a mapping of keys to values"),
+        ("config file missing", with_config(str(tmp / "missing.yaml")), "Configuration file not found"),
+        ("unknown key", setting("lerning_rate=1e-3"), "Did you mean 'learning_rate'"),
+        ("a word for a number", setting("r=zero"), "r must be a whole number"),
+        ("negative validation", setting("val_size=-1"), "val_size must be at least 0"),
+        ("unknown device name", setting("device=tpu"), "device must be one of"),
+        ("data is a folder", setting(f"data={tmp}"), "is a folder - give a data file"),
+        ("empty data file", setting(f"data={tmp / 'empty.jsonl'}"), "is empty"),
+        ("random bytes", setting(f"data={tmp / 'random.jsonl'}"), "is not UTF-8 text"),
+        ("data not UTF-8", setting(f"data={tmp / 'latin1.jsonl'}"), "save it as UTF-8"),
+        ("a 1 MB line", setting(f"data={tmp / 'long-line.jsonl'}"), "no usable rows"),
+        ("unknown columns", setting(f"data={tmp / 'columns.jsonl'}"), "cannot tell the layout"),
+        ("missing data file", setting(f"data={tmp / 'nope.jsonl'}"), "file not found"),
+        ("unsupported file type", setting(f"data={tmp / 'sheet.xlsx'}"), "unsupported file type '.xlsx'"),
+        ("validation takes every row", setting(f"data={tmp / 'two.jsonl'}") + ["--set", "val_size=2"],
+         "at least one must stay for training"),
+        ("model path missing", setting(f"model={tmp / 'no-model'}"), "No such file or folder"),
+        ("model folder without config", setting(f"model={no_config}"), "has no config.json"),
+        ("an adapter as the model", setting(f"model={adapter}"), "holds a PEFT adapter"),
+        ("rank wider than the model", setting("r=100000"), "r=100000 is wider than the narrowest adapted layer"),
+        ("unknown target module", setting("target_modules=[q_proj, attn_out]"), "attn_out: LlamaForCausalLM has no"),
+        ("CUDA on a CPU machine", setting("device=cuda"), "CUDA is not available on this machine"),
+        ("a CUDA device number", setting("device=cuda:3"), "CUDA is not available on this machine"),
+    ]
+
+
+def test_every_bad_input_is_refused_in_one_paragraph_and_creates_nothing(tmp_path, model_dir, data_file, runs_root,
+                                                                          capsys):
+    config(model_dir, data_file).to_yaml(tmp_path / "run.yaml")
+    cases = _bad_inputs(tmp_path, model_dir, data_file)
+    assert len(cases) >= 20
+    for what, args, phrase in cases:
+        for background in ([], ["--background"]) if args[0] == "train" else ([],):
+            code = cli.main(args + background)
+            out, err = capsys.readouterr()
+            assert code == 2, (what, background, out, err)
+            assert err.startswith("error: ") and phrase in err, (what, err)
+            assert "Traceback" not in out + err, (what, err)
+            assert run_folders(runs_root) == [], f"{what}: a refused launch must leave no run folder"
+
+
+def test_a_refusal_in_a_fresh_process_is_quiet(tmp_path, model_dir, data_file, runs_root):
+    """The terminal shows one paragraph: no traceback, no library warnings; --debug adds the traceback."""
+    config_path = tmp_path / "run.yaml"
+    config(model_dir, tmp_path).to_yaml(config_path)
+    env = {**os.environ, "DENSELORA_RUNS": str(runs_root)}
+    quiet = subprocess.run([sys.executable, "-m", "denselora_app", "train", str(config_path)], capture_output=True,
+                           text=True, env=env, cwd=REPO, timeout=300)
+    assert quiet.returncode == 2
+    assert quiet.stderr.strip().splitlines() == [f"error: Data: {tmp_path} is a folder - give a data file "
+                                                 "(.jsonl, .json, .csv, .parquet, .txt)"]
+    debug = subprocess.run([sys.executable, "-m", "denselora_app", "train", str(config_path), "--debug"],
+                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr and "is a folder" in debug.stderr
+    assert run_folders(runs_root) == []
+
+
+def test_a_failure_during_training_keeps_its_traceback_in_train_log_only(tmp_path, model_dir, data_file, runs_root):
+    """Weights that cannot be read pass the pre-flight (it reads no weights) and fail when training loads them."""
+    broken = tmp_path / "broken-model"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    config(broken, data_file).to_yaml(tmp_path / "run.yaml")
+    result = subprocess.run([sys.executable, "-m", "denselora_app", "train", str(tmp_path / "run.yaml")],
+                            capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "DENSELORA_RUNS": str(runs_root)})
+    (run,) = list_runs(runs_root)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"Run {run.id} failed: The base model could not be loaded." in result.stderr
+    assert f"The full error is in {run.log_path} (or run again with --debug)." in result.stderr
+    assert "Traceback" in run.log_path.read_text()
+    status = run.status()
+    assert status.state == "failed" and status.error_kind == "model load error"
+
+
+# ---- the device rule ---------------------------------------------------------------------------------------------
+
+
+def test_devices_are_compared_after_resolution(monkeypatch):
+    assert run_device("auto") == run_device("cpu") == run_device(" CPU ") == "cpu"  # this machine has no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert run_device("auto") == run_device("cuda") == run_device("cuda:0") == "cuda:0"
+    assert run_device("cuda:1") == "cuda:1"
+    with pytest.raises(LaunchError, match="this machine has 2 CUDA device"):
+        run_device("cuda:2")
+
+
+@pytest.mark.parametrize("requested", ["auto", "cpu"])
+def test_a_second_run_on_a_busy_device_is_refused_naming_the_holder(requested, model_dir, data_file, runs_root):
+    holder = hold_device(runs_root, model_dir, data_file)
+    with pytest.raises(LaunchError, match=rf"cpu is in use by run {holder.id} \(running, step 3/40\).*--share-device"):
+        launch(config(model_dir, data_file, device=requested), background=False)
+    assert [r.id for r in list_runs(runs_root)] == [holder.id]
+    shared = launch(config(model_dir, data_file, device=requested), background=False, share_device=True)
+    assert shared.status().device == "cpu"
+
+
+def test_foreground_cli_training_respects_the_device_rule(tmp_path, model_dir, data_file, runs_root, capsys):
+    holder = hold_device(runs_root, model_dir, data_file)
+    config(model_dir, data_file, device="auto").to_yaml(tmp_path / "run.yaml")
+    assert cli.main(["train", str(tmp_path / "run.yaml")]) == 2
+    assert f"in use by run {holder.id}" in capsys.readouterr().err
+    assert [r.id for r in list_runs(runs_root)] == [holder.id]
+
+
+def test_a_foreground_run_holds_its_device_while_it_trains(model_dir, data_file, runs_root, monkeypatch):
+    """The training process itself is recorded as the device holder, as a background worker is."""
+    run = launch(config(model_dir, data_file), background=False)
+    seen = {}
+
+    def check_busy(*args, **kwargs):
+        with pytest.raises(LaunchError, match=f"in use by run {run.id}"):
+            launch(config(model_dir, data_file), background=False)
+        seen["status"] = get_run(run.id).status()
+        raise KeyboardInterrupt  # stop here: what matters is what others saw meanwhile
+
+    from denselora_app import train
+
+    monkeypatch.setattr(train, "Trainer", check_busy)
+    with pytest.raises(KeyboardInterrupt):
+        execute(run)
+    assert seen["status"].state == "running" and seen["status"].pid == os.getpid()
+
+
+# ---- no run is ever stranded -------------------------------------------------------------------------------------
+
+
+def test_a_run_whose_start_never_happened_has_a_way_out(tmp_path, model_dir, data_file, runs_root, capsys):
+    """The launcher died between creating the folder and starting the worker: the run is reported as never started,
+    holds no device, cannot be stopped or resumed, and can be deleted."""
+    holder = hold_device(runs_root, model_dir, data_file)
+    stranded = create_run(config(model_dir, data_file, run_name="stranded"), runs_root, device="cpu")
+    stranded.update_status(launcher_pid=2**22 + 11, launcher_started=1.0)  # a process that no longer exists
+    status = stranded.status()
+    assert status.state == "failed" and status.error_kind == "never started" and "delete" in status.fix
+    assert json.loads((stranded.path / "status.json").read_text())["state"] == "queued", "reading never writes"
+    assert run_holding("cpu", runs_root, exclude=holder) is None
+
+    from denselora_app.ui.train_tab import restore_run
+
+    assert restore_run() == holder.id, "a reloaded page watches the run that trains, not the newest stuck one"
+
+    assert cli.main(["runs"]) == 0
+    assert "never started: delete it" in capsys.readouterr().out
+    assert cli.main(["stop", stranded.id]) == 2
+    assert "is not training" in capsys.readouterr().err
+    assert cli.main(["resume", stranded.id]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert cli.main(["delete", stranded.id]) == 2  # not a terminal: asks for --yes instead of deleting
+    assert "add --yes" in capsys.readouterr().err and stranded.path.exists()
+    assert cli.main(["delete", stranded.id, "--yes"]) == 0
+    assert not stranded.path.exists()
+
+
+def test_a_running_run_cannot_be_deleted(model_dir, data_file, runs_root, capsys):
+    holder = hold_device(runs_root, model_dir, data_file)
+    assert cli.main(["delete", holder.id, "--yes"]) == 2
+    assert "is still running: stop it first" in capsys.readouterr().err and holder.path.exists()
+
+
+def test_stop_before_the_first_step_says_nothing_was_trained(model_dir, data_file, runs_root, capsys):
+    run = launch(config(model_dir, data_file), background=False)
+    message = request_stop(run)
+    assert "before its first training step" in message and "nothing was trained" in message
+    assert execute(run) == "stopped"
+    status = run.status()
+    assert status.state == "stopped" and "nothing was trained" in status.note
+    assert not run.has_adapter() and run.checkpoints() == []
+    assert cli.main(["resume", run.id]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_resume_from_a_checkpoint_at_max_steps_trains_no_further(model_dir, data_file, runs_root):
+    run = launch(config(model_dir, data_file, max_steps=4, save_steps=2), background=False)
+    assert execute(run) == "completed" and run.checkpoints() == [2, 4]
+    # As if it had been stopped (or killed) right after the last checkpoint, before saving the adapter.
+    run.update_status(state="stopped")
+    for name in os.listdir(run.adapter_dir):
+        os.remove(run.adapter_dir / name)
+    rows = len(run.metrics())
+    resume_run(run, background=False)
+    assert execute(run, resume=True) == "completed"
+    status = run.status()
+    assert status.step == 4 and "nothing was left to train" in status.note
+    assert max(m["step"] for m in run.metrics()) == 4 and len(run.metrics()) == rows
+    assert run.has_adapter()
+
+
+def test_the_app_starts_runs_through_the_same_launch(tmp_path, model_dir, data_file, runs_root):
+    """No second pre-flight in the UI: the Train tab shows launch's own refusal and creates nothing."""
+    from denselora_app.ui import train_tab
+
+    settings = config(model_dir, tmp_path).to_dict()
+    message, run_id, _ = train_tab.start_training(**settings)
+    assert "Not started. Data:" in message and "is a folder" in message
+    assert run_folders(runs_root) == []
+    holder = hold_device(runs_root, model_dir, data_file)
+    message, _, _ = train_tab.start_training(**config(model_dir, data_file).to_dict())
+    assert f"in use by run {holder.id}" in message
