@@ -45,7 +45,7 @@ from . import denselora  # noqa: F401  (registers DenseLoRA with PEFT, so its ad
 from . import models
 from .config import ConfigError, StudioError
 from .data import RowError, plain_chat_segments, render_chat
-from .rules import hub_id
+from .rules import QUANTIZATIONS, hub_id
 from .runs import ADAPTER_CONFIG, RUN_ID_PATTERN, Run, RunError, get_run, list_runs, run_holding, runs_dir
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class AdapterRef:
     run_dir: str | None = None  # the run it belongs to, if any
     checkpoint: int | None = None
     trust_remote_code: bool = False
+    quantization: str = "none"  # how its base was loaded in training ('none', '4bit', '8bit')
 
     @property
     def run(self) -> Run | None:
@@ -190,7 +191,7 @@ def _run_ref(run: Run, checkpoint: int | None) -> AdapterRef:
     # folder (the embedded default is trained from its converted copy).
     return AdapterRef(label=label, location=str(folder), base_model=cfg.model,
                       method=str(adapter_config["peft_type"]).lower(), run_dir=str(run.path),
-                      checkpoint=checkpoint, trust_remote_code=cfg.trust_remote_code)
+                      checkpoint=checkpoint, trust_remote_code=cfg.trust_remote_code, quantization=cfg.quantization)
 
 
 def _folder_ref(folder: Path) -> AdapterRef:
@@ -356,6 +357,7 @@ class _Base:
     spec: str
     location: str
     trust_remote_code: bool
+    quantization: str
     model: PreTrainedModel  # the plain model, before PEFT wraps it (the same object, modified in place)
     tokenizer: PreTrainedTokenizerBase
     parameters: int
@@ -364,13 +366,19 @@ class _Base:
 class ChatEngine:
     """One base model kept in memory, with every selected adapter of it loaded once; see the module docstring."""
 
-    def __init__(self, device: str = "auto", dtype: str = "auto", runs_root: Path | None = None) -> None:
+    def __init__(self, device: str = "auto", dtype: str = "auto", runs_root: Path | None = None,
+                 quantization: str | None = None) -> None:
+        """``quantization``: how to load base models ('none', '4bit', '8bit'); None loads each as its adapter was
+        trained."""
         try:
             self.device = models.resolve_device(device)
             models.resolve_dtype(dtype, self.device)  # a bad dtype fails here, not at the first load
         except ValueError as err:
             raise ChatError(str(err)) from None
+        if quantization not in (None, *QUANTIZATIONS):
+            raise ChatError(f"Unknown quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}.")
         self.dtype = dtype
+        self.quantization = quantization
         self.runs_root = runs_root
         self.selected: LoadedAdapter | None = None
         self.last_stats: GenerationStats | None = None
@@ -397,9 +405,13 @@ class ChatEngine:
             self.selected = LoadedAdapter(
                 adapter=ref, base_parameters=self._base.parameters,
                 adapter_parameters=sum(p.numel() for n, p in self._peft.named_parameters() if f".{name}." in n),
-                device=str(self.device), dtype=str(self._base.model.dtype).removeprefix("torch."), notice=notice,
+                device=str(self.device), dtype=self._precision(), notice=notice,
             )
             return self.selected
+
+    def _precision(self) -> str:
+        dtype = str(self._base.model.dtype).removeprefix("torch.")
+        return dtype if self._base.quantization == "none" else f"{self._base.quantization} ({dtype} compute)"
 
     def unload(self) -> None:
         """Free the base model and every adapter (the next ``select`` loads again)."""
@@ -414,9 +426,14 @@ class ChatEngine:
         """Whether a run is training on this engine's device right now (for a status line that refreshes)."""
         return training_notice(self.device, self.runs_root)
 
+    def base_quantization(self, ref: AdapterRef) -> str:
+        """How ``ref``'s base is loaded: the engine's setting, else as the adapter was trained."""
+        return self.quantization or ref.quantization
+
     def _holds_base(self, ref: AdapterRef) -> bool:
         base = self._base
-        if base is None or base.trust_remote_code != ref.trust_remote_code:
+        if (base is None or base.trust_remote_code != ref.trust_remote_code
+                or base.quantization != self.base_quantization(ref)):
             return False
         # The same model can be named differently (the embedded spec, or its converted cache folder).
         return base.spec == ref.base_model or base.location == self._location(ref)
@@ -434,18 +451,19 @@ class ChatEngine:
         if notice:
             self._check_memory(ref, notice)
         location = self._location(ref)
-        log.info("Loading base model %s on %s", ref.base_model, self.device)
+        quantization = self.base_quantization(ref)
+        log.info("Loading base model %s on %s (quantization: %s)", ref.base_model, self.device, quantization)
         started = time.perf_counter()
         try:
             tokenizer = models.load_tokenizer(ref.base_model, trust_remote_code=ref.trust_remote_code)
             model = models.load_model(ref.base_model, device=str(self.device), dtype=self.dtype,
-                                      trust_remote_code=ref.trust_remote_code)
+                                      trust_remote_code=ref.trust_remote_code, quantization=quantization)
         except models.ModelLoadError as err:
             raise _unloadable_base(ref, err) from None
         except (torch.OutOfMemoryError, MemoryError) as err:
             raise ChatError(f"Not enough memory on {self.device} to load {ref.base_model}: {err}") from None
-        self._base = _Base(ref.base_model, location, ref.trust_remote_code, model, tokenizer,
-                           sum(p.numel() for p in model.parameters()))
+        self._base = _Base(ref.base_model, location, ref.trust_remote_code, quantization, model, tokenizer,
+                           model.num_parameters())
         log.info("Loaded %s in %.1f s", ref.base_model, time.perf_counter() - started)
 
     def _check_memory(self, ref: AdapterRef, notice: str) -> None:

@@ -27,7 +27,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from .config import RunConfig, StudioError
+from .config import QUANTIZATIONS, RunConfig, StudioError
 from .runs import LOG_FORMAT, Run, RunError, delete_run, get_run, list_runs, request_stop
 
 log = logging.getLogger("denselora_app")
@@ -228,7 +228,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     _setup_logging(debug=args.debug)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed, system_prompt=args.system)
-    engine = ChatEngine(device=args.device)
+    engine = ChatEngine(device=args.device, quantization=args.quantization)
     loaded = engine.select(args.adapter, args.checkpoint)
     if loaded.notice:
         log.warning(loaded.notice)
@@ -258,7 +258,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         refs = [resolve_adapter(ref, args.checkpoint) for ref in args.adapter]
         table = evaluate(refs, args.data, loss_data=args.loss_data, mode=args.mode, limit=args.limit,
-                         strict=args.strict, engine=ChatEngine(device=args.device),
+                         strict=args.strict, engine=ChatEngine(device=args.device, quantization=args.quantization),
                          progress=lambda fraction, what: print(f"\r{what[:70]:70} {fraction:4.0%}", end="",
                                                                file=sys.stderr, flush=True))
     finally:
@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     share_device = dict(action="store_true", help="train even if another run holds the same device (both then "
                                                   "compete for its memory and time)")
+
+    base_quantization = dict(choices=QUANTIZATIONS, help="load the base model in 4bit or 8bit, or unquantized (none); "
+                                                         "default: as the adapter was trained")
 
     def command(name: str, **kwargs) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kwargs)
@@ -332,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9, metavar="P")
     p.add_argument("--seed", type=int, metavar="S", help="sampling seed (default: a random one)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--quantization", **base_quantization)
     p.set_defaults(func=cmd_chat)
 
     p = command("eval", help="accuracy, loss and perplexity of adapters and their base model")
@@ -347,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="count a reply without an answer label as wrong, even when it names a choice")
     p.add_argument("--device", default="auto")
+    p.add_argument("--quantization", **base_quantization)
     p.set_defaults(func=cmd_eval)
     return parser
 

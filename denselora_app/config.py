@@ -24,6 +24,7 @@ ACTIVATIONS = rules.ACTIVATIONS
 SCHEDULERS = rules.SCHEDULERS
 DATA_FORMATS = ("auto", *rules.DATA_FORMATS)
 DTYPES = ("auto", *rules.DTYPES)
+QUANTIZATIONS = rules.QUANTIZATIONS
 
 
 class StudioError(Exception):
@@ -68,7 +69,13 @@ class RunConfig:
     weight_decay: float = _field(0.0, "AdamW weight decay.", min=0)
     max_grad_norm: float = _field(1.0, "Gradient clipping norm; 0 disables clipping.", min=0)
     seed: int = _field(42, "Random seed for initialisation, shuffling and the validation split.", min=0)
-    gradient_checkpointing: bool = _field(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
+    gradient_checkpointing: bool | None = _field(
+        None, "Recompute activations in the backward pass: less memory, ~30% slower. Unset (null): on for quantized "
+              "runs, off otherwise.")
+    packing: bool = _field(False, "Padding-free batches: each batch's rows are joined into one sequence whose "
+                                  "positions restart at every row, so no compute goes to padding and the loss is "
+                                  "the same. Models that cannot keep joined rows apart batch rows of similar "
+                                  "length instead.")
     # --- bookkeeping
     logging_steps: int = _field(1, "Optimizer steps between metric lines (loss, lr, grad norm, tokens/s).", min=1)
     eval_steps: int = _field(0, "Steps between validation passes; 0 evaluates only at the end (needs val_size).", min=0)
@@ -78,6 +85,10 @@ class RunConfig:
     # --- where it runs
     device: str = _field("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.", pattern=rules.DEVICE_PATTERN)
     dtype: str = _field("auto", "Base model weights: auto (bf16/fp16 on GPU, fp32 on CPU) or a dtype.", choices=DTYPES)
+    quantization: str = _field(
+        "none", "Load the frozen base in 4bit (NF4, double quantization; bitsandbytes) or 8bit (LLM.int8) to fit a "
+                "large model on one GPU; the adapter trains in full precision. 'none' keeps the dtype above.",
+        choices=QUANTIZATIONS)
     trust_remote_code: bool = _field(False, "Run model code shipped with a Hub model. Only for models you trust.")
 
     def __post_init__(self) -> None:
@@ -148,12 +159,24 @@ class RunConfig:
     def effective_batch_size(self) -> int:
         return self.batch_size * self.grad_accum
 
+    @property
+    def quantized(self) -> bool:
+        return self.quantization != "none"
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether training recomputes activations: as set, else on for quantized runs."""
+        return self.quantized if self.gradient_checkpointing is None else self.gradient_checkpointing
+
 
 def _check(f: dataclasses.Field, value: Any) -> Any:
     """Coerce harmless forms (int for a float, str for a one-item list) and reject wrong types and ranges."""
     expected = typing.get_type_hints(RunConfig)[f.name]
     name, meta = f.name, f.metadata
-    if expected is bool:
+    if expected == bool | None:
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true, false or null (automatic), got {value!r}.")
+    elif expected is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be true or false, got {value!r}.")
     elif expected is int:

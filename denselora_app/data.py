@@ -27,7 +27,7 @@ import random
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import datasets
 import jinja2
@@ -111,6 +111,13 @@ class DataReport:
     val_rows: int
     cutoff_len: int = 0
     sampled: bool = False  # only the first rows were checked (a pre-flight or a preview); training checks them all
+    # Per optimizer step, on average over random batches of the training rows (see padding_per_step); 0 when the
+    # batch size was not given (a pre-flight check or a preview).
+    batch_size: int = 0  # rows per forward pass
+    grad_accum: int = 0  # forward passes per optimizer step
+    tokens_per_step: float = 0.0  # real tokens: what a packed step processes
+    padded_tokens_per_step: float = 0.0  # what a step processes when each batch is padded to its longest row
+    padding_fraction: float = 0.0  # the share of a padded step's tokens that are padding: what packing removes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,6 +136,12 @@ class DataReport:
                 f"p95 {t['p95']:.0f}, max {t['max']:.0f}; {self.truncated} rows truncated at {self.cutoff_len} tokens"
             )
         lines.append(f"split: {self.train_rows} train, {self.val_rows} validation")
+        if self.tokens_per_step:
+            lines.append(
+                f"per optimizer step ({self.batch_size} x {self.grad_accum} rows): {self.tokens_per_step:,.0f} real "
+                f"tokens on average; padded batches process {self.padded_tokens_per_step:,.0f}, "
+                f"{100 * self.padding_fraction:.0f}% of them padding, which packing removes"
+            )
         if self.problems:
             lines.append("problems:")
             lines.extend(f"  {problem}" for problem in self.problems)
@@ -680,6 +693,37 @@ def _length_stats(lengths: list[int]) -> dict[str, float]:
             "p95": float(np.percentile(values, 95)), "max": float(values.max())}
 
 
+def padding_per_step(lengths: Sequence[int], batch_size: int, grad_accum: int = 1) -> dict[str, float]:
+    """Tokens one optimizer step processes on average: packed (real tokens only) and padded.
+
+    A padded batch pads each of its ``batch_size`` rows to the batch's longest row, and a step is ``grad_accum``
+    batches. Rows come in shuffled order, so a batch is a uniformly random subset of the rows; the figure is the
+    exact expectation over such subsets (deterministic, no sampling): with the lengths sorted, the i-th shortest
+    of n rows is the longest of a k-row batch with probability C(i-1, k-1) / C(n, k). The last, partial batch of an
+    epoch is treated like the others. A dataset with fewer rows than ``batch_size`` is one batch of all of them.
+
+    Returns ``real_tokens_per_step``, ``padded_tokens_per_step`` and ``padding_fraction`` (the share of a padded
+    step's tokens that are padding, which packing removes); all 0 for no rows.
+    """
+    if batch_size < 1 or grad_accum < 1:
+        raise ValueError(f"batch_size and grad_accum must be at least 1, got {batch_size} and {grad_accum}")
+    values = np.sort(np.asarray(lengths, dtype=float))
+    n = len(values)
+    if n == 0:
+        return {"real_tokens_per_step": 0.0, "padded_tokens_per_step": 0.0, "padding_fraction": 0.0}
+    k = min(batch_size, n)
+    # log C(i-1, k-1) for i = k..n, from C(k-1, k-1) = 1 and C(i, k-1) / C(i-1, k-1) = i / (i-k+1); normalised
+    # below, since these counts sum to C(n, k).
+    i = np.arange(k, n, dtype=float)
+    log_counts = np.concatenate([[0.0], np.cumsum(np.log(i) - np.log(i - k + 1))])
+    weights = np.exp(log_counts - log_counts.max())
+    expected_longest = float(np.dot(weights, values[k - 1:]) / weights.sum())
+    real = grad_accum * k * float(values.mean())
+    padded = grad_accum * k * expected_longest
+    return {"real_tokens_per_step": real, "padded_tokens_per_step": padded,
+            "padding_fraction": 1 - real / padded if padded else 0.0}
+
+
 def _process(source: str, tokenizer, fmt: str, cutoff_len: int, train_on_inputs: bool,
              limit: int | None = None) -> _Processed:
     if cutoff_len < 1:
@@ -747,11 +791,15 @@ def prepare_data(
     train_on_inputs: bool = False,
     val_size: float = 0,
     seed: int = 42,
+    batch_size: int | None = None,
+    grad_accum: int = 1,
 ) -> PreparedData:
     """Read, render, tokenize and split a dataset; the input is only read, never written.
 
     ``val_size``: 0 for no validation set, an int >= 1 for that many rows, a float in (0, 1) for a fraction of the
     usable rows; the rows are drawn with ``seed``. Raises DataError when nothing is usable or the split is impossible.
+    With ``batch_size`` (rows per forward pass) the report also gives the tokens an optimizer step of ``batch_size``
+    x ``grad_accum`` training rows processes, padded and packed (``padding_per_step``).
     """
     processed = _process(source, tokenizer, fmt, cutoff_len, train_on_inputs)
     examples, report = processed.examples, processed.report
@@ -760,6 +808,12 @@ def prepare_data(
     train = [e for i, e in enumerate(examples) if i not in val_indices]
     val = [e for i, e in enumerate(examples) if i in val_indices]
     report.train_rows, report.val_rows = len(train), len(val)
+    if batch_size:
+        step = padding_per_step([len(e["input_ids"]) for e in train], batch_size, grad_accum)
+        report.batch_size, report.grad_accum = batch_size, grad_accum
+        report.tokens_per_step = round(step["real_tokens_per_step"], 1)
+        report.padded_tokens_per_step = round(step["padded_tokens_per_step"], 1)
+        report.padding_fraction = round(step["padding_fraction"], 4)
     log.info("data report\n%s", report.summary())
     return PreparedData(
         train=datasets.Dataset.from_list(train),

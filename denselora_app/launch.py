@@ -42,7 +42,7 @@ class LaunchError(StudioError):
     runs folder), the message says what is wrong and how to fix it."""
 
     def __init__(self, what: str, message: str) -> None:
-        named = message.lower().startswith(what.lower())  # "Device 'cuda': ..." needs no "Device:" before it
+        named = message.lower().startswith(f"{what.lower()} ")  # "Device 'cuda': ..." needs no "Device:" before it
         super().__init__(message if named else f"{what[:1].upper()}{what[1:]}: {message}")
         self.what = what
 

@@ -138,7 +138,7 @@ def estimate_memory(model_config: PretrainedConfig, counts: ParameterCount, cfg:
     heads = getattr(model_config, "num_attention_heads", 1) or 1
     tokens = cfg.batch_size * cfg.cutoff_len
     per_layer = tokens * (34 * hidden + 5 * heads * cfg.cutoff_len) * bytes_per_weight
-    stored_layers = 1 if cfg.gradient_checkpointing else layers
+    stored_layers = 1 if cfg.checkpointing else layers
     logits = tokens * (getattr(model_config, "vocab_size", 0) or 0) * 4 * 2  # fp32 logits and their gradient
     return MemoryEstimate(
         weights_gb=counts.total * bytes_per_weight / gb,

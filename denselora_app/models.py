@@ -45,6 +45,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -52,7 +53,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from .config import EMBEDDED_HUB_ID, EMBEDDED_MODEL, StudioError
-from .rules import DTYPES, HUB_PROBE_TIMEOUT_S, HubUnreachable, cached_copy_if_offline, looks_like_path
+from .rules import DTYPES, HUB_PROBE_TIMEOUT_S, QUANTIZATIONS, HubUnreachable, cached_copy_if_offline, looks_like_path
 
 try:  # lets a GGUF be dequantized explicitly, even where the `kernels` package could keep it packed
     from transformers.utils.quantization_config import GgufConfig
@@ -433,17 +434,46 @@ def _weights_kwargs(folder: Path) -> dict:
     )
 
 
+def quantization_config(quantization: str, compute_dtype: torch.dtype, device: torch.device) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings for a frozen base in ``quantization`` ('none', '4bit', '8bit'); ModelLoadError where
+    it cannot run. 4-bit is NF4 with double quantization and computes in the run's dtype; the lm_head, embeddings
+    and norms stay unquantized (transformers' default), as the quality of the output layer needs."""
+    if quantization == "none":
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"Unknown quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}.")
+    if device.type not in ("cuda", "cpu"):
+        raise ModelLoadError(f"A {quantization} base needs bitsandbytes, which runs on NVIDIA GPUs and the CPU, not on "
+                             f"{device.type}: use quantization 'none' there, or device 'cpu'.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(f"A {quantization} base needs the bitsandbytes package: pip install bitsandbytes "
+                             "(make install does), or use quantization 'none'.")
+    # On import on an AVX-512 CPU, bitsandbytes asks for the optional `kernels` package, which fetches its faster
+    # kernel from the Hub at run time; the studio does without it, so that advice is noise here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 def load_model(
-    spec: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+    spec: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+    quantization: str = "none",
 ) -> PreTrainedModel:
-    """The causal language model named by `spec`, on `device`, in `dtype`, in eval() mode."""
+    """The causal language model named by `spec`, on `device`, in `dtype` (its Linear layers in 4 or 8 bits with
+    ``quantization``), in eval() mode."""
     torch_device = resolve_device(device)  # bad strings fail before any slow work
     torch_dtype = resolve_dtype(dtype, torch_device)
+    quantized = quantization_config(quantization, torch_dtype, torch_device)
     location = ensure_local(spec)
     kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if Path(location).is_dir():
         kwargs.update(_weights_kwargs(Path(location)))
-    if torch_device.type != "cpu":
+    if quantized is not None:
+        kwargs["quantization_config"] = quantized
+        kwargs["device_map"] = {"": torch_device}  # bitsandbytes quantizes as the weights land on the device
+    elif torch_device.type != "cpu":
         # Loads the weights straight into accelerator memory instead of through a full copy in host RAM.
         kwargs["device_map"] = {"": torch_device}
     with _explain_errors(spec, "the model"):

@@ -456,8 +456,14 @@ sys.path.insert(0, adapter_dir)
 import denselora  # noqa: E402,F401
 {% endif %}
 tokenizer = AutoTokenizer.from_pretrained({{ "adapter_dir" if has_tokenizer else "base_model_id" }})
-model = AutoModelForCausalLM.from_pretrained(base_model_id, dtype="auto")
-model = PeftModel.from_pretrained(model, adapter_dir).eval()
+{% if quantization_config %}# The base as it was trained: {{ quantization_text }} (needs `pip install bitsandbytes`; leave out
+# quantization_config to load it unquantized).
+from transformers import BitsAndBytesConfig
+
+model = AutoModelForCausalLM.from_pretrained(base_model_id, dtype="auto", device_map="auto",
+                                             quantization_config=BitsAndBytesConfig({{ quantization_config }}))
+{% else %}model = AutoModelForCausalLM.from_pretrained(base_model_id, dtype="auto")
+{% endif %}model = PeftModel.from_pretrained(model, adapter_dir).eval()
 
 {% if chat %}messages = [{"role": "user", "content": "Hello! What can you help me with?"}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -470,7 +476,9 @@ print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 ## Training
 
 {{ parameters }}
-
+{% if quantization_text %}
+Training quantization: the frozen base was loaded {{ quantization_text }}; the adapter itself was trained in full precision (float32).
+{% endif %}
 | Setting | Value |
 |---|---|
 {% for key, value in settings %}| `{{ key }}` | {{ value }} |
@@ -533,7 +541,16 @@ def model_card(run: Run, repo_id: str, base: BaseModel, *, has_tokenizer: bool, 
         settings=_settings_rows(cfg, base),
         loss_curve=loss_curve,
         evaluation=evaluation_table(run.evaluation()),
+        **_QUANTIZATION_CARD.get(cfg.quantization, {}),
     )
+
+
+# How the card describes and reloads a quantized base (bitsandbytes settings as models.quantization_config uses).
+_QUANTIZATION_CARD = {
+    "4bit": {"quantization_text": "in 4-bit NF4 with double quantization (bitsandbytes)",
+             "quantization_config": 'load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True'},
+    "8bit": {"quantization_text": "in 8-bit (LLM.int8, bitsandbytes)", "quantization_config": "load_in_8bit=True"},
+}
 
 
 def _has_chat_template(folder: Path) -> bool:

@@ -31,6 +31,7 @@ SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant", "constant_with_wa
 DATA_FORMATS: tuple[str, ...] = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")  # row layouts
 DATA_FILE_TYPES: tuple[str, ...] = (".jsonl", ".json", ".csv", ".parquet", ".txt")  # what data.py reads
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")  # besides "auto"
+QUANTIZATIONS: tuple[str, ...] = ("none", "4bit", "8bit")  # of the frozen base, with bitsandbytes
 DEVICE_KINDS: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")  # and "cuda:N"
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # The paper adapts these five projections of every decoder layer.

@@ -14,13 +14,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
 from peft import get_peft_model
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
+                          TrainingArguments, set_seed)
 from transformers.trainer_callback import PrinterCallback
 
 from .data import data_source, prepare_data
@@ -63,14 +64,19 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcom
         train_on_inputs=cfg.train_on_inputs,
         val_size=cfg.val_size,
         seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
     )
     if state.is_main_process:
         write_json_atomic(run.path / "data_report.json", data.report.to_dict())
 
     device = str(state.device) if cfg.device == "auto" else cfg.device
-    model = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    base_parameters = sum(p.numel() for p in model.parameters())
-    if cfg.gradient_checkpointing:
+    model = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                       quantization=cfg.quantization)
+    base_parameters = model.num_parameters()  # counts a 4-bit weight's packed values as the parameters they hold
+    if cfg.quantized:
+        log.info("Base model loaded in %s: %.2f GB of weights", cfg.quantization, model.get_memory_footprint() / 1024**3)
+    if cfg.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # the frozen embeddings must pass gradients on to the adapters
     peft_model = get_peft_model(model, build_peft_config(cfg))
@@ -80,6 +86,7 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcom
 
     has_eval = data.eval is not None
     weights_dtype = model.dtype
+    data_collator, sampling = collator_for(cfg, tokenizer, peft_model)
     args = TrainingArguments(
         output_dir=str(run.checkpoints_dir),
         per_device_train_batch_size=cfg.batch_size,
@@ -100,6 +107,7 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcom
         save_total_limit=cfg.save_total_limit,
         seed=cfg.seed,
         data_seed=cfg.seed,
+        train_sampling_strategy=sampling,
         bf16=weights_dtype == torch.bfloat16,
         fp16=weights_dtype == torch.float16,
         use_cpu=torch.device(device).type == "cpu",
@@ -113,12 +121,12 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcom
     if resume and state.is_main_process:
         run.truncate_metrics(after_step=int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
     callback = RunCallback(run, trainable=trainable, total=base_parameters, echo=not show_progress)
-    trainer = Trainer(
+    trainer = StudioTrainer(
         model=peft_model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=data_collator,
         callbacks=[callback, CheckpointMarker()],
     )
     if not show_progress:  # RunCallback logs a readable line instead of the Trainer's raw dictionaries
@@ -138,6 +146,86 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcom
         log.info("Adapter saved to %s", run.adapter_dir)
     state.wait_for_everyone()
     return Outcome(RunState.STOPPED if stopped else RunState.COMPLETED)
+
+
+def collator_for(cfg, tokenizer, model: torch.nn.Module) -> tuple[Callable, str]:
+    """How a run batches its rows: the data collator, and the Trainer's ``train_sampling_strategy``.
+
+    * ``packing`` off: rows in random order, each batch padded to its longest row (the padding is masked out).
+    * ``packing`` on: padding-free batches. A batch's rows are joined into one sequence whose position ids restart at
+      0 for every row; transformers turns those into a causal mask per row, so no row attends to another. The label
+      of each row's first token becomes -100, so the last token of a row is never trained to predict the next row.
+      The loss is the same as with padded batches, without the compute spent on padding.
+    * ``packing`` on, but the model does not keep joined rows apart (``packing_problem``): padded batches of rows of
+      similar length (transformers' ``LengthGroupedSampler``: shuffled, then sorted by length within groups of up
+      to 50 optimizer steps), with one log line saying so.
+    """
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    if not cfg.packing:
+        return padded, "random"
+    problem = packing_problem(model)
+    if problem is None:
+        log.info("Packing: the rows of each batch are joined into one sequence with positions restarting at every "
+                 "row; no padding")
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100), "random"
+    log.warning("Packing is not possible here: %s. Batching rows of similar length instead (less padding, not none).",
+                problem)
+    return padded, "group_by_length"
+
+
+def packing_problem(model: torch.nn.Module) -> str | None:
+    """Why ``model`` cannot train on padding-free batches, or None when it can.
+
+    Asked of the model itself, in three forward passes over ten tokens: a 4-token row joined after a 6-token row,
+    with positions restarting at 0 and no attention mask, must come out as it does alone. transformers builds the
+    per-row mask from restarting positions for sdpa, eager, flex and flash attention in the models that pass their
+    position ids to the mask (LLaMA, Qwen2, Mistral, Gemma, Phi, GPT-2, GPT-NeoX, ...); models that do not (Bloom
+    and MPT, with ALiBi) let the second row attend to the first. "Comes out as alone" is judged against the same
+    tokens joined as one plain sequence: the packed row must be at least ten times closer, whatever the dtype.
+    """
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device
+    generator = torch.Generator().manual_seed(0)  # its own generator: the run's random stream stays as it was
+    first, second = (torch.randint(0, embeddings.num_embeddings, (1, n), generator=generator).to(device)
+                     for n in (6, 4))
+    joined = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(6), torch.arange(4)]).unsqueeze(0).to(device)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
+    attention = getattr(getattr(base, "config", None), "_attn_implementation", None) or "its"
+    name = f"{type(base).__name__} with {attention} attention"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=second, use_cache=False).logits.float()
+            packed = model(input_ids=joined, position_ids=positions, use_cache=False).logits[:, 6:].float()
+            plain = model(input_ids=joined, use_cache=False).logits[:, 6:].float()
+    except Exception as err:  # noqa: BLE001 (whatever stops the model from taking position ids rules packing out)
+        return f"{name} does not run on restarting position ids ({type(err).__name__}: {err})"
+    finally:
+        model.train(was_training)
+    packed_error = (packed - alone).abs().max().item()
+    if packed_error > 0.1 * (plain - alone).abs().max().item():
+        return f"{name} lets a row attend to the rows joined before it"
+    return None
+
+
+class StudioTrainer(Trainer):
+    """The Trainer, counting the real tokens of padding-free batches for the live tokens/s.
+
+    With ``include_num_input_tokens_seen="non_padding"`` transformers counts a batch's attention mask; a
+    padding-free batch has none (it must not: a mask turns the per-row masking off), and transformers then falls
+    back to comparing the ids with the pad id (which is often the eos token, so real tokens go uncounted) or to
+    counting every token with a warning at every step. Every token of such a batch is real, so all are counted.
+    """
+
+    def _track_num_input_tokens(self, inputs):
+        if (self.args.include_num_input_tokens_seen == "non_padding" and "attention_mask" not in inputs
+                and "position_ids" in inputs and "input_ids" in inputs):
+            tokens = torch.as_tensor(inputs["input_ids"].numel(), device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+            return
+        super()._track_num_input_tokens(inputs)
 
 
 def _finished(checkpoint: Path) -> bool:

@@ -117,7 +117,7 @@ def launch_app(runs: Path, log_path: Path, timeout: float = 180.0) -> tuple[subp
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            fail(f"app.py exited with {process.returncode}; see {log_path}")
+            fail(f"app.py exited with {process.returncode}:\n{log_path.read_text(errors='replace')[-4000:]}")
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
@@ -125,7 +125,7 @@ def launch_app(runs: Path, log_path: Path, timeout: float = 180.0) -> tuple[subp
         except OSError:
             time.sleep(0.2)
     process.kill()
-    fail(f"app.py did not serve {url} within {timeout:.0f} s; see {log_path}")
+    fail(f"app.py did not serve {url} within {timeout:.0f} s:\n{log_path.read_text(errors='replace')[-4000:]}")
     raise AssertionError  # unreachable
 
 
@@ -185,14 +185,14 @@ def box(page: Any, selector: str) -> dict[str, float]:
                                   height: r.height}; }""", selector)
 
 
-def shoot_between(page: Any, path: Path, top: str, bottom: str, margin: float = 16.0) -> None:
-    """The full page width, from the top of element ``top`` to the bottom of element ``bottom``."""
+def shoot_between(page: Any, path: Path, top: str | None, *bottoms: str, margin: float = 16.0) -> None:
+    """The full page width, from the top of element ``top`` (None: of the page) to the lowest bottom of the
+    elements ``bottoms``."""
     page.wait_for_timeout(800)  # let charts finish their transitions
-    start, end = box(page, top), box(page, bottom)
+    y = max(0.0, box(page, top)["y"] - margin) if top else 0.0
+    end = max(b["y"] + b["height"] for b in (box(page, selector) for selector in bottoms)) + margin
     width = page.evaluate("document.documentElement.scrollWidth")
-    y = max(0.0, start["y"] - margin)
-    page.screenshot(path=str(path), full_page=True,
-                    clip={"x": 0, "y": y, "width": width, "height": end["y"] + end["height"] + margin - y})
+    page.screenshot(path=str(path), full_page=True, clip={"x": 0, "y": y, "width": width, "height": end - y})
     print(f"Wrote {path}", flush=True)
 
 
@@ -229,7 +229,7 @@ def take_screenshots(url: str, runs: Path, quickstart: str, baseline: str, out: 
         expect(page.locator("#length-histogram g.mark-rect path").first).to_be_attached()
         expect(page.locator("#parameter-line")).to_contain_text("LoRA at this rank")
         expect(page.locator("#memory-line")).to_contain_text("memory")
-        shoot_between(page, out / "train-tab.png", "#tab-train-button", "#memory-line")
+        shoot_between(page, out / "train-tab.png", None, "#memory-line")
 
         expect(page.locator("#run-header")).to_contain_text(quickstart)
         expect(page.locator("#run-header")).to_contain_text("completed")
@@ -280,7 +280,8 @@ def take_screenshots(url: str, runs: Path, quickstart: str, baseline: str, out: 
         page.wait_for_function("() => document.querySelectorAll('#compare-plot g.mark-symbol path').length >= 120")
         page.wait_for_function("() => document.querySelectorAll('#open-loss-plot g.mark-symbol path').length >= 60")
         page.evaluate("window.scrollTo(0, 0)")
-        shoot_between(page, out / "runs-tab.png", "#tab-runs-button", "#compare-plot")
+        shoot_between(page, out / "runs-tab.png", "#tab-runs-button", "#compare-plot", "#open-loss-plot",
+                      "#open-lr-plot")
         browser.close()
 
 

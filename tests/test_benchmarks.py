@@ -12,11 +12,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import fidelity  # noqa: E402
+import packing  # noqa: E402
 import speed_memory  # noqa: E402
 
 SPEED_ARGS = ["--device", "cpu", "--model", "tiny", "--rank", "4", "--batch", "2", "--seq", "16", "--steps", "1",
               "--warmup", "1", "--repeats", "2", "--gen-batch", "2", "--prompt-len", "8", "--new-tokens", "3",
               "--gen-repeats", "1"]
+PACKING_ARGS = ["--device", "cpu", "--model", "tiny", "--rank", "4", "--rows", "40", "--min-len", "4",
+                "--max-len", "48", "--median-len", "12", "--batch", "3", "--steps", "2", "--warmup", "1"]
 FIDELITY_ARGS = ["--people", "24", "--val-people", "4", "--test-people", "4", "--hidden", "32", "--intermediate", "64",
                  "--layers", "2", "--pretrain-steps", "6", "--pretrain-batch", "4", "--adapter-steps", "2",
                  "--adapter-batch", "4", "--seeds", "2", "--lrs", "1e-3", "3e-3"]
@@ -53,6 +56,32 @@ def test_speed_memory_writes_every_arm_ratio_and_target(tmp_path, capsys):
     assert results["command"].startswith("python ") and "--model tiny" in results["command"]
     for key in ("cpu", "logical_cores", "torch", "gpu"):
         assert key in results["machine"]
+
+
+def test_packing_writes_every_arm_its_loss_curves_and_the_targets(tmp_path, capsys):
+    packing.main([*PACKING_ARGS, "--out-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "packing_cpu.json").read_text())
+    markdown = (tmp_path / "packing_cpu.md").read_text()
+    assert markdown.strip() in capsys.readouterr().out
+
+    kinds, modes = ("denselora", "lora", "base"), ("padded", "grouped", "packed")
+    assert set(results["arms"]) == {f"{kind}/{mode}" for kind in kinds for mode in modes}
+    for key, arm in results["arms"].items():
+        assert arm["real_tokens_per_s"] > 0 and arm["steps_timed"] == 2 and len(arm["losses"]) == 3
+        assert arm["processed_tokens_per_s"] >= arm["real_tokens_per_s"]
+        assert arm["label"] in markdown
+        assert (arm["padding_share"] == 0) == key.endswith("/packed")  # packed batches carry no padding
+    for kind in kinds:
+        assert results["ratios"][kind]["padded/padded"] == 1
+        # Same adapter initialisation, same batches: the curves agree (fp32) far inside the tolerance.
+        assert results["loss_curves"][kind]["max_relative_difference"] < 1e-5
+    assert 0 < results["data"]["padding_per_step"]["padding_fraction"] < 1
+    assert results["data"]["min"] >= 4 and results["data"]["max"] <= 48
+    assert len(results["targets"]) == 6
+    for target in results["targets"]:
+        assert isinstance(target["met"], bool) and target["target"] in markdown
+    assert "| loss at step | 1 | 2 | 3 |" in markdown
+    assert results["command"].startswith("python ") and "--model tiny" in results["command"]
 
 
 def test_fidelity_writes_every_arm_with_its_seeds(tmp_path, capsys):

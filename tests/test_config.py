@@ -40,7 +40,7 @@ def test_paper_preset_has_the_papers_settings():
         ("r: 0", "r must be at least 1"),
         ("dropout: 1.5", "dropout must be less than 1"),
         ("method: qlora", "method must be one of denselora, lora"),
-        ("gradient_checkpointing: maybe", "gradient_checkpointing must be true or false"),
+        ("gradient_checkpointing: maybe", "gradient_checkpointing must be true, false or null"),
         ("target_modules: []", "target_modules is empty"),
         ("[1, 2]", "is a mapping of keys to values"),
         ("r: [", "not valid YAML"),

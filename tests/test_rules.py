@@ -26,6 +26,7 @@ def test_every_list_of_allowed_values_comes_from_rules():
     assert choices["lr_scheduler"] == rules.SCHEDULERS
     assert choices["data_format"] == ("auto", *rules.DATA_FORMATS)
     assert choices["dtype"] == ("auto", *rules.DTYPES)
+    assert choices["quantization"] == rules.QUANTIZATIONS
     assert set(data._REQUIRED_COLUMNS) == set(rules.DATA_FORMATS) and data.FORMATS is rules.DATA_FORMATS
     assert loaders.UPLOAD_TYPES is rules.DATA_FILE_TYPES is data.FILE_TYPES
     assert set(models._DTYPES) == set(rules.DTYPES)

@@ -137,6 +137,21 @@ def load_adapter(adapter: str | None) -> str:
         return _warn(err)
 
 
+AS_TRAINED = "as trained"
+BASE_PRECISIONS = [(AS_TRAINED, AS_TRAINED), ("full precision", "none"), ("4-bit (NF4)", "4bit"), ("8-bit", "8bit")]
+_LABELS = {value: label for label, value in BASE_PRECISIONS}
+
+
+def set_base_precision(precision: str, adapter: str | None) -> str:
+    """Load base models in ``precision`` from now on ('as trained': as each adapter's run did); the selected
+    adapter is loaded again on a base loaded that way."""
+    engine().quantization = None if precision == AS_TRAINED else precision
+    if engine().selected is None or not adapter or not adapter.strip():
+        how = "as their adapter was trained" if precision == AS_TRAINED else f"in {_LABELS[precision]}"
+        return f"Base models will load {how}."
+    return load_adapter(adapter)
+
+
 # ---- talking -------------------------------------------------------------------------------------------------------
 
 
@@ -268,6 +283,9 @@ def build(demo: gr.Blocks) -> ChatTab:
                                        elem_id="chat-max-new-tokens")
             seed = gr.Number(-1, label="Seed", info="-1: a new random seed for each answer", precision=0,
                              minimum=-1, elem_id="chat-seed")
+            base_precision = gr.Dropdown(BASE_PRECISIONS, value=AS_TRAINED, label="Base model in",
+                                         info="4-bit or 8-bit needs less memory; 'as trained' matches the run",
+                                         elem_id="chat-base-precision")
 
     refresh_button.click(refresh_adapters, inputs=[adapter], outputs=[adapter, notice, status],
                          api_name="chat_adapters")
@@ -278,6 +296,8 @@ def build(demo: gr.Blocks) -> ChatTab:
                   max_new_tokens, seed],
           outputs=[message, chatbot, base_chatbot, status], api_name="chat", show_progress="minimal",
           **ENGINE_QUEUE)
+    base_precision.input(set_base_precision, inputs=[base_precision, adapter], outputs=[status],
+                         api_name="chat_base_precision", **ENGINE_QUEUE)
     # Not in the engine's queue: Stop must run while an answer is being generated.
     stop_button.click(stop_chat, api_name="chat_stop")
     compare.input(toggle_compare, inputs=[compare, chatbot], outputs=[base_chatbot], api_visibility="private")

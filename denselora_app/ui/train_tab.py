@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 REFRESH_SECONDS = 2.0
 # Offered until a model is checked: the Linear layers of LLaMA-style models, which the default model is.
 LLAMA_LINEAR_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QUANTIZATION_LABELS = ("full precision (dtype)", "4-bit (NF4)", "8-bit (LLM.int8)")  # for C.QUANTIZATIONS, in order
 PREVIEW_FIELDS = ("model", "trust_remote_code", "data", "data_format", "cutoff_len", "train_on_inputs")
 PREVIEW_OUTPUTS = 7  # data message, detected format, preview box, rows, examples, histogram, report
 TRAINED = "trained"
@@ -69,6 +70,12 @@ def parameter_line(**settings: Any) -> tuple[str, str]:
     except loaders.model_errors() as err:
         return _warn(f"Cannot count parameters: {err}"), ""
     return counts.summary(cfg.method), memory.summary()
+
+
+def checkpointing_for(quantization: str) -> Any:
+    """A quantized base is for a model that barely fits: gradient checkpointing goes on with it (as RunConfig's
+    default does); it can be turned off again."""
+    return gr.skip() if quantization == "none" else True
 
 
 # ---- data ----------------------------------------------------------------------------------------------------------
@@ -365,6 +372,9 @@ def build(demo: gr.Blocks) -> TrainTab:
                                         info=field_help("dropout"), elem_id="cfg-dropout")
         controls["activation"] = gr.Dropdown(list(C.ACTIVATIONS), value=cfg.activation, label="Activation",
                                              info=field_help("activation"), elem_id="cfg-activation")
+        controls["quantization"] = gr.Dropdown(list(zip(QUANTIZATION_LABELS, C.QUANTIZATIONS, strict=True)),
+                                               value=cfg.quantization, label="Base model in",
+                                               info=field_help("quantization"), elem_id="cfg-quantization")
     controls["target_modules"] = gr.CheckboxGroup(
         list(dict.fromkeys([*LLAMA_LINEAR_NAMES, *cfg.target_modules])), value=cfg.target_modules,
         label="Target modules", info=field_help("target_modules") + " Check the model to list its own.",
@@ -384,9 +394,11 @@ def build(demo: gr.Blocks) -> TrainTab:
         number("warmup_steps", "Warmup steps", integer=True)
         number("val_size", "Validation size")
         number("seed", "Seed", integer=True)
-        controls["gradient_checkpointing"] = gr.Checkbox(cfg.gradient_checkpointing, label="Gradient checkpointing",
+        controls["gradient_checkpointing"] = gr.Checkbox(cfg.checkpointing, label="Gradient checkpointing",
                                                          info=field_help("gradient_checkpointing"),
                                                          elem_id="cfg-gradient_checkpointing")
+        controls["packing"] = gr.Checkbox(cfg.packing, label="Packing (no padding)", info=field_help("packing"),
+                                          elem_id="cfg-packing")
     with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
         with gr.Row():
             controls["lr_scheduler"] = gr.Dropdown(list(C.SCHEDULERS), value=cfg.lr_scheduler, label="Scheduler",
@@ -435,7 +447,7 @@ def build(demo: gr.Blocks) -> TrainTab:
         with gr.Row(equal_height=True):
             outcome = gr.Markdown(elem_id="run-outcome")
             chat_button = gr.Button("Chat with this adapter", variant="primary", visible=False, scale=0,
-                                    min_width=220, elem_id="chat-with-run")
+                                    min_width=260, elem_id="chat-with-run")
         log_box = gr.Textbox(label="Log (last lines)", lines=8, max_lines=12, interactive=False, autoscroll=True,
                              elem_id="run-log")
     live_outputs = [run_header, progress, run_box, loss_plot, lr_plot, grad_plot, speed_plot, outcome, log_box,
@@ -473,6 +485,10 @@ def build(demo: gr.Blocks) -> TrainTab:
     upload.upload(upload_data, inputs=[upload], inputs_kwargs=preview_inputs,
                   outputs=[upload, controls["data"], *preview_outputs], api_name="upload_data",
                   cancels=[preview_on_load], **preview_queue)
+    controls["quantization"].input(checkpointing_for, inputs=[controls["quantization"]],
+                                   outputs=[controls["gradient_checkpointing"]], api_visibility="private") \
+        .then(parameter_line, inputs_kwargs=controls, outputs=param_outputs, api_visibility="private",
+              api_name="parameter_line_after_quantization", **count_queue)
     gr.on([controls[name].input for name in ("method", "r", "target_modules", "dtype", "device",
                                                "gradient_checkpointing")]
           + [getattr(controls[name], event) for name in ("batch_size", "cutoff_len") for event in ("submit", "blur")],

@@ -1,0 +1,240 @@
+"""Packing (padding-free batches): the same losses as padded batches, the fallback, the token count, the report."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from transformers import BloomConfig, BloomForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening
+from transformers import TrainingArguments
+
+from conftest import tiny_llama, tiny_tokenizer
+from denselora_app.config import RunConfig
+from denselora_app.data import DataReport, padding_per_step, prepare_data
+from denselora_app.methods import build_peft_config
+from denselora_app.runs import create_run
+from denselora_app.train import StudioTrainer, collator_for, packing_problem
+from denselora_app.worker import execute
+
+LENGTHS = (5, 17, 9, 30, 2, 12)
+
+
+def rows(lengths=LENGTHS, seed: int = 0) -> list[dict]:
+    """Rows of random tokens; even rows train their answer (last two thirds), odd rows every token (label at 0 too)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for n, length in enumerate(lengths):
+        ids = torch.randint(3, 300, (length,), generator=generator).tolist()
+        labels = list(ids) if n % 2 else [-100 if i < length // 3 else t for i, t in enumerate(ids)]
+        out.append({"input_ids": ids, "attention_mask": [1] * length, "labels": labels})
+    return out
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position next-token loss, 0 where nothing is trained (the models' own shift)."""
+    targets = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+
+
+def row_losses_padded(model, batch) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return token_losses(out.logits, batch["labels"]).sum(-1)
+
+
+def row_losses_packed(model, batch) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+    losses = token_losses(out.logits, batch["labels"])[0]
+    row = (batch["position_ids"][0] == 0).cumsum(0) - 1  # the row each token belongs to
+    return torch.zeros(int(row.max()) + 1).index_add(0, row, losses)
+
+
+def packing_config(packing: bool = True) -> RunConfig:
+    return RunConfig(packing=packing, device="cpu")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_batches_give_every_row_the_loss_and_gradient_of_a_padded_batch(attention):
+    tokenizer = tiny_tokenizer()
+    model = get_peft_model(tiny_llama(attn_implementation=attention), build_peft_config(RunConfig(r=4, dropout=0.0)))
+    model.config.use_cache = False  # as the Trainer sets it
+    features = rows()
+    packed_collator, sampling = collator_for(packing_config(), tokenizer, model)
+    assert isinstance(packed_collator, DataCollatorWithFlattening) and sampling == "random"
+    padded_collator, sampling = collator_for(packing_config(False), tokenizer, model)
+    assert isinstance(padded_collator, DataCollatorForSeq2Seq) and sampling == "random"
+    packed, padded = packed_collator(features), padded_collator(features)
+    assert "attention_mask" not in packed and packed["input_ids"].shape == (1, sum(LENGTHS))
+
+    model.train()
+    grads = []
+    for losses_of, batch in ((row_losses_padded, padded), (row_losses_packed, packed)):
+        model.zero_grad()
+        losses = losses_of(model, batch)
+        losses.sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        if losses_of is row_losses_padded:
+            padded_losses = losses.detach()
+        else:
+            packed_losses = losses.detach()
+    assert packed_losses.shape == (len(LENGTHS),)
+    torch.testing.assert_close(packed_losses, padded_losses, rtol=1e-5, atol=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+    # The model's own mean loss agrees too (the Trainer's loss).
+    with torch.no_grad():
+        torch.testing.assert_close(model(**packed).loss, model(**padded).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_without_restarting_positions_rows_would_see_each_other():
+    """The check above is not vacuous: the same joined rows without position ids give other losses."""
+    model = tiny_llama()
+    packed = DataCollatorWithFlattening(return_position_ids=True)(rows())
+    plain = {"input_ids": packed["input_ids"], "labels": packed["labels"],
+             "position_ids": torch.arange(sum(LENGTHS)).unsqueeze(0)}  # one long row
+    with torch.no_grad():
+        separate = row_losses_packed(model, packed)
+        seen = token_losses(model(input_ids=plain["input_ids"]).logits, plain["labels"])[0]
+    row = (packed["position_ids"][0] == 0).cumsum(0) - 1
+    joined = torch.zeros(len(LENGTHS)).index_add(0, row, seen)
+    assert joined[0] == pytest.approx(separate[0].item(), abs=1e-5)  # the first row sees nothing before it
+    assert (joined[1:] - separate[1:]).abs().max() > 100 * 1e-5  # the others do, far beyond the tolerance above
+
+
+def test_a_model_that_cannot_pack_falls_back_to_length_grouped_batches(caplog):
+    assert packing_problem(tiny_llama()) is None
+    torch.manual_seed(0)
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=320, hidden_size=32, n_layer=2, n_head=4)).eval()
+    problem = packing_problem(bloom)
+    assert problem is not None and "BloomForCausalLM" in problem and "attend to the rows joined before it" in problem
+    assert not bloom.training  # the probe leaves the model's mode as it was
+    with caplog.at_level(logging.INFO, logger="denselora_app.train"):
+        collator, sampling = collator_for(packing_config(), tiny_tokenizer(), bloom)
+    assert isinstance(collator, DataCollatorForSeq2Seq) and sampling == "group_by_length"
+    lines = [r.getMessage() for r in caplog.records if r.name == "denselora_app.train"]
+    assert len(lines) == 1 and lines[0].startswith("Packing is not possible here: BloomForCausalLM")
+    assert "Batching rows of similar length instead" in lines[0]
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("mode", ["padded", "packed", "length-grouped"])
+def test_tokens_seen_are_the_real_tokens_in_every_mode(mode, tmp_path, one_thread):
+    """What the live tokens/s counts: every real token once, no padding, and no warning at every step."""
+    tokenizer = tiny_tokenizer()
+    model = get_peft_model(tiny_llama(), build_peft_config(RunConfig(r=4, dropout=0.0)))
+    collator, sampling = collator_for(packing_config(mode == "packed"), tokenizer, model)
+    if mode == "length-grouped":
+        sampling = "group_by_length"
+    import datasets
+
+    train = datasets.Dataset.from_list(rows(LENGTHS * 2))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1,
+                             train_sampling_strategy=sampling, include_num_input_tokens_seen="non_padding",
+                             remove_unused_columns=False, use_cpu=True, save_strategy="no", report_to="none",
+                             disable_tqdm=True, logging_steps=1, seed=0)
+    trainer = StudioTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    records = _Records()
+    transformers_log = logging.getLogger("transformers")
+    transformers_log.addHandler(records)
+    try:
+        trainer.train()
+    finally:
+        transformers_log.removeHandler(records)
+    assert trainer.state.num_input_tokens_seen == 2 * sum(LENGTHS)
+    assert not [m for m in records.messages if "tokens" in m], records.messages
+
+
+def test_padding_per_step_is_the_exact_expectation_over_random_batches():
+    lengths = [3, 10, 5, 7, 1, 7, 2]
+    for batch_size in (1, 2, 3, 7):
+        batches = list(itertools.combinations(lengths, batch_size))
+        expected_longest = sum(max(b) for b in batches) / len(batches)
+        figures = padding_per_step(lengths, batch_size, grad_accum=3)
+        assert figures["real_tokens_per_step"] == pytest.approx(3 * batch_size * sum(lengths) / len(lengths))
+        assert figures["padded_tokens_per_step"] == pytest.approx(3 * batch_size * expected_longest)
+        assert figures["padding_fraction"] == pytest.approx(
+            1 - figures["real_tokens_per_step"] / figures["padded_tokens_per_step"])
+    assert padding_per_step(lengths, 1)["padding_fraction"] == 0  # one row per batch: nothing to pad
+    assert padding_per_step([8, 8, 8], 2)["padding_fraction"] == 0
+    assert padding_per_step(lengths, 50) == padding_per_step(lengths, len(lengths))  # one batch of every row
+    # Fast and stable for a large dataset: the longest of k rows drawn from lengths 1..n is k (n + 1) / (k + 1).
+    big = padding_per_step(list(range(1, 100_001)), 8, 4)
+    assert big["padded_tokens_per_step"] == pytest.approx(4 * 8 * 8 * 100_001 / 9, rel=1e-9)
+
+
+def test_the_data_report_gives_the_tokens_per_step_and_the_padding(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    answers = ["yes", "the quick brown fox jumps over the lazy dog " * 4, "no", "the lazy dog", "a fox " * 9, "no"]
+    path.write_text("".join(json.dumps({"prompt": "what is the capital of a country?", "completion": a}) + "\n"
+                            for a in answers))
+    report = prepare_data(str(path), tokenizer, batch_size=2, grad_accum=3).report
+    lengths = [len(e["input_ids"]) for e in prepare_data(str(path), tokenizer).train]
+    figures = padding_per_step(lengths, 2, 3)
+    assert (report.batch_size, report.grad_accum) == (2, 3)
+    assert report.tokens_per_step == pytest.approx(figures["real_tokens_per_step"], abs=0.05)
+    assert report.padded_tokens_per_step == pytest.approx(figures["padded_tokens_per_step"], abs=0.05)
+    assert 0.2 < report.padding_fraction < 0.8
+    line = next(line for line in report.summary().splitlines() if line.startswith("per optimizer step"))
+    assert line.startswith("per optimizer step (2 x 3 rows): ")
+    assert f"{100 * report.padding_fraction:.0f}% of them padding, which packing removes" in line
+    # Without a batch size (a preview, a pre-flight check) the figures are absent, and older reports still load.
+    plain = prepare_data(str(path), tokenizer).report
+    assert plain.tokens_per_step == 0 and "per optimizer step" not in plain.summary()
+    old = {k: v for k, v in report.to_dict().items()
+           if k not in ("batch_size", "grad_accum", "tokens_per_step", "padded_tokens_per_step", "padding_fraction")}
+    assert DataReport(**old).tokens_per_step == 0
+
+
+# ---- end to end: a run with packing trains the same losses as one without ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_a_packed_run_follows_the_padded_runs_loss_curve(model_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("DENSELORA_RUNS", str(tmp_path / "runs"))
+    data = tmp_path / "train.jsonl"
+    words = "the quick brown fox jumps over the lazy dog".split()
+    data.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"what is the capital of {words[i % 9]}?"},
+                                 {"role": "assistant", "content": " ".join(words[: 1 + (i * 5) % 9] * (1 + i % 3))}]})
+        + "\n" for i in range(16)))
+    curves = {}
+    for packing in (False, True):
+        cfg = RunConfig(model=str(model_dir), data=str(data), r=4, alpha=8, dropout=0.0, learning_rate=1e-2,
+                        max_steps=4, batch_size=4, grad_accum=2, warmup_steps=0, lr_scheduler="constant",
+                        save_steps=100, cutoff_len=64, device="cpu", packing=packing, run_name=f"packing-{packing}")
+        run = create_run(cfg)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="denselora_app.train"):
+            assert execute(run) == "completed"
+        metrics = [m for m in run.metrics() if "loss" in m]
+        assert all(m["tokens_per_second"] > 0 for m in metrics)
+        curves[packing] = [m["loss"] for m in metrics]
+        report = run.data_report()
+        assert report["batch_size"] == 4 and report["grad_accum"] == 2
+        assert report["tokens_per_step"] > 0 and report["padded_tokens_per_step"] > report["tokens_per_step"]
+        if packing:
+            assert "Packing: the rows of each batch are joined into one sequence" in caplog.text
+        else:
+            assert "Packing" not in caplog.text
+    assert len(curves[True]) == 4
+    assert curves[True] == pytest.approx(curves[False], rel=1e-4)
