@@ -1,0 +1,8 @@
+"""DenseLoRA Studio: the DenseLoRA method (``denselora``), a training engine, a CLI and a Gradio app."""
+
+import logging
+
+# peft imports bitsandbytes when it is installed; on an AVX-512 CPU bitsandbytes then asks for the optional `kernels`
+# package, which fetches a faster 4-bit kernel from the Hub at run time. The studio does without it (and offline
+# cannot have it), so that advice would only be noise on every command.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

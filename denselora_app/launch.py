@@ -6,8 +6,8 @@ app, and any later one) starts training.
     resume_run(run)        the same checks for a stopped or failed run, then continue it from its last checkpoint
 
 The checks read the model's configuration (no weights: the model is built on the meta device), the adapter's
-targets and rank against it, the first rows of the data through the model's tokenizer, and the device, which only
-one run may hold at a time. A launch that is refused creates nothing and raises LaunchError, whose message is one
+targets and rank against it, the memory the run needs against the device's free memory (``memory.py``), the first
+rows of the data through the model's tokenizer, and the device, which only one run may hold at a time. A launch that is refused creates nothing and raises LaunchError, whose message is one
 paragraph saying what is wrong and how to fix it.
 """
 
@@ -49,11 +49,13 @@ class LaunchError(StudioError):
 
 @dataclass
 class Preflight:
-    """What the checks found: the device the run will hold, its parameter counts and the data's first rows."""
+    """What the checks found: the device the run will hold, its parameter counts, its memory plan and the data's
+    first rows."""
 
     device: str
     parameters: Any  # methods.ParameterCount
     data: Any  # data.DataReport, of the rows checked
+    memory: Any = None  # memory.MemoryPlan, for the device above
 
 
 def run_device(device: str) -> str:
@@ -80,6 +82,7 @@ def preflight(
     """
     from . import models
     from .data import DataError, check_data, data_source
+    from .memory import plan_memory
     from .methods import AdapterError, check_adapter
 
     device = run_device(cfg.device)
@@ -99,6 +102,9 @@ def preflight(
     except Exception as err:  # noqa: BLE001  (an architecture transformers cannot build from its config)
         raise LaunchError("model", f"{cfg.model!r} cannot be built from its configuration ({type(err).__name__}: "
                                    f"{err}). Choose a causal language model that transformers supports.") from None
+    memory = plan_memory(model_config, cfg, parameters, device)
+    if not memory.fits:
+        raise LaunchError("memory", memory.refusal())
     try:
         tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     except models.ModelLoadError as err:
@@ -108,7 +114,7 @@ def preflight(
                             train_on_inputs=cfg.train_on_inputs, val_size=cfg.val_size)
     except DataError as err:
         raise LaunchError("data", str(err)) from None
-    return Preflight(device=device, parameters=parameters, data=report)
+    return Preflight(device=device, parameters=parameters, data=report, memory=memory)
 
 
 def _device_lock(root: Path) -> FileLock:

@@ -1,7 +1,7 @@
 """The adapter methods a run can use (DenseLoRA and PEFT's LoRA baseline), built from one RunConfig.
 
 Also the numbers users want before starting: trainable parameters for both methods (counted on the ``meta``
-device, so no weights are allocated) and an estimate of training memory.
+device, so no weights are allocated). The memory a run needs is planned in ``memory.py``.
 """
 
 from __future__ import annotations
@@ -107,41 +107,3 @@ def count_parameters(model_config: PretrainedConfig, cfg: RunConfig) -> Paramete
         peft_model = get_peft_model(model, build_peft_config(cfg, method))
         counts[method] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     return ParameterCount(total=total, trainable=counts[cfg.method], lora_trainable=counts["lora"])
-
-
-@dataclass
-class MemoryEstimate:
-    weights_gb: float
-    adapter_gb: float  # adapter weights, gradients and AdamW state, in float32
-    activations_gb: float
-
-    @property
-    def total_gb(self) -> float:
-        return self.weights_gb + self.adapter_gb + self.activations_gb
-
-    def summary(self) -> str:
-        return (
-            f"Estimated training memory: {self.total_gb:.1f} GB (weights {self.weights_gb:.1f}, "
-            f"adapter + optimizer {self.adapter_gb:.2f}, activations {self.activations_gb:.1f})"
-        )
-
-
-def estimate_memory(model_config: PretrainedConfig, counts: ParameterCount, cfg: RunConfig, bytes_per_weight: int) -> MemoryEstimate:
-    """A rough upper estimate: frozen weights, fp32 adapter with grads and two AdamW moments, and activations.
-
-    Activations are counted per layer as ~34 * hidden + 5 * heads * seq values per token (attention with softmax
-    stored), the usual estimate for a transformer block; checkpointing keeps only one layer's worth plus inputs.
-    """
-    gb = 1024**3
-    hidden = getattr(model_config, "hidden_size", 0) or 0
-    layers = getattr(model_config, "num_hidden_layers", 0) or 0
-    heads = getattr(model_config, "num_attention_heads", 1) or 1
-    tokens = cfg.batch_size * cfg.cutoff_len
-    per_layer = tokens * (34 * hidden + 5 * heads * cfg.cutoff_len) * bytes_per_weight
-    stored_layers = 1 if cfg.checkpointing else layers
-    logits = tokens * (getattr(model_config, "vocab_size", 0) or 0) * 4 * 2  # fp32 logits and their gradient
-    return MemoryEstimate(
-        weights_gb=counts.total * bytes_per_weight / gb,
-        adapter_gb=counts.trainable * 4 * 4 / gb,
-        activations_gb=(per_layer * stored_layers + tokens * hidden * layers * bytes_per_weight + logits) / gb,
-    )

@@ -448,9 +448,6 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype, device: t
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelLoadError(f"A {quantization} base needs the bitsandbytes package: pip install bitsandbytes "
                              "(make install does), or use quantization 'none'.")
-    # On import on an AVX-512 CPU, bitsandbytes asks for the optional `kernels` package, which fetches its faster
-    # kernel from the Hub at run time; the studio does without it, so that advice is noise here.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

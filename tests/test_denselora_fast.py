@@ -125,3 +125,26 @@ def test_whole_model_training_step_matches_the_formula(input_ids, monkeypatch, g
     assert len(actual) == len(expected) > 1 + 15
     for got, want in zip(actual, expected):
         torch.testing.assert_close(got, want)
+
+
+def test_inference_folds_d_and_m_into_one_matrix_and_refolds_when_they_change(model):
+    """Without gradients the layer multiplies by D @ M (one matmul fewer per token); it must give the formula's
+    output, follow weights changed in place (an optimizer step, a load), and never reach the saved state."""
+    peft_model = get_peft_model(model, DenseLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                       init_weights=False))
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 3, layer.in_features)
+    encoder, decoder = layer.shared["default"]
+
+    def expected() -> torch.Tensor:
+        return layer.base_layer(x) + dense_update(x, encoder.weight, layer.denselora_M["default"].weight,
+                                                  decoder.weight, "gelu", layer.scaling["default"])
+
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected())
+        folded = layer.folded_decoder("default")
+        assert layer.folded_decoder("default") is folded, "computed once, not per call"
+        layer.denselora_M["default"].weight.mul_(-2.0)  # in place, as an optimizer step or load_state_dict does
+        torch.testing.assert_close(layer(x), expected())
+        assert layer.folded_decoder("default") is not folded
+    assert not any("folded" in key for key in peft_model.state_dict())

@@ -49,6 +49,8 @@ class DenseLoraLayer(BaseTunerLayer):
         self.denselora_M = nn.ModuleDict({})
         # adapter name -> (encoder, decoder); a plain dict on purpose, see the module docstring.
         self.shared: dict[str, tuple[nn.Linear, nn.Linear]] = {}
+        # adapter name -> (what it was computed from, D @ M): inference multiplies by one matrix instead of two.
+        self._folded: dict[str, tuple[tuple, torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -80,6 +82,7 @@ class DenseLoraLayer(BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.shared.pop(adapter_name, None)
+        self._folded.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -108,8 +111,23 @@ class Linear(nn.Module, DenseLoraLayer):
         activation, scaling = self.activation[adapter_name], self.scaling[adapter_name]
         if torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, *weights)):
             return add_dense_update(result, x, *weights, activation, scaling)
+        act = ACTIVATIONS[activation]
+        update = act(nn.functional.linear(act(nn.functional.linear(x, weights[0])), self.folded_decoder(adapter_name)))
         # Scaling inside the add: one pass over the output-wide tensor instead of two.
-        return torch.add(result, dense_update(x, *weights, activation, 1.0).to(result.dtype), alpha=scaling)
+        return torch.add(result, update.to(result.dtype), alpha=scaling)
+
+    def folded_decoder(self, adapter_name: str) -> torch.Tensor:
+        """``D @ M`` (out x r), so that inference computes ``D(M h)`` with one small matmul instead of two (the same
+        value up to float rounding). Recomputed whenever D or M changes: in place (an optimizer step, loading
+        weights: the tensors' version counters move) or for good (moved to another device or dtype)."""
+        decoder, dense = self.shared[adapter_name][1].weight, self.denselora_M[adapter_name].weight
+        key = (decoder._version, dense._version, decoder.data_ptr(), dense.data_ptr(), decoder.dtype)
+        cached = self._folded.get(adapter_name)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, decoder @ dense)
+            self._folded[adapter_name] = cached
+        return cached[1]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

@@ -72,15 +72,6 @@ def model_errors() -> tuple[type[Exception], ...]:
     return ModelLoadError, ValueError
 
 
-def bytes_per_weight(cfg: RunConfig) -> int:
-    """Bytes per frozen base weight for the memory estimate: 4 on the CPU (float32), 2 on a GPU (bf16/fp16)."""
-    if cfg.dtype != "auto":
-        return 4 if cfg.dtype == "float32" else 2
-    from ..models import resolve_device
-
-    return 2 if resolve_device(cfg.device).type == "cuda" else 4
-
-
 def data_source(cfg: RunConfig) -> str:
     """The data path or Hub name the training will read (the sample name mapped to its file)."""
     from ..data import data_source as source_of

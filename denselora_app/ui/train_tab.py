@@ -57,19 +57,29 @@ def check_model(model: str, trust_remote_code: bool, target_modules: list[str]) 
 
 
 def parameter_line(**settings: Any) -> tuple[str, str]:
-    """'Trainable parameters: N (x%) - LoRA at this rank: M (y%)' and the memory estimate, for the current form."""
+    """'Trainable parameters: N (x%) - LoRA at this rank: M (y%)', and the memory planner's line for the current
+    form on its device (with the changes that would make the run fit, when it does not)."""
     try:
         cfg = forms.config_from_settings(settings)
         model_config = loaders.model_config(cfg.model, cfg.trust_remote_code)
-        from ..methods import count_parameters, estimate_memory
+        from ..methods import count_parameters
 
         counts = count_parameters(model_config, cfg)
-        memory = estimate_memory(model_config, counts, cfg, loaders.bytes_per_weight(cfg))
     except ConfigError as err:
         return _warn(err), ""
     except loaders.model_errors() as err:
         return _warn(f"Cannot count parameters: {err}"), ""
-    return counts.summary(cfg.method), memory.summary()
+    try:
+        from ..memory import plan_memory
+        from ..models import resolve_device
+
+        plan = plan_memory(model_config, cfg, counts, str(resolve_device(cfg.device)))
+    except loaders.model_errors() as err:
+        return counts.summary(cfg.method), _warn(f"Cannot plan the memory: {err}")
+    if plan.fits:
+        return counts.summary(cfg.method), plan.summary()
+    changes = "\n".join(f"- {option.line()}" for option in plan.suggestions())
+    return counts.summary(cfg.method), _warn(plan.summary()) + (f"\n\nTo make it fit:\n{changes}" if changes else "")
 
 
 def checkpointing_for(quantization: str) -> Any:
