@@ -23,7 +23,7 @@ taken at evenly spaced places of its own epoch order, so each sees the dataset's
 Padded and packed arms of one kind start from the same adapter and see the same batches in the same order, so their
 loss curves must agree up to float rounding: that is the second check.
 
-    python benchmarks/packing.py                   # CPU: small model, fp32, about 4 minutes on 2 cores
+    python benchmarks/packing.py                   # CPU: small model, fp32, one thread, about 3 minutes
     python benchmarks/packing.py --device cuda     # GPU: a ~1B-parameter LLaMA shape in bf16, larger batches
 """
 
@@ -61,21 +61,25 @@ log = logging.getLogger("benchmarks.packing")
 MODEL_SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2),
-    "cpu-small": dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2),
+    # SmolLM2-135M's width, heads and MLP (the embedded model the CPU quickstart trains) in 2 layers, with a small
+    # vocabulary: attention takes the same share of a layer's work as in that model.
+    "cpu-small": dict(vocab_size=2048, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                      num_attention_heads=9, num_key_value_heads=3),
     "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                      num_attention_heads=32, num_key_value_heads=4),
 }
 
 DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cpu": dict(model="cpu-small", dtype="float32", rows=2000, batch=4, steps=10, warmup=1),
-    "cuda": dict(model="llama-1b", dtype="bfloat16", rows=4000, batch=16, steps=10, warmup=2),
+    "cpu": dict(model="cpu-small", dtype="float32", rows=2000, batch=4, steps=16, warmup=2, threads=1),
+    "cuda": dict(model="llama-1b", dtype="bfloat16", rows=4000, batch=16, steps=10, warmup=2, threads=0),
 }
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 KINDS = [("denselora", "DenseLoRA"), ("lora", "LoRA"), ("base", "frozen base")]
 MODES = [("padded", "padded"), ("grouped", "length-grouped"), ("packed", "packed")]
 TARGET_SPEEDUP = 1.5
+CLOCKS = {"cpu": "the process's CPU time (one thread, so other work on the machine does not count)",
+          "wall": "wall-clock time"}
 # Padded and packed steps do the same arithmetic in another order: in fp32 their losses agree to ~1e-6, in bf16 to
 # about its precision. A larger gap would mean the rows see each other or the labels shift at the row boundaries.
 LOSS_TOLERANCE = {"float32": 1e-3, "bfloat16": 2e-2, "float16": 1e-2}
@@ -90,7 +94,8 @@ class Arm:
     label: str
     step: Callable[[dict[str, torch.Tensor]], float]  # one training step on a collated batch; returns the loss
     batches: list[list[int]]  # the rows of each step, warm-up first
-    times: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # seconds per timed step, on the clock of the run (see clock)
+    wall_times: list[float] = field(default_factory=list)
     real_tokens: list[int] = field(default_factory=list)
     processed_tokens: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
@@ -113,7 +118,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="Timed training steps per arm.")
     parser.add_argument("--warmup", type=int, help="Untimed training steps per arm first.")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the adapters.")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default).")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (0: torch's default; default 1 on CPU, "
+                        "which makes the step time the process's CPU time, see clock()).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results",
                         help="Where packing_<device>.json and .md are written.")
@@ -253,6 +259,13 @@ def rotated(arms: list[Arm], shift: int) -> list[Arm]:
     return arms[shift:] + arms[:shift]
 
 
+def clock(device: torch.device) -> str:
+    """What a step's time is measured on. With one CPU thread: the process's CPU time, which other work on a shared
+    machine does not inflate (the process is simply not running while it waits), and which equals the wall time on
+    an idle machine. Otherwise the wall time (CUDA synchronised before and after)."""
+    return "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+
+
 def train_arms(arms: list[Arm], rows: list[dict], collate: dict[str, Callable], args: argparse.Namespace,
                device: torch.device) -> None:
     total = args.warmup + args.steps
@@ -262,13 +275,14 @@ def train_arms(arms: list[Arm], rows: list[dict], collate: dict[str, Callable], 
                 features = [rows[i] for i in arm.batches[index]]
                 batch = {k: v.to(device) for k, v in collate[arm.mode](features).items()}
                 synchronize(device)
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 loss = arm.step(batch)
                 synchronize(device)
-                elapsed = time.perf_counter() - start
+                elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
                 arm.losses.append(loss)
                 if index >= args.warmup:
-                    arm.times.append(elapsed)
+                    arm.times.append(elapsed_cpu if clock(device) == "cpu" else elapsed)
+                    arm.wall_times.append(elapsed)
                     arm.real_tokens.append(sum(len(f["input_ids"]) for f in features))
                     arm.processed_tokens.append(batch["input_ids"].numel())
                 progress.update()
@@ -287,8 +301,26 @@ def summarise(arm: Arm) -> dict[str, Any]:
         "step_time_ms_median": 1000 * statistics.median(arm.times),
         "real_tokens_per_step_mean": statistics.mean(arm.real_tokens),
         "steps_timed": len(arm.times),
+        "wall_real_tokens_per_s": sum(arm.real_tokens) / sum(arm.wall_times),
         "losses": arm.losses,
     }
+
+
+def training_flops(config: LlamaConfig, lengths: list[int], packed: bool) -> float:
+    """Multiply-adds x 2 of a forward and backward pass (3x the forward) over one batch of rows of ``lengths``.
+
+    Linear layers cost the same per token either way; attention scores cost the sequence length per token, and
+    sdpa and eager attention compute every score of a packed sequence (the other rows' scores are masked, not
+    skipped), so a packed token pays for the whole joined batch where a padded one pays for its padded row.
+    """
+    d, inter = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    per_token = config.num_hidden_layers * 2 * (2 * d * d + 2 * d * kv + 3 * d * inter) + 2 * d * config.vocab_size
+    if packed:
+        tokens, width = sum(lengths), sum(lengths)
+    else:
+        tokens, width = len(lengths) * max(lengths), max(lengths)
+    return 3 * tokens * (per_token + config.num_hidden_layers * 4 * width * d)
 
 
 def loss_check(results: dict[str, Any], kind: str, dtype: str) -> dict[str, Any]:
@@ -328,25 +360,30 @@ def render_markdown(results: dict[str, Any]) -> str:
     table = markdown_table(["arm", "real tokens/s", "vs padded (median of paired steps)",
                             "processed tokens/s (with padding)",
                             "padding share", "step ms, median"], rows)
-    curve_rows = []
+    curve_header, columns = ["step"], []
     for kind, kind_label in KINDS:
-        padded = results["arms"][f"{kind}/padded"]["losses"]
-        packed = results["arms"][f"{kind}/packed"]["losses"]
-        curve_rows.append([f"{kind_label}, padded", *(f"{v:.4f}" for v in padded)])
-        curve_rows.append([f"{kind_label}, packed", *(f"{v:.4f}" for v in packed)])
-    curves = markdown_table(["loss at step", *(str(i + 1) for i in range(len(curve_rows[0]) - 1))], curve_rows)
+        for mode in ("padded", "packed"):
+            curve_header.append(f"{kind_label}, {mode}")
+            columns.append(results["arms"][f"{kind}/{mode}"]["losses"])
+    curves = markdown_table(curve_header, [[str(step + 1), *(f"{column[step]:.4f}" for column in columns)]
+                                           for step in range(len(columns[0]))])
     target_rows = [[t["target"], t["measured"], "met" if t["met"] else "**missed**"] for t in results["targets"]]
     return "\n\n".join([
         f"Command: `{results['command']}`",
         f"Machine: {machine_line(results['machine'])}",
         f"Model: {s['model']} ({s['dtype']}, {results['base_parameters']:,} parameters), rank {s['rank']}, "
         f"batch {s['batch']} rows per step, {s['steps']} timed steps per arm after {s['warmup']} warm-up, "
-        f"interleaved. Data: {s['rows']} made-up rows, {data['min']}-{data['max']} tokens (median "
+        f"interleaved; step time: {CLOCKS[results['clock']]}. Data: {s['rows']} made-up rows, "
+        f"{data['min']}-{data['max']} tokens (median "
         f"{data['median']:.0f}, mean {data['mean']:.0f}, p95 {data['p95']:.0f}); the data report's estimate for "
         f"this batch size: {data['padding_per_step']['real_tokens_per_step']:,.0f} real tokens per step, "
         f"{data['padding_per_step']['padded_tokens_per_step']:,.0f} with padding "
         f"({100 * data['padding_per_step']['padding_fraction']:.0f}% padding).",
         table,
+        f"Arithmetic: over the timed batches, a padded step does {results['flops_padded_over_packed']:.2f}x the "
+        "work of a packed one (linear layers per token; attention per token over the padded row, or over the whole "
+        "joined batch when packed, since sdpa and eager attention compute the masked scores too): the speed-up "
+        "packing can reach here if every operation ran as fast per unit of work in both layouts.",
         "Loss per step, padded against packed (same adapter initialisation, same batches, same order; the first "
         f"{s['warmup']} untimed):",
         curves,
@@ -372,6 +409,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": machine,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "clock": clock(device),
         "base_parameters": sum(p.numel() for p in base.parameters()),
         "data": {"min": int(values.min()), "max": int(values.max()), "mean": float(values.mean()),
                  "median": float(np.median(values)), "p95": float(np.percentile(values, 95)),
@@ -390,6 +428,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         padded, packed = by_key[f"{kind}/padded"].times, by_key[f"{kind}/packed"].times
         results["ratios"][kind]["packed/padded, median of paired steps"] = statistics.median(
             a / b for a, b in zip(padded, packed))
+    timed = by_key["base/padded"].batches[args.warmup:]  # the packed arms train on these same batches
+    results["flops_padded_over_packed"] = (
+        sum(training_flops(base.config, [lengths[i] for i in batch], packed=False) for batch in timed)
+        / sum(training_flops(base.config, [lengths[i] for i in batch], packed=True) for batch in timed))
     results["loss_curves"] = {kind: loss_check(results, kind, args.dtype) for kind, _ in KINDS}
     results["targets"] = check_targets(results, args.dtype)
     return results

@@ -1,42 +1,57 @@
 """The memory planner: how much memory a training run needs, and whether it fits on its device.
 
-    plan = plan_memory(model_config, cfg, counts, "cuda:0")    # no weights are loaded: ~0.1 s
+    plan = plan_memory(model_config, cfg, counts, "cuda:0")    # from the configuration only: no weights load
     plan.fits, plan.summary(), plan.suggestions()
 
-The plan has four parts, in bytes:
+A plan has four parts, in bytes (GB below means 2**30 bytes):
 
-* **weights**: the frozen base. Unquantized, every parameter at the dtype's bytes. 4-bit (NF4 with double
-  quantization): the Linear layers of the decoder at half a byte a weight plus one 8-bit scale per block of 64
-  weights and one float32 scale per 256 blocks; everything bitsandbytes leaves alone (embeddings, norms, lm_head) at
-  the dtype's bytes. 8-bit (LLM.int8): one byte a weight plus a float32 scale per output row.
-* **adapter**: every trainable parameter in float32 with its gradient and AdamW's two moments (16 bytes).
-* **activations**: what autograd keeps between the forward and the backward pass, at the peak. Per token and
-  decoder layer of a LLaMA-style model (``a`` = bytes of the compute dtype, ``h`` hidden, ``I`` intermediate):
-  both RMSNorms keep their input in float32 (2 x 4h); attention keeps q, k, v and its output (4h x a: with a padding
-  mask transformers repeats the grouped k/v heads to full width) and the additive mask (one row of ``cutoff``
-  values); the gated MLP keeps gate, act(gate) and up (3I x a); each adapted Linear keeps its own input (DenseLoRA's
-  ``_DenseAdd`` saves only ``x`` and ``E x``, as LoRA saves ``x`` and ``A x``): with dropout a dropped copy of it
-  plus the dropout mask, without dropout the layer's input itself, once for the modules that share it; an 8-bit
-  Linear also keeps its input. With gradient checkpointing a layer keeps only its input (h x a) and one layer at a
-  time is recomputed in the backward pass. On top, the loss: the float32 log-softmax over the vocabulary is kept, and
-  at the start of the backward pass it, its gradient and the gradient of the logits are alive together (12 bytes a
-  logit); and the backward pass of one layer needs a few layer-wide gradients at once.
-* **overhead**: what measurement says the above misses. The process itself (on the CPU the training worker's Python,
-  torch and transformers: about half a GB before any weight), the CUDA context and the caching allocator's slack on
-  a GPU, and the allocator's slack on the CPU (freed blocks it keeps).
+* **weights**, the frozen base. Unquantized: every parameter at the dtype's bytes. 4-bit (NF4 with double
+  quantization): the Linear layers bitsandbytes quantizes (all but the output embedding) at half a byte a weight,
+  plus an 8-bit scale per block of 64 weights and a float32 scale per 256 blocks; the rest (embeddings, norms,
+  lm_head) at the dtype's bytes. 8-bit (LLM.int8): a byte a weight plus a float32 scale per output row.
+* **adapter**: each trainable parameter in float32 with its gradient and AdamW's two moments (16 bytes).
+* **activations**: what autograd keeps for the backward pass, at the step's peak. Per token and decoder layer of a
+  LLaMA-style model (``a`` bytes of the compute dtype, ``h`` hidden, ``I`` intermediate size, ``r`` rank):
 
-The activation formula was derived from what transformers' LLaMA layer and DenseLoRA's custom autograd save, checked
-with ``torch.autograd.graph.saved_tensors_hooks``, and calibrated against the peak resident memory of real training
-steps on the CPU (``benchmarks/memory_planner.py``; the table is in docs/benchmarks.md).
+  - both RMSNorms keep their input in float32: 2 x 4h;
+  - attention keeps q, k, v and its output, 4 x h x a (under a padding mask transformers repeats the grouped k/v
+    heads to every head), its log-sum-exp, and the additive mask (one row of ``cutoff_len`` values);
+  - the gated MLP keeps gate, act(gate) and up: 3 x I x a;
+  - each adapted Linear keeps its input and one r-wide tensor (DenseLoRA's ``_DenseAdd`` saves only ``x`` and
+    ``E x``; LoRA saves ``x`` and ``A x``). With dropout that input is the adapter's own dropped copy plus the
+    dropout mask (a float noise tensor on the CPU, bytes on a GPU); without dropout and in float32 it is the
+    layer's tensor itself, kept once by the modules that read it (q/k/v, gate/up); in 16 bits each adapter keeps
+    its own copy (PEFT casts the input to the adapter's float32, autocast casts it back);
+  - an 8-bit Linear also keeps its input (bitsandbytes' LLM.int8 matmul saves it);
+  - with gradient checkpointing a layer keeps only its input (h x a), and one layer at a time is recomputed.
+
+  On top, at the start of the backward pass: the loss keeps the float32 log-softmax over the vocabulary, and its
+  gradient and the logits' gradient join it (12 bytes a logit); or, whichever is larger, one layer's backward pass
+  (about 2 x I + 2 x h values in flight, plus the recomputed layer with checkpointing). A 4/8-bit layer is
+  dequantized whole for each matmul: one such weight in the compute dtype.
+* **overhead**, what measurement says the above misses. The process: the training worker's Python, torch and
+  transformers before any weight (about 0.6 GB; on CUDA, the CUDA context instead). On the CPU, glibc's allocator:
+  freed activations in tensors under its 32 MiB mmap threshold stay in its heap and are reused unevenly, so from the
+  second step on the resident peak holds about 1.6 times the heap's high water of live tensors (2.1 times with
+  checkpointing, whose recomputed layers churn it more); plus ~16 MiB of kernels' code; and for a quantized base
+  with checkpointing, about one dequantized copy of the quantized layers churning the heap. On a GPU, an allowance
+  of 10% of the activations for the caching allocator, until the GPU check (benchmarks/gpu_8b.py) measures it.
+
+On the CPU a quantized base also leaves its original weights resident: transformers keeps the model file mapped and
+the pages read to quantize stay in memory, though the kernel may take them back (``reclaimable``, not part of the
+total that must fit; ``resident_training`` includes it, for comparison with a measured resident peak).
+
+The activation formula follows transformers' ``modeling_llama.py`` and ``layer._DenseAdd``; it was checked tensor by
+tensor with ``torch.autograd.graph.saved_tensors_hooks`` and against the live tensor bytes of a training step, and
+the whole plan against the peak resident memory of real training steps on the CPU (``benchmarks/memory_planner.py``;
+the table is in docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -47,116 +62,98 @@ from .config import RunConfig
 log = logging.getLogger(__name__)
 
 GB = 1024**3
-MB = 1024**2
+MiB = 1024**2
 
-# bitsandbytes NF4 with double quantization: 4 bits a weight, an 8-bit absmax per block of 64 weights, and a float32
-# absmax per 256 of those blocks.
-NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
-INT8_BYTES_PER_WEIGHT = 1.0  # plus one float32 scale per output row
-ADAMW_BYTES_PER_PARAMETER = 16  # float32 weight, gradient and two moments
-LOSS_BYTES_PER_LOGIT = 12  # float32 log-softmax kept + its gradient + the logits' gradient, at the backward's start
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits, an 8-bit absmax per 64, a float32 one per 256 x 64
+INT8_BYTES_PER_WEIGHT = 1.0  # plus a float32 scale per output row
+ADAMW_BYTES_PER_PARAMETER = 16  # float32 weight, gradient and AdamW's two moments
+LOSS_BYTES_PER_LOGIT = 12  # float32 log-softmax, its gradient and the logits' gradient, alive together
 
-# Allowances measured rather than derived (see the module docstring and docs/benchmarks.md).
-CPU_PROCESS_BYTES = 600 * MB  # a training worker's RSS before the model loads (imports, datasets, the Trainer)
-CUDA_CONTEXT_BYTES = 700 * MB  # the CUDA context, cuBLAS workspace and bitsandbytes' kernels, per process
-ALLOCATOR_SLACK = 0.05  # fraction of the training memory held but unused by the allocator
-FIXED_SLACK_BYTES = 24 * MB  # lazily created state of the first step (the Trainer, kernels' scratch buffers)
+# Measured, not derived (see the module docstring).
+PROCESS_BYTES = {"cpu": 600 * MiB, "mps": 600 * MiB, "cuda": 750 * MiB}
+CPU_FIXED_BYTES = 16 * MiB  # code pages of the kernels a step runs, the Trainer's lazily created state
+CPU_HEAP_RETAINED = 0.6  # glibc's heap beyond its live high water, as a fraction of it (see the docstring)
+CPU_HEAP_RETAINED_CHECKPOINTING = 1.1  # the same with checkpointing: recomputing layers churns the heap more
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB  # larger allocations are always mmap'ed, and unmapped when freed
+ACCELERATOR_SLACK = 0.10  # of the activations, for a GPU's caching allocator (to be measured)
 
-# Adapted modules that read the same input tensor (without dropout they keep it once between them).
-_SHARED_INPUTS = (
-    {"q_proj", "k_proj", "v_proj"},
-    {"gate_proj", "up_proj"},
-    {"query", "key", "value"},
-    {"w1", "w3"},
-)
-# The Linear layers of a LLaMA-style layer by what they read: the normed residual (attention), the attention output,
-# the normed residual (MLP), the gated product.
-_ATTENTION_OUTPUT = {"o_proj", "out_proj", "dense", "c_proj"}
-_MLP_PRODUCT = {"down_proj", "w2", "fc2", "dense_4h_to_h"}
+# Adapted modules that read one tensor: without dropout, in float32, they keep it once between them.
+_SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"}, {"w1", "w3"})
+# The input of each kind of Linear in a LLaMA-style layer, for the tensors an 8-bit Linear keeps.
+_LINEAR_INPUTS = (("q_proj", "attention input"), ("k_proj", "attention input"), ("v_proj", "attention input"),
+                  ("o_proj", "attention output"), ("gate_proj", "MLP input"), ("up_proj", "MLP input"),
+                  ("down_proj", "MLP product"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model, from its configuration
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the plan needs to know about a model, read from its configuration and its architecture on ``meta``."""
+    """What a plan needs to know about a model: read from its configuration and its architecture on ``meta``."""
 
     layers: int
     hidden: int
     intermediate: int
     heads: int
-    kv_heads: int
-    head_dim: int
     vocab: int
     parameters: int  # every parameter, tied ones once
     quantizable: int  # weights of the Linear layers bitsandbytes quantizes (all but the output embedding)
     quantizable_rows: int  # their output features, summed (8-bit keeps a float32 scale per row)
-    largest_linear: int  # weights of the largest of them (a 4/8-bit layer is dequantized whole for each matmul)
-    inputs: tuple[tuple[str, int], ...]  # Linear name suffix in a decoder layer -> its input features
+    linear_sizes: tuple[int, ...]  # the weights of each of them
+    inputs: tuple[tuple[str, int], ...]  # Linear name suffix (in the decoder layers) -> its input features
 
     def input_width(self, name: str) -> int | None:
         return dict(self.inputs).get(name)
 
 
-def _text_config(model_config: Any) -> Any:
-    getter = getattr(model_config, "get_text_config", None)
-    return getter(decoder=True) if getter else model_config
+_shapes: dict[str, ModelShape] = {}
 
 
-def _first(config: Any, *names: str, default: Any = None) -> Any:
-    for name in names:
-        value = getattr(config, name, None)
-        if value:
-            return value
-    return default
+def model_shape(model_config: Any) -> ModelShape:
+    """The shape of a transformers config; its architecture is built once on the meta device, then remembered."""
+    key = f"{type(model_config).__name__}:{model_config.to_json_string(use_diff=False)}"
+    if key not in _shapes:
+        _shapes[key] = _measure_shape(model_config)
+    return _shapes[key]
 
 
-@lru_cache(maxsize=16)
-def _shape_from_json(config_json: str, model_type: str) -> ModelShape:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _measure_shape(model_config: Any) -> ModelShape:
+    from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    import json
-
-    values = json.loads(config_json)
-    values.pop("model_type", None)
-    model_config = AutoConfig.for_model(model_type, **values)
-    with torch.device("meta"):  # the architecture without memory
+    with torch.device("meta"):  # the architecture without memory: ~0.03 s (~1 s the first time in a process)
         model = AutoModelForCausalLM.from_config(model_config)
     output = model.get_output_embeddings()
     linears = [(name, module) for name, module in model.named_modules()
                if isinstance(module, (nn.Linear, Conv1D)) and module is not output]
     inputs: dict[str, int] = {}
     for name, module in linears:
-        suffix = name.rsplit(".", 1)[-1]
-        in_features = module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
-        inputs.setdefault(suffix, in_features)
-    sizes = [m.weight.numel() for _, m in linears]
-    rows = [m.out_features if isinstance(m, nn.Linear) else m.weight.shape[1] for _, m in linears]
-    text = _text_config(model_config)
-    hidden = _first(text, "hidden_size", "n_embd", "d_model", default=0)
-    heads = _first(text, "num_attention_heads", "n_head", default=1)
+        inputs.setdefault(name.rsplit(".", 1)[-1],
+                          module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0])
+    text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    hidden = _first(text, "hidden_size", "n_embd", "d_model")
     return ModelShape(
-        layers=_first(text, "num_hidden_layers", "n_layer", "num_layers", default=0),
+        layers=_first(text, "num_hidden_layers", "n_layer", "num_layers"),
         hidden=hidden,
-        intermediate=_first(text, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
-        heads=heads,
-        kv_heads=_first(text, "num_key_value_heads", default=heads),
-        head_dim=_first(text, "head_dim", default=hidden // max(heads, 1)),
-        vocab=_first(text, "vocab_size", default=0),
+        intermediate=_first(text, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden,
+        heads=_first(text, "num_attention_heads", "n_head") or 1,
+        vocab=_first(text, "vocab_size"),
         parameters=sum(p.numel() for p in model.parameters()),
-        quantizable=sum(sizes),
-        quantizable_rows=sum(rows),
-        largest_linear=max(sizes, default=0),
+        quantizable=sum(m.weight.numel() for _, m in linears),
+        quantizable_rows=sum(m.weight.shape[0 if isinstance(m, nn.Linear) else 1] for _, m in linears),
+        linear_sizes=tuple(m.weight.numel() for _, m in linears),
         inputs=tuple(inputs.items()),
     )
 
 
-def model_shape(model_config: Any) -> ModelShape:
-    """The shape of a transformers config (its architecture built once on the meta device, then cached)."""
-    return _shape_from_json(model_config.to_json_string(use_diff=False), model_config.model_type)
+def _first(config: Any, *names: str) -> int:
+    return next((int(getattr(config, n)) for n in names if getattr(config, n, None)), 0)
 
 
-def dtype_bytes(cfg: RunConfig, device: str) -> int:
-    """Bytes of the run's resolved dtype on ``device``: float32 on the CPU and MPS unless set; bf16/fp16 on CUDA."""
+def compute_bytes(cfg: RunConfig, device: str) -> int:
+    """Bytes of the run's resolved dtype (models.resolve_dtype): float32 on the CPU and MPS, 16-bit on CUDA."""
     if cfg.dtype != "auto":
         return 4 if cfg.dtype == "float32" else 2
     return 2 if torch.device(device).type == "cuda" else 4
@@ -166,86 +163,115 @@ def dtype_bytes(cfg: RunConfig, device: str) -> int:
 # The parts
 
 
-def weight_bytes(shape: ModelShape, quantization: str, dtype: int) -> int:
+def weight_bytes(shape: ModelShape, quantization: str, dtype_bytes: int) -> int:
     """The frozen base model's weights."""
+    rest = (shape.parameters - shape.quantizable) * dtype_bytes
     if quantization == "4bit":
-        return int(shape.quantizable * NF4_BYTES_PER_WEIGHT + (shape.parameters - shape.quantizable) * dtype)
+        return int(shape.quantizable * NF4_BYTES_PER_WEIGHT) + rest
     if quantization == "8bit":
-        return int(shape.quantizable * INT8_BYTES_PER_WEIGHT + shape.quantizable_rows * 4
-                   + (shape.parameters - shape.quantizable) * dtype)
-    return shape.parameters * dtype
+        return int(shape.quantizable * INT8_BYTES_PER_WEIGHT) + shape.quantizable_rows * 4 + rest
+    return shape.parameters * dtype_bytes
 
 
-def _groups(targets: list[str], shape: ModelShape) -> dict[str, tuple[int, list[str]]]:
-    """Adapted modules present in the model, grouped by the tensor they read: group -> (width, modules)."""
-    groups: dict[str, tuple[int, list[str]]] = {}
-    for name in targets:
+# A kind of tensor kept per token: (bytes per token of one such tensor, how many of them).
+_Tensors = list[tuple[float, float]]
+
+
+def _layer_tensors(shape: ModelShape, cfg: RunConfig, device: str) -> _Tensors:
+    """The tensors one decoder layer keeps for its backward pass, per token (see the module docstring)."""
+    a = compute_bytes(cfg, device)
+    h, inter, r = shape.hidden, shape.intermediate, cfg.r
+    adapter = a if a < 4 else 4  # float32 adapters, or autocast's 16-bit dtype when the Trainer runs in bf16/fp16
+    dropout = cfg.dropout > 0
+    noise = (adapter if torch.device(device).type == "cpu" else 1) if dropout else 0
+    sequence = cfg.cutoff_len * cfg.batch_size if getattr(cfg, "packing", False) else cfg.cutoff_len
+    kept: _Tensors = [(4 * h, 2), (h * a, 4), (shape.heads * 4, 1), (sequence * a, 1), (inter * a, 3)]
+    shared: dict[str, int] = {}  # inputs kept once, by what reads them
+    for name in cfg.target_modules:
         width = shape.input_width(name)
         if width is None:
             continue
-        key = next((",".join(sorted(g)) for g in _SHARED_INPUTS if name in g), name)
-        groups.setdefault(key, (width, []))[1].append(name)
-    return groups
-
-
-def activation_bytes(shape: ModelShape, cfg: RunConfig, device: str) -> dict[str, int]:
-    """Activation memory at the peak of a training step, by part: ``layers`` (all layers' kept tensors, or with
-    checkpointing their inputs), ``recompute`` (one layer recomputed in the backward pass, checkpointing only),
-    ``loss`` (logits and their gradients) and ``backward`` (one layer's gradients in flight)."""
-    a = dtype_bytes(cfg, device)
-    tokens = cfg.batch_size * cfg.cutoff_len
-    h, inter, r = shape.hidden, shape.intermediate, cfg.r
-    # The adapter computes in float32 (PEFT keeps adapter weights in float32), or in autocast's 16-bit dtype when
-    # the Trainer runs in bf16/fp16 (it does when the weights are 16-bit).
-    c = a if a < 4 else 4
-    on_cpu = torch.device(device).type == "cpu"
-    dropout = cfg.dropout > 0
-    mask = (c if on_cpu else 1) if dropout else 0  # CPU dropout multiplies by a float noise tensor, CUDA keeps bools
-    sequence = cfg.cutoff_len * cfg.batch_size if getattr(cfg, "packing", False) else cfg.cutoff_len
-
-    # The frozen LLaMA-style layer, per token.
-    per_layer = (
-        2 * 4 * h  # both RMSNorms keep their input in float32
-        + 4 * h * a  # q, k, v (k and v repeated to all heads under a padding mask) and the attention output
-        + shape.heads * 4  # the attention's log-sum-exp
-        + sequence * a  # the additive attention mask, one row per token
-        + 3 * inter * a  # gate, act(gate) and up
-    )
-    # What each adapted module keeps: its input (a dropped copy, or the shared input itself) and its r-wide tensor.
-    unique_inputs: dict[str, int] = {}
-    for key, (width, names) in _groups(list(cfg.target_modules), shape).items():
-        per_layer += len(names) * r * c
-        if dropout or c != a:
-            per_layer += len(names) * width * (c + mask)
+        kept.append((r * adapter, 1))
+        if dropout or a != 4:
+            kept += [(width * adapter, 1), (width * noise, 1)]
         else:
-            unique_inputs[key] = width * a
-    if cfg.quantization == "8bit":  # LLM.int8's matmul keeps its input: the four inputs of a layer's Linears
-        for key, width in (("attention", h), ("o_proj", shape.heads * shape.head_dim), ("mlp", h),
-                           ("down_proj", inter)):
-            match = next((k for k in unique_inputs if key in k or (key == "attention" and "q_proj" in k)
-                          or (key == "mlp" and "up_proj" in k)), None)
-            unique_inputs[match or key] = width * a
-    per_layer += sum(unique_inputs.values())
+            shared[next((",".join(sorted(g)) for g in _SHARED_INPUTS if name in g), name)] = width * a
+    if cfg.quantization == "8bit":
+        for name, tensor in _LINEAR_INPUTS:
+            width = shape.input_width(name)
+            group = next((",".join(sorted(g)) for g in _SHARED_INPUTS if name in g), name)
+            if width is not None and group not in shared:
+                shared[tensor] = width * a
+    kept += [(width, 1) for width in shared.values()]
+    return kept
 
-    loss = 4 * h + h * a + shape.vocab * LOSS_BYTES_PER_LOGIT  # the final norm, and the loss over the vocabulary
-    backward = (4 * inter + 4 * h) * a  # one layer's gradients in flight (MLP-wide ones dominate)
-    dequantized = shape.largest_linear * a if cfg.quantized else 0  # one 4/8-bit weight dequantized for a matmul
+
+def activation_parts(shape: ModelShape, cfg: RunConfig, device: str) -> dict[str, int]:
+    """Activation memory at the step's peak, by part: ``kept`` (what the layers keep for the backward pass: all
+    their tensors, or with checkpointing their inputs), ``peak`` (what joins them at the peak: the loss's tensors,
+    or one layer's backward pass, with its recomputed tensors under checkpointing), ``dequantized`` (one 4/8-bit
+    weight in the compute dtype). Not part of the sum, for the CPU's allocator: ``heap_high_water``, the most bytes
+    alive at once in tensors small enough for glibc's heap, and ``heap_at_peak``, those alive at the peak."""
+    a = compute_bytes(cfg, device)
+    tokens = cfg.batch_size * cfg.cutoff_len
+    h, inter = shape.hidden, shape.intermediate
+    layer = _layer_tensors(shape, cfg, device)
+    loss: _Tensors = [(4 * h, 1), (h * a, 1), (shape.vocab * 4, LOSS_BYTES_PER_LOGIT / 4)]
+    backward: _Tensors = [(inter * a, 2), (h * a, 2)]
     if cfg.checkpointing:
-        parts = {"layers": shape.layers * h * a * tokens, "recompute": per_layer * tokens}
-        peak_extra = max(loss, backward) * tokens
+        kept: _Tensors = [(h * a, shape.layers)]
+        phases = [loss, layer + backward]  # the loss, then each layer recomputed and differentiated in turn
     else:
-        parts = {"layers": shape.layers * per_layer * tokens, "recompute": 0}
-        peak_extra = max(loss, backward) * tokens
-    parts["loss"] = peak_extra
-    parts["dequantized"] = dequantized
-    return {k: int(v) for k, v in parts.items()}
+        kept = [(width, count * shape.layers) for width, count in layer]
+        phases = [loss, backward]
+    peak = max(phases, key=_sum)
+    dequantized = max(shape.linear_sizes, default=0) * a if cfg.quantized else 0
+    small_dequantized = dequantized if dequantized < GLIBC_MMAP_THRESHOLD_MAX else 0
+    heap_kept = _sum(kept, tokens, small=True) + small_dequantized
+    return {"kept": int(_sum(kept) * tokens), "peak": int(_sum(peak) * tokens), "dequantized": int(dequantized),
+            "heap_high_water": int(heap_kept + max(_sum(p, tokens, small=True) for p in phases)),
+            "heap_at_peak": int(heap_kept + _sum(peak, tokens, small=True))}
 
 
-def overhead_bytes(device: str, training: int) -> int:
-    """What a run needs besides weights, adapter and activations, from measurement: the process and the allocator."""
+def _sum(tensors: _Tensors, tokens: int = 1, small: bool = False) -> float:
+    """Bytes of ``tensors`` for ``tokens`` tokens; with ``small``, only of those under glibc's mmap threshold."""
+    return sum(width * count * tokens for width, count in tensors
+               if not small or 0 < width * tokens < GLIBC_MMAP_THRESHOLD_MAX)
+
+
+def checkpoint_bytes(model_config: Any) -> int:
+    """Bytes a weight takes in the model's files (its config's dtype; float32 when it does not say)."""
+    dtype = str(getattr(model_config, "dtype", None) or "float32").removeprefix("torch.")
+    return 2 if dtype in ("bfloat16", "float16") else 4
+
+
+def overhead_bytes(shape: ModelShape, cfg: RunConfig, device: str, parts: dict[str, int], activations: int
+                   ) -> tuple[int, int]:
+    """(the process's own memory before it creates the model, the allowance on top) for a run on ``device``.
+
+    On the CPU the allowance is what glibc's heap keeps beyond the live tensors (1 + CPU_HEAP_RETAINED times the
+    heap's high water, less what is alive at the peak), the kernels' code and buffers, and for a quantized base with
+    checkpointing the heap's churn from dequantizing each weight for each matmul (one dequantized copy of the
+    quantized weights small enough for the heap)."""
     kind = torch.device(device).type
-    process = CUDA_CONTEXT_BYTES if kind == "cuda" else CPU_PROCESS_BYTES
-    return int(process + FIXED_SLACK_BYTES + ALLOCATOR_SLACK * training)
+    process = PROCESS_BYTES.get(kind, PROCESS_BYTES["cpu"])
+    if kind != "cpu":
+        return process, int(ACCELERATOR_SLACK * activations)
+    retained = CPU_HEAP_RETAINED_CHECKPOINTING if cfg.checkpointing else CPU_HEAP_RETAINED
+    allowance = CPU_FIXED_BYTES + (1 + retained) * parts["heap_high_water"] - parts["heap_at_peak"]
+    if cfg.quantized and cfg.checkpointing:
+        a = compute_bytes(cfg, device)
+        allowance += sum(n * a for n in shape.linear_sizes if n * a < GLIBC_MMAP_THRESHOLD_MAX)
+    return process, int(allowance)
+
+
+def reclaimable_bytes(shape: ModelShape, cfg: RunConfig, device: str, file_bytes: int) -> int:
+    """Resident memory the kernel may take back: on the CPU, a quantized base's original weights. transformers keeps
+    the model file mapped (the unquantized weights are views into it), so the pages read to quantize the Linear
+    layers stay resident, though nothing reads them again."""
+    if torch.device(device).type != "cpu" or not cfg.quantized:
+        return 0
+    return shape.quantizable * file_bytes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,19 +279,18 @@ def overhead_bytes(device: str, training: int) -> int:
 
 
 def free_memory(device: str) -> int | None:
-    """Bytes free on ``device`` now: CUDA's own count, the RAM available on the CPU, and for Apple's MPS (memory
-    shared with the CPU) the lesser of Metal's recommended working set left and the RAM available. None if unknown."""
+    """Bytes free on ``device`` now: CUDA's own count (``torch.cuda.mem_get_info``), the RAM available on the CPU
+    (psutil), and on Apple's MPS, whose memory is the machine's, the lesser of what is left of Metal's recommended
+    working set and the RAM available. None when the device cannot say."""
     import psutil
 
     kind = torch.device(device).type
     try:
         if kind == "cuda":
-            free, _ = torch.cuda.mem_get_info(torch.device(device))
-            return int(free)
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
         available = int(psutil.virtual_memory().available)
         if kind == "mps":
-            left = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
-            return int(min(left, available))
+            return int(min(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory(), available))
         return available
     except Exception as err:  # noqa: BLE001 (a device that cannot say: the plan still gives the total)
         log.warning("Cannot read the free memory of %s: %s", device, err)
@@ -278,180 +303,188 @@ def free_memory(device: str) -> int | None:
 
 @dataclass
 class Suggestion:
-    """One change to the run's settings, and the total memory it would give."""
+    """A change to the run's settings, and the total memory the run would then need."""
 
-    settings: dict[str, Any]  # RunConfig field -> new value
-    text: str  # e.g. "quantization 4bit"
+    settings: dict[str, Any]  # RunConfig field -> value
     total: int  # bytes
+    note: str = ""  # what else the change brings, e.g. checkpointing that comes on with quantization
+
+    def text(self) -> str:
+        """``key=value`` pairs as ``--set`` takes them, e.g. 'quantization=4bit, gradient_checkpointing=true'."""
+        words = {True: "true", False: "false"}
+        return ", ".join(f"{key}={words.get(value, value) if isinstance(value, bool) else value}"
+                         for key, value in self.settings.items())
 
     def line(self) -> str:
-        return f"{self.text} ({_gb(self.total)})"
+        notes = [self.note] if self.note else []
+        if "grad_accum" in self.settings:
+            notes.append("the same effective batch")
+        if "cutoff_len" in self.settings:
+            notes.append("longer rows are truncated")
+        return f"{self.text()} ({_gb(self.total)}{''.join(f'; {n}' for n in notes)})"
 
 
 @dataclass
 class MemoryPlan:
+    """The memory a run needs on its device, by part, against the device's free memory."""
+
     device: str
     weights: int
     adapter: int
     activations: int
-    overhead: int
+    overhead: int  # process + allocator
+    process: int  # of the overhead: what the training process holds before it creates the model
     free: int | None
-    parts: dict[str, int] = field(default_factory=dict)  # the activations, by part
+    reclaimable: int = 0  # resident on top of the total, but the kernel's to take back (reclaimable_bytes)
+    parts: dict[str, int] = field(default_factory=dict)  # of the activations (activation_parts)
     cfg: RunConfig | None = field(default=None, repr=False)
     shape: ModelShape | None = field(default=None, repr=False)
     trainable: int = 0
-
-    @property
-    def training(self) -> int:
-        """Memory of the training itself (what a process that has not loaded a model yet adds at the peak)."""
-        return self.total - self.process
-
-    @property
-    def process(self) -> int:
-        kind = torch.device(self.device).type
-        return CUDA_CONTEXT_BYTES if kind == "cuda" else CPU_PROCESS_BYTES
+    file_bytes: int = 4  # bytes a weight takes in the model's files
 
     @property
     def total(self) -> int:
         return self.weights + self.adapter + self.activations + self.overhead
 
     @property
+    def training(self) -> int:
+        """The total without the process's own memory: what creating the model and training add to a process."""
+        return self.total - self.process
+
+    @property
+    def resident_training(self) -> int:
+        """What creating the model and training add to a process's resident memory (VmRSS), reclaimable pages
+        included: the figure to compare with a measured peak."""
+        return self.training + self.reclaimable
+
+    @property
     def fits(self) -> bool:
         return self.free is None or self.total <= self.free
 
     def summary(self) -> str:
-        free = f"{_gb(self.free)} free on {self.device}" if self.free is not None else f"free memory of {self.device} unknown"
-        verdict = "fits" if self.fits else "does not fit"
-        return (f"Training memory: {_gb(self.total)} ({verdict}; {free}) - weights {_gb(self.weights)}, adapter + "
+        """One line: the total, the free memory and whether it fits, and the parts."""
+        if self.free is None:
+            where = f"free memory of {self.device} unknown"
+        else:
+            where = f"{_gb(self.free)} free on {self.device}: {'fits' if self.fits else 'does not fit'}"
+        return (f"Estimated training memory: {_gb(self.total)} ({where}) - weights {_gb(self.weights)}, adapter + "
                 f"optimizer {_gb(self.adapter)}, activations {_gb(self.activations)}, overhead {_gb(self.overhead)}")
 
-    def with_settings(self, **changes: Any) -> MemoryPlan:
-        """The plan of the same run with some settings changed (same device and free memory)."""
-        return _plan(self.shape, dataclasses.replace(self.cfg, **changes), self.trainable, self.device, self.free)
+    def replan(self, **settings: Any) -> MemoryPlan:
+        """The plan of this run with some settings changed, on the same device with the same free memory."""
+        return _plan(self.shape, dataclasses.replace(self.cfg, **settings), self.trainable, self.device, self.free,
+                     self.file_bytes)
 
     def suggestions(self) -> list[Suggestion]:
-        """When the run does not fit: changes that would make it fit, most effective first (lowest total), each
-        alone; if no single change is enough, the changes together (or as many as there are)."""
+        """When the run does not fit: the changes that would make it fit, most effective (lowest total) first,
+        only among changes not already in effect: 4-bit quantization, gradient checkpointing, a smaller batch with
+        more gradient accumulation (the same effective batch), a shorter cutoff. Each alone when one is enough;
+        otherwise one combination, the most effective changes first (with the largest batch and cutoff that then
+        fit); if even every change together is not enough, that combination with its total."""
         if self.fits or self.cfg is None:
             return []
-        cfg = self.cfg
-        options: list[Suggestion] = []
-        if cfg.quantization != "4bit" and torch.device(self.device).type in ("cuda", "cpu"):
-            text = "quantization 4bit"
-            if cfg.gradient_checkpointing is None and not cfg.checkpointing:
-                text += " (turns gradient checkpointing on)"
-            options.append(self._option({"quantization": "4bit"}, text))
-        if not cfg.checkpointing:
-            options.append(self._option({"gradient_checkpointing": True}, "gradient_checkpointing true"))
-        if cfg.batch_size > 1:
-            options.append(self._smaller_batch(cfg, self))
-        if cfg.cutoff_len > 64:
-            options.append(self._shorter_cutoff(cfg, self))
-        fitting = sorted((o for o in options if o.total <= self.free), key=lambda o: o.total)
-        if fitting:
+        alone = [s for s in (self._quantize(), self._checkpoint(), self._batch({}), self._cutoff({})) if s]
+        fitting = sorted((s for s in alone if s.total <= self.free), key=lambda s: s.total)
+        if fitting or not alone:
             return fitting
-        # Together: the most effective first, each applied on top of the ones before.
         settings: dict[str, Any] = {}
-        texts: list[str] = []
-        plan: MemoryPlan = self
-        for option in sorted(options, key=lambda o: o.total):
-            settings.update(option.settings)
-            texts.append(option.text)
-            plan = self.with_settings(**settings)
+        for change in sorted(alone, key=lambda s: s.total):
+            settings.update(change.settings)
+            if self.replan(**settings).fits:
+                break
+        # Alone, batch and cutoff went as low as they go; with the other changes, give back what fits.
+        if "batch_size" in settings:
+            settings = self._batch({k: v for k, v in settings.items() if k not in ("batch_size", "grad_accum")}).settings
+        if "cutoff_len" in settings:
+            settings = self._cutoff({k: v for k, v in settings.items() if k != "cutoff_len"}).settings
+        return [Suggestion(settings, self.replan(**settings).total)]
+
+    def _quantize(self) -> Suggestion | None:
+        if self.cfg.quantization == "4bit" or torch.device(self.device).type not in ("cuda", "cpu"):
+            return None  # bitsandbytes runs on NVIDIA GPUs and the CPU
+        note = "gradient checkpointing comes on with it" if self.cfg.gradient_checkpointing is None else ""
+        return Suggestion({"quantization": "4bit"}, self.replan(quantization="4bit").total, note)
+
+    def _checkpoint(self) -> Suggestion | None:
+        if self.cfg.checkpointing:
+            return None
+        return Suggestion({"gradient_checkpointing": True}, self.replan(gradient_checkpointing=True).total)
+
+    def _batch(self, other: dict[str, Any]) -> Suggestion | None:
+        """The largest batch below the current one that fits (with ``other`` changes), with grad_accum raised to
+        keep the effective batch; batch 1 if none fits."""
+        effective = self.cfg.batch_size * self.cfg.grad_accum
+        candidates = [b for b in range(self.cfg.batch_size - 1, 0, -1) if effective % b == 0]
+        return self._largest_fitting(other, [{"batch_size": b, "grad_accum": effective // b} for b in candidates])
+
+    def _cutoff(self, other: dict[str, Any]) -> Suggestion | None:
+        """The longest cutoff below the current one, in steps of 64, that fits (with ``other`` changes)."""
+        candidates = range((self.cfg.cutoff_len - 1) // 64 * 64, 63, -64)
+        return self._largest_fitting(other, [{"cutoff_len": c} for c in candidates])
+
+    def _largest_fitting(self, other: dict[str, Any], candidates: list[dict[str, Any]]) -> Suggestion | None:
+        if not candidates:
+            return None
+        for settings in candidates:
+            plan = self.replan(**other, **settings)
             if plan.fits:
-                break
-        if plan.cfg.batch_size > 1 or plan.cfg.cutoff_len > 64:  # re-fit batch and cutoff after the others
-            for refit in (self._smaller_batch, self._shorter_cutoff):
-                better = refit(plan.cfg, plan)
-                settings.update(better.settings)
-                plan = self.with_settings(**settings)
-                if plan.fits:
-                    break
-            texts = [_describe(settings, cfg)]
-        return [Suggestion(settings, " + ".join(texts) if len(texts) > 1 else texts[0], plan.total)]
+                return Suggestion({**other, **settings}, plan.total)
+        return Suggestion({**other, **candidates[-1]}, self.replan(**other, **candidates[-1]).total)
 
-    def _option(self, settings: dict[str, Any], text: str) -> Suggestion:
-        return Suggestion(settings, text, self.with_settings(**settings).total)
-
-    def _smaller_batch(self, cfg: RunConfig, base: MemoryPlan) -> Suggestion:
-        """The largest batch below the current one that fits, with grad_accum raised to keep the effective batch."""
-        effective = cfg.batch_size * cfg.grad_accum
-        candidates = [b for b in range(cfg.batch_size - 1, 0, -1) if effective % b == 0] or [1]
-        chosen = candidates[-1]
-        for b in candidates:
-            if base.with_settings(batch_size=b, grad_accum=effective // b).fits:
-                chosen = b
-                break
-        settings = {"batch_size": chosen, "grad_accum": max(effective // chosen, 1)}
-        text = (f"batch_size {chosen} with grad_accum {settings['grad_accum']} (the same effective batch of "
-                f"{effective})")
-        return Suggestion(settings, text, base.with_settings(**settings).total)
-
-    def _shorter_cutoff(self, cfg: RunConfig, base: MemoryPlan) -> Suggestion:
-        """The longest cutoff (a multiple of 64, at least 64) below the current one that fits."""
-        chosen = 64
-        for cutoff in range((cfg.cutoff_len - 1) // 64 * 64, 63, -64):
-            if base.with_settings(cutoff_len=cutoff).fits:
-                chosen = cutoff
-                break
-        settings = {"cutoff_len": chosen}
-        return Suggestion(settings, f"cutoff_len {chosen} (longer rows are truncated)",
-                          base.with_settings(**settings).total)
+    def advice(self, bullets: bool = False) -> str:
+        """What to change when the run does not fit (suggestions), in a sentence or, with ``bullets``, a Markdown
+        list; "" when it fits."""
+        if self.fits:
+            return ""
+        changes = self.suggestions()
+        if changes and changes[0].total <= (self.free or 0):
+            if bullets:
+                return "To make it fit, change one of (most effective first):\n" + "\n".join(
+                    f"- {c.line()}" for c in changes)
+            intro = "To make it fit, change one of (most effective first): " if len(changes) > 1 else "To make it fit: "
+            return intro + "; ".join(c.line() for c in changes) + "."
+        if changes:
+            return (f"Even with {changes[0].line()} it would need more than is free: choose a smaller model or a "
+                    "device with more memory, or free some.")
+        return "Choose a smaller model or a device with more memory, or free some."
 
     def refusal(self) -> str:
-        """The paragraph a launch that does not fit is refused with."""
-        needs = f"this run needs about {_gb(self.total)} ({self.breakdown()}), but {self.device} has {_gb(self.free)} free"
-        options = self.suggestions()
-        if options:
-            fix = "To make it fit: " + "; ".join(o.line() for o in options) + "."
-            if not options[0].total <= (self.free or 0):
-                fix = ("Even with every change it needs about " + _gb(options[0].total) + " (" + options[0].text
-                       + "): choose a smaller model or a device with more memory.")
-        else:
-            fix = "Choose a smaller model or a device with more memory."
-        return f"{needs}. {fix} (Estimated by the memory planner; --share-device does not skip this check.)"
+        """The paragraph a launch that does not fit is refused with: the total, the free memory, the changes."""
+        return (f"this run needs about {_gb(self.total)} ({self.breakdown()}), but {self.device} has "
+                f"{_gb(self.free)} free. {self.advice()}")
 
     def breakdown(self) -> str:
-        return (f"weights {_gb(self.weights)}, adapter and optimizer {_gb(self.adapter)}, activations "
+        return (f"weights {_gb(self.weights)}, adapter + optimizer {_gb(self.adapter)}, activations "
                 f"{_gb(self.activations)}, overhead {_gb(self.overhead)}")
 
 
-def _describe(settings: dict[str, Any], cfg: RunConfig) -> str:
-    parts = []
-    for key, value in settings.items():
-        if key == "grad_accum":
-            continue
-        if key == "batch_size":
-            parts.append(f"batch_size {value} with grad_accum {settings['grad_accum']}")
-        elif key == "gradient_checkpointing":
-            parts.append("gradient_checkpointing true")
-        else:
-            parts.append(f"{key} {value}")
-    return " + ".join(parts)
-
-
 def _gb(value: int | None) -> str:
+    """Bytes for people: '21.3 GB', '0.67 GB', '41 MB' (GB and MB of 2**30 and 2**20 bytes)."""
     if value is None:
         return "? GB"
-    return f"{value / GB:.1f} GB" if value >= 0.1 * GB else f"{value / GB:.2f} GB"
+    if value >= GB:
+        return f"{value / GB:.1f} GB"
+    return f"{value / GB:.2f} GB" if value >= GB / 10 else f"{value / MiB:.0f} MB"
 
 
-def _plan(shape: ModelShape, cfg: RunConfig, trainable: int, device: str, free: int | None) -> MemoryPlan:
-    a = dtype_bytes(cfg, device)
-    weights = weight_bytes(shape, cfg.quantization, a)
-    adapter = trainable * ADAMW_BYTES_PER_PARAMETER
-    parts = activation_bytes(shape, cfg, device)
-    activations = sum(parts.values())
-    overhead = overhead_bytes(device, weights + adapter + activations)
-    return MemoryPlan(device=device, weights=weights, adapter=adapter, activations=activations, overhead=overhead,
-                      free=free, parts=parts, cfg=cfg, shape=shape, trainable=trainable)
+def _plan(shape: ModelShape, cfg: RunConfig, trainable: int, device: str, free: int | None, file_bytes: int
+          ) -> MemoryPlan:
+    weights = weight_bytes(shape, cfg.quantization, compute_bytes(cfg, device))
+    parts = activation_parts(shape, cfg, device)
+    activations = parts["kept"] + parts["peak"] + parts["dequantized"]
+    process, allowance = overhead_bytes(shape, cfg, device, parts, activations)
+    return MemoryPlan(device=device, weights=weights, adapter=trainable * ADAMW_BYTES_PER_PARAMETER,
+                      activations=activations, overhead=process + allowance, process=process, free=free, parts=parts,
+                      reclaimable=reclaimable_bytes(shape, cfg, device, file_bytes), cfg=cfg, shape=shape,
+                      trainable=trainable, file_bytes=file_bytes)
 
 
-def plan_memory(model_config: Any, cfg: RunConfig, counts: Any, device: str, free: int | None | bool = True) -> MemoryPlan:
-    """The memory plan of training ``cfg`` on ``device`` ('cpu', 'cuda:0', 'mps': the resolved device).
+def plan_memory(model_config: Any, cfg: RunConfig, counts: Any, device: str, free: int | None | str = "read"
+                ) -> MemoryPlan:
+    """The memory plan of training ``cfg`` on ``device``, the resolved device ('cpu', 'cuda:0', 'mps').
 
-    ``counts`` is the methods.ParameterCount of the run (check_adapter / count_parameters). ``free``: True reads the
-    device's free memory now; a number uses that; None leaves it unknown (``fits`` is then True)."""
-    shape = model_shape(model_config)
-    available = free_memory(device) if free is True else (None if free is False else free)
-    return _plan(shape, cfg, counts.trainable, device, available)
+    ``counts`` is the run's methods.ParameterCount (check_adapter, count_parameters). ``free``: 'read' reads the
+    device's free memory now (free_memory); a number of bytes is used as it is; None leaves it unknown (the plan
+    then fits)."""
+    return _plan(model_shape(model_config), cfg, counts.trainable, device,
+                 free_memory(device) if free == "read" else free, checkpoint_bytes(model_config))

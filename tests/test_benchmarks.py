@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import fidelity  # noqa: E402
+import gpu_8b  # noqa: E402
 import packing  # noqa: E402
 import speed_memory  # noqa: E402
 
@@ -19,7 +20,8 @@ SPEED_ARGS = ["--device", "cpu", "--model", "tiny", "--rank", "4", "--batch", "2
               "--warmup", "1", "--repeats", "2", "--gen-batch", "2", "--prompt-len", "8", "--new-tokens", "3",
               "--gen-repeats", "1"]
 PACKING_ARGS = ["--device", "cpu", "--model", "tiny", "--rank", "4", "--rows", "40", "--min-len", "4",
-                "--max-len", "48", "--median-len", "12", "--batch", "3", "--steps", "2", "--warmup", "1"]
+                "--max-len", "48", "--median-len", "12", "--batch", "3", "--steps", "2", "--warmup", "1",
+                "--threads", "0"]  # 0: leave this process's torch threads as they are
 FIDELITY_ARGS = ["--people", "24", "--val-people", "4", "--test-people", "4", "--hidden", "32", "--intermediate", "64",
                  "--layers", "2", "--pretrain-steps", "6", "--pretrain-batch", "4", "--adapter-steps", "2",
                  "--adapter-batch", "4", "--seeds", "2", "--lrs", "1e-3", "3e-3"]
@@ -49,6 +51,10 @@ def test_speed_memory_writes_every_arm_ratio_and_target(tmp_path, capsys):
         assert results["ratios"]["denselora/base"][metric] > 0
     assert "ratio denselora/lora" in markdown and "ratio denselora/base" in markdown
 
+    assert list(results["generation"]) == ["base", "lora", "denselora", "lora_merged"]
+    assert results["generation"]["base"]["ms_per_token_over_base"] == 0
+    for row in results["generation"].values():
+        assert row["tokens_per_s"] > 0 and f"{row['tokens_per_s']:,.1f}" in markdown
     assert len(results["targets"]) == 4
     for target in results["targets"]:
         assert isinstance(target["met"], bool)
@@ -77,10 +83,12 @@ def test_packing_writes_every_arm_its_loss_curves_and_the_targets(tmp_path, caps
         assert results["loss_curves"][kind]["max_relative_difference"] < 1e-5
     assert 0 < results["data"]["padding_per_step"]["padding_fraction"] < 1
     assert results["data"]["min"] >= 4 and results["data"]["max"] <= 48
+    assert results["flops_padded_over_packed"] > 1 and "Arithmetic: over the timed batches" in markdown
     assert len(results["targets"]) == 6
     for target in results["targets"]:
         assert isinstance(target["met"], bool) and target["target"] in markdown
-    assert "| loss at step | 1 | 2 | 3 |" in markdown
+    assert "| step | DenseLoRA, padded | DenseLoRA, packed | LoRA, padded |" in markdown
+    assert "\n| 3 | " in markdown and "\n| 4 | " not in markdown  # one line per step, warm-up included
     assert results["command"].startswith("python ") and "--model tiny" in results["command"]
 
 
@@ -130,3 +138,22 @@ def test_modes_fill_every_setting(mode):
     args = fidelity.parse_args(["--gpu"] if mode == "gpu" else [])
     assert all(getattr(args, name) is not None for name in fidelity.PRESETS[mode])
     assert args.device == fidelity.PRESETS[mode]["device"]
+
+
+def test_gpu_8b_dry_run_trains_both_stages_through_the_cli_path_and_writes_the_table(tmp_path, capsys):
+    """The GPU check's --dry-run: the same code on the CPU with a tiny model; every stage trained and measured."""
+    gpu_8b.main(["--dry-run", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")])
+    results = json.loads((tmp_path / "gpu_8b_dry_run.json").read_text())
+    markdown = (tmp_path / "gpu_8b_dry_run.md").read_text()
+    assert markdown.strip() in capsys.readouterr().out
+    assert list(results["stages"]) == ["4bit", "bf16"] and results["mode"] == "dry-run"
+    for label, stage in results["stages"].items():
+        assert "error" not in stage, stage.get("traceback")
+        assert stage["state"] == "completed" and len(stage["losses"]) == results["settings"]["steps"]
+        assert stage["peak_allocated"] > 0 and stage["step_seconds"] > 0
+        planner = stage["planner"]
+        assert planner["total"] > planner["training"] > planner["weights"] > 0 and planner["fits"]
+        assert f"| {label} | {stage['quantization']}, float32 |" in markdown
+    assert results["stages"]["4bit"]["planner"]["weights"] < results["stages"]["bf16"]["planner"]["weights"]
+    assert results["command"].startswith("python ") and "--dry-run" in results["command"]
+

@@ -78,8 +78,7 @@ def parameter_line(**settings: Any) -> tuple[str, str]:
         return counts.summary(cfg.method), _warn(f"Cannot plan the memory: {err}")
     if plan.fits:
         return counts.summary(cfg.method), plan.summary()
-    changes = "\n".join(f"- {option.line()}" for option in plan.suggestions())
-    return counts.summary(cfg.method), _warn(plan.summary()) + (f"\n\nTo make it fit:\n{changes}" if changes else "")
+    return counts.summary(cfg.method), f"{_warn(plan.summary())}\n\n{plan.advice(bullets=True)}"
 
 
 def checkpointing_for(quantization: str) -> Any:
