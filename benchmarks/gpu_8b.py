@@ -161,6 +161,9 @@ def run_stage(label: str, quantization: str, model_dir: Path, data: Path, work_d
                               "steps": cfg.max_steps}
     checked = preflight(cfg)  # the planner's plan comes with it; a run it refuses raises LaunchError here
     plan = checked.memory
+    if cuda:  # preflight read the free memory, so this process's CUDA context exists now
+        free, total = torch.cuda.mem_get_info()
+        result.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, device_used_at_start=total - free)
     result["planner"] = {"total": plan.total, "training": plan.training, "weights": plan.weights,
                          "adapter": plan.adapter, "activations": plan.activations, "overhead": plan.overhead,
                          "process": plan.process, "activation_parts": plan.parts, "free_at_start": plan.free,
@@ -238,8 +241,10 @@ def markdown(results: dict[str, Any]) -> str:
     from benchlib import machine_line, markdown_table
 
     s = results["settings"]
+    title = ("LLaMA-3-8B shape" if results["mode"] == "gpu" else "dry run on the CPU with a tiny model (numbers "
+             "not meaningful)")
     lines = [
-        f"## Memory planner on a GPU: LLaMA-3-8B shape, DenseLoRA r{results['rank']} ({results['date']})",
+        f"## Memory planner on a GPU: {title}, DenseLoRA r{results['rank']} ({results['date']})",
         f"Command: `{results['command']}`",
         f"Machine: {machine_line(results['machine'])}",
         f"Model: {s['shape']} with random weights, batch {s['batch']} x {s['cutoff']} tokens, gradient "
@@ -263,6 +268,19 @@ def markdown(results: dict[str, Any]) -> str:
         ["stage", "base", "peak allocated", "planner: weights + adapter + activations", "error", "peak reserved",
          "planner: training (with allocator allowance)", "error", "device used at end", "planner: total", "s/step"],
         rows))
+    notes = []
+    for label, stage in results["stages"].items():
+        if "error" in stage:
+            continue
+        loading = (f", peak {_gb(stage['loading_peak_allocated'])} while loading"
+                   if "loading_peak_allocated" in stage else "")
+        start = (f"device used at the start {_gb(stage['device_used_at_start'])} (the CUDA context and anything else "
+                 "on the GPU); " if "device_used_at_start" in stage else "")
+        losses = f"loss {stage['losses'][0]} -> {stage['losses'][-1]}" if stage.get("losses") else "no loss logged"
+        notes.append(f"- {label}: {start}model loaded in {stage.get('load_seconds', '?')} s{loading}; {losses}; "
+                     f"planner: {stage['planner']['summary']}")
+    if notes:
+        lines.append("\n".join(notes))
     if results.get("model_error"):
         lines.append(f"Model creation failed: {results['model_error']}")
     return "\n\n".join(lines)
@@ -328,14 +346,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                              "code on the CPU).")
         if importlib_missing("bitsandbytes"):
             raise SystemExit("The 4-bit stage needs bitsandbytes: pip install bitsandbytes (make install does).")
-    work_dir = args.work_dir or Path(tempfile.gettempdir()) / ("gpu_8b" if mode == "gpu" else f"gpu_8b_dry_{os.getpid()}")
+    default_dir = "gpu_8b" if mode == "gpu" else f"gpu_8b_dry_{os.getpid()}"
+    work_dir = args.work_dir or Path(tempfile.gettempdir()) / default_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     suffix = "" if mode == "gpu" else "_dry_run"
     json_path, md_path = args.out_dir / f"gpu_8b{suffix}.json", args.out_dir / f"gpu_8b{suffix}.md"
-    device = torch.device("cuda", 0) if mode == "gpu" else torch.device("cpu")
+    # This process never touches the GPU (each stage reads its name): a CUDA context here would hold memory the
+    # stages' measurements of the device's use would include.
     results: dict[str, Any] = {
         "command": command_line(__file__, argv), "date": time.strftime("%Y-%m-%d"), "mode": mode,
-        "machine": machine_description(device), "settings": settings, "rank": 16, "stages": {},
+        "machine": machine_description(torch.device("cpu")), "settings": settings, "rank": 16, "stages": {},
     }
 
     def save() -> None:
@@ -361,7 +381,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         data = work_dir / "data.jsonl"
         from denselora_app.models import load_tokenizer
 
-        make_data(data, load_tokenizer(str(model_dir)), settings["cutoff"], rows=settings["batch"] * settings["steps"] * 2)
+        make_data(data, load_tokenizer(str(model_dir)), settings["cutoff"],
+                  rows=settings["batch"] * settings["steps"] * 2)
     except Exception as err:  # noqa: BLE001 (recorded, and the results written, before giving up)
         results["model_error"] = f"{type(err).__name__}: {err}"
         save()
@@ -382,6 +403,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 results["stages"][label] = json.loads(result_file.read_text())
             else:
                 results["stages"][label] = run_stage(label, quantization, model_dir, data, work_dir, settings)
+            if results["stages"][label].get("gpu"):
+                results["machine"].update(gpu=results["stages"][label]["gpu"], cuda=results["stages"][label]["cuda"])
         except Exception as err:  # noqa: BLE001 (one failed stage must not lose the others)
             log.error("Stage %s failed: %s", label, err)
             failed.append(label)

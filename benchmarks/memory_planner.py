@@ -9,8 +9,8 @@ imports and the data are ready and before the model is created, loads the model,
 estimate compared with it is ``MemoryPlan.resident_training``: its total without the per-process allowance (the
 imports the measurement subtracts), plus the pages of a quantized model's file that stay resident.
 
-    python benchmarks/memory_planner.py            # every shape, ~4 minutes on 2 cores
-    python benchmarks/memory_planner.py --quick    # the four small shapes tests/test_memory.py checks
+    python benchmarks/memory_planner.py --parallel 2    # every shape, ~5 minutes on 2 cores
+    python benchmarks/memory_planner.py --quick --threads 1    # the four shapes tests/test_memory.py checks
 """
 
 from __future__ import annotations
@@ -55,10 +55,15 @@ class Shape:
     r: int = 16
     dropout: float = 0.05
     steps: int = 4
+    model: str = ""  # a model spec to train instead of a random model of this shape (its dimensions must match)
 
     def model_config(self) -> Any:
         from transformers import LlamaConfig
 
+        if self.model:
+            from denselora_app.models import load_config
+
+            return load_config(self.model)
         return LlamaConfig(vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
                            num_hidden_layers=self.layers, num_attention_heads=self.heads,
                            num_key_value_heads=self.kv_heads, max_position_embeddings=max(self.cutoff, 64),
@@ -75,8 +80,9 @@ class Shape:
     def label(self) -> str:
         extras = [x for x in (self.quantization if self.quantization != "none" else "",
                               "checkpointing" if self.checkpointing else "") if x]
-        return (f"h{self.hidden} x{self.layers}L, vocab {self.vocab // 1000}k, {self.batch}x{self.cutoff}"
-                + (f", {', '.join(extras)}" if extras else ""))
+        model = ("SmolLM2-135M (embedded)" if self.model
+                 else f"h{self.hidden} x{self.layers}L, vocab {self.vocab // 1000}k")
+        return f"{model}, {self.batch}x{self.cutoff}" + (f", {', '.join(extras)}" if extras else "")
 
 
 # Small enough for the test (each trains in a few seconds), large enough that training memory is 100+ MB.
@@ -94,6 +100,12 @@ SHAPES = QUICK_SHAPES + [
     Shape("deep-4bit-ckpt", 384, 1024, 6, 6, 2, 8192, 4, 128, quantization="4bit", checkpointing=True, steps=3),
     Shape("small-4bit-ckpt", 256, 688, 4, 8, 2, 4096, 4, 128, quantization="4bit", checkpointing=True, steps=3),
     Shape("small-8bit", 256, 688, 4, 8, 2, 4096, 2, 128, quantization="8bit", steps=2),
+    # The embedded default model (LLaMA-shaped, 30 layers, tied embeddings), as the quickstart trains it and more.
+    Shape("smollm2", 576, 1536, 30, 9, 3, 49152, 8, 128, steps=3, model="embedded:SmolLM2-135M-Instruct"),
+    Shape("smollm2-ckpt", 576, 1536, 30, 9, 3, 49152, 8, 128, checkpointing=True, steps=3,
+          model="embedded:SmolLM2-135M-Instruct"),
+    Shape("smollm2-4bit-ckpt", 576, 1536, 30, 9, 3, 49152, 4, 128, quantization="4bit", checkpointing=True, steps=3,
+          model="embedded:SmolLM2-135M-Instruct"),
 ]
 
 
@@ -184,7 +196,12 @@ def estimate(shape: Shape) -> Any:
 def measure(shape: Shape, workdir: Path, threads: int = 0, timeout: float = 600) -> dict[str, Any]:
     """Train ``shape`` in a fresh process (with ``threads`` torch threads; 0: torch's default); what it measured,
     with the planner's estimate next to it."""
-    model_dir = save_model(shape, workdir / shape.name)
+    if shape.model:
+        from denselora_app.models import ensure_local
+
+        model_dir = Path(ensure_local(shape.model))  # the embedded GGUF is converted once (~20 s), then cached
+    else:
+        model_dir = save_model(shape, workdir / shape.name)
     spec = json.dumps({"shape": asdict(shape), "model_dir": str(model_dir), "threads": threads})
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
     done = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True,

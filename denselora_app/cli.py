@@ -68,16 +68,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = RunConfig.from_yaml(args.config).with_overrides(args.set or [])
     if args.background:
-        run = launch(cfg, background=True, share_device=args.share_device)
+        run = launch(cfg, background=True, share_device=args.share_device, ignore_memory=args.ignore_memory_plan)
         print(f"Started run {run.id} in the background.\n  folder: {run.path}\n  follow: tail -f {run.log_path}\n"
               f"  stop:   python -m denselora_app stop {run.id}")
         return 0
     if not _distributed():
-        return _foreground(launch(cfg, background=False, share_device=args.share_device), args)
-    return _foreground(_launch_on_all_ranks(cfg, args.share_device), args)
+        return _foreground(launch(cfg, background=False, share_device=args.share_device,
+                                  ignore_memory=args.ignore_memory_plan), args)
+    return _foreground(_launch_on_all_ranks(cfg, args), args)
 
 
-def _launch_on_all_ranks(cfg: RunConfig, share_device: bool) -> Run:
+def _launch_on_all_ranks(cfg: RunConfig, args: argparse.Namespace) -> Run:
     """Rank 0 checks and creates the run folder; under torchrun the other ranks are told which one, or why not."""
     import torch.distributed as dist
 
@@ -89,7 +90,8 @@ def _launch_on_all_ranks(cfg: RunConfig, share_device: bool) -> Run:
     holder: list[str | None] = [None]
     if state.is_main_process:
         try:
-            holder[0] = "run:" + str(launch(cfg, background=False, share_device=share_device).path)
+            run = launch(cfg, background=False, share_device=args.share_device, ignore_memory=args.ignore_memory_plan)
+            holder[0] = "run:" + str(run.path)
         except LaunchError as err:
             holder[0] = "error:" + str(err)
     dist.broadcast_object_list(holder, src=0)
@@ -159,7 +161,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from .launch import resume_run
 
     run = get_run(args.run)
-    resume_run(run, background=args.background, share_device=args.share_device)
+    resume_run(run, background=args.background, share_device=args.share_device, ignore_memory=args.ignore_memory_plan)
     if args.background:
         print(f"Resuming run {run.id} in the background. Follow: tail -f {run.log_path}")
         return 0
@@ -284,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     base_quantization = dict(choices=QUANTIZATIONS, help="load the base model in 4bit or 8bit, or unquantized (none); "
                                                          "default: as the adapter was trained")
 
+    ignore_memory = dict(action="store_true", help="start even when the memory planner says the run will not fit "
+                                                   "(its estimates run up to ~20%% either way)")
+
     def command(name: str, **kwargs) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kwargs)
 
@@ -292,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--background", action="store_true", help="start a worker process and return")
     p.add_argument("--share-device", **share_device)
+    p.add_argument("--ignore-memory-plan", **ignore_memory)
     p.set_defaults(func=cmd_train)
 
     p = command("runs", help="list runs")
@@ -305,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--background", action="store_true", help="start a worker process and return")
     p.add_argument("--share-device", **share_device)
+    p.add_argument("--ignore-memory-plan", **ignore_memory)
     p.set_defaults(func=cmd_resume)
 
     p = command("delete", help="delete a run that is not training, with its checkpoints and adapter")

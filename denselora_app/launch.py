@@ -7,8 +7,9 @@ app, and any later one) starts training.
 
 The checks read the model's configuration (no weights: the model is built on the meta device), the adapter's
 targets and rank against it, the memory the run needs against the device's free memory (``memory.py``), the first
-rows of the data through the model's tokenizer, and the device, which only one run may hold at a time. A launch that is refused creates nothing and raises LaunchError, whose message is one
-paragraph saying what is wrong and how to fix it.
+rows of the data through the model's tokenizer, and the device, which only one run may hold at a time. A launch
+that is refused creates nothing and raises LaunchError, whose message is one paragraph saying what is wrong and how
+to fix it.
 """
 
 from __future__ import annotations
@@ -74,8 +75,10 @@ def preflight(
     *,
     load_config: Callable[[str, bool], Any] | None = None,
     load_tokenizer: Callable[[str, bool], Any] | None = None,
+    ignore_memory: bool = False,
 ) -> Preflight:
-    """Every check that can be made before a run exists; LaunchError on the first problem.
+    """Every check that can be made before a run exists; LaunchError on the first problem. ``ignore_memory``
+    starts a run the memory planner says will not fit (the plan is still made and logged).
 
     ``load_config`` / ``load_tokenizer`` (spec, trust_remote_code) default to the models module's loaders; the
     app passes its cached ones, so a launch right after a preview reads nothing twice.
@@ -104,7 +107,10 @@ def preflight(
                                    f"{err}). Choose a causal language model that transformers supports.") from None
     memory = plan_memory(model_config, cfg, parameters, device)
     if not memory.fits:
-        raise LaunchError("memory", memory.refusal())
+        if not ignore_memory:
+            raise LaunchError("memory", f"{memory.refusal()} If you know it fits, start anyway with "
+                                        "--ignore-memory-plan.")
+        log.warning("Starting although the memory plan does not fit: %s", memory.summary())
     try:
         tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     except models.ModelLoadError as err:
@@ -149,12 +155,12 @@ def launch(
     share_device: bool = False,
     root: Path | None = None,
     checked: Preflight | None = None,
-    **loaders: Any,
+    **checks: Any,
 ) -> Run:
     """Check ``cfg`` (unless ``checked`` holds this config's preflight), claim its device, create its run folder
     and, with ``background``, start its worker. Without ``background`` the caller trains the returned run itself
     (``worker.execute``). Raises LaunchError, having created nothing, when the run must not start."""
-    checked = checked or preflight(cfg, **loaders)
+    checked = checked or preflight(cfg, **checks)
     root = root or runs_dir()
     try:
         with _device_lock(root):
@@ -169,12 +175,12 @@ def launch(
     return run
 
 
-def resume_run(run: Run, *, background: bool = True, share_device: bool = False, **loaders: Any) -> Run:
+def resume_run(run: Run, *, background: bool = True, share_device: bool = False, **checks: Any) -> Run:
     """Continue a stopped or failed run from its last complete checkpoint, after the same checks as a launch
     (its data or model may have changed since). Raises RunError or LaunchError, changing nothing, when it cannot."""
     check_resumable(run)
     cfg = run.config()
-    checked = preflight(cfg, **loaders)
+    checked = preflight(cfg, **checks)
     root = run.path.parent
     with _device_lock(root):
         _claim(checked.device, root, share_device, exclude=run)

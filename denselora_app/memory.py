@@ -31,11 +31,11 @@ A plan has four parts, in bytes (GB below means 2**30 bytes):
   dequantized whole for each matmul: one such weight in the compute dtype.
 * **overhead**, what measurement says the above misses. The process: the training worker's Python, torch and
   transformers before any weight (about 0.6 GB; on CUDA, the CUDA context instead). On the CPU, glibc's allocator:
-  freed activations in tensors under its 32 MiB mmap threshold stay in its heap and are reused unevenly, so from the
-  second step on the resident peak holds about 1.6 times the heap's high water of live tensors (2.1 times with
-  checkpointing, whose recomputed layers churn it more); plus ~16 MiB of kernels' code; and for a quantized base
-  with checkpointing, about one dequantized copy of the quantized layers churning the heap. On a GPU, an allowance
-  of 10% of the activations for the caching allocator, until the GPU check (benchmarks/gpu_8b.py) measures it.
+  tensors under its mmap threshold (at most 32 MiB) come from its heap, which keeps freed memory and fragments, so
+  from the first steps on the resident peak exceeds the live tensors by about 0.3 of the layer tensors the heap
+  serves in a step (one layer's tensors per layer, checkpointing or not), plus about 52 MiB (the kernels' code, the
+  Trainer's state). On a GPU, an allowance of 10% of the activations for the caching allocator, until the GPU check
+  (benchmarks/gpu_8b.py) measures it.
 
 On the CPU a quantized base also leaves its original weights resident: transformers keeps the model file mapped and
 the pages read to quantize stay in memory, though the kernel may take them back (``reclaimable``, not part of the
@@ -71,9 +71,8 @@ LOSS_BYTES_PER_LOGIT = 12  # float32 log-softmax, its gradient and the logits' g
 
 # Measured, not derived (see the module docstring).
 PROCESS_BYTES = {"cpu": 600 * MiB, "mps": 600 * MiB, "cuda": 750 * MiB}
-CPU_FIXED_BYTES = 16 * MiB  # code pages of the kernels a step runs, the Trainer's lazily created state
-CPU_HEAP_RETAINED = 0.6  # glibc's heap beyond its live high water, as a fraction of it (see the docstring)
-CPU_HEAP_RETAINED_CHECKPOINTING = 1.1  # the same with checkpointing: recomputing layers churns the heap more
+CPU_FIXED_BYTES = 52 * MiB  # code pages of the kernels a step runs, the Trainer's state, the heap's floor
+CPU_HEAP_RETAINED = 0.3  # of the layer tensors glibc's heap serves in a step, kept beyond the live tensors
 GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB  # larger allocations are always mmap'ed, and unmapped when freed
 ACCELERATOR_SLACK = 0.10  # of the activations, for a GPU's caching allocator (to be measured)
 
@@ -192,7 +191,7 @@ def _layer_tensors(shape: ModelShape, cfg: RunConfig, device: str) -> _Tensors:
         if width is None:
             continue
         kept.append((r * adapter, 1))
-        if dropout or a != 4:
+        if dropout or a != 4:  # its own copy of the input: dropped, or cast to float32 and back by autocast
             kept += [(width * adapter, 1), (width * noise, 1)]
         else:
             shared[next((",".join(sorted(g)) for g in _SHARED_INPUTS if name in g), name)] = width * a
@@ -210,8 +209,8 @@ def activation_parts(shape: ModelShape, cfg: RunConfig, device: str) -> dict[str
     """Activation memory at the step's peak, by part: ``kept`` (what the layers keep for the backward pass: all
     their tensors, or with checkpointing their inputs), ``peak`` (what joins them at the peak: the loss's tensors,
     or one layer's backward pass, with its recomputed tensors under checkpointing), ``dequantized`` (one 4/8-bit
-    weight in the compute dtype). Not part of the sum, for the CPU's allocator: ``heap_high_water``, the most bytes
-    alive at once in tensors small enough for glibc's heap, and ``heap_at_peak``, those alive at the peak."""
+    weight in the compute dtype). Not part of the sum, for the CPU's allocator: ``heap_churn``, the bytes of the
+    layers' tensors small enough for glibc's heap that a step allocates (one layer's tensors per layer)."""
     a = compute_bytes(cfg, device)
     tokens = cfg.batch_size * cfg.cutoff_len
     h, inter = shape.hidden, shape.intermediate
@@ -226,11 +225,8 @@ def activation_parts(shape: ModelShape, cfg: RunConfig, device: str) -> dict[str
         phases = [loss, backward]
     peak = max(phases, key=_sum)
     dequantized = max(shape.linear_sizes, default=0) * a if cfg.quantized else 0
-    small_dequantized = dequantized if dequantized < GLIBC_MMAP_THRESHOLD_MAX else 0
-    heap_kept = _sum(kept, tokens, small=True) + small_dequantized
     return {"kept": int(_sum(kept) * tokens), "peak": int(_sum(peak) * tokens), "dequantized": int(dequantized),
-            "heap_high_water": int(heap_kept + max(_sum(p, tokens, small=True) for p in phases)),
-            "heap_at_peak": int(heap_kept + _sum(peak, tokens, small=True))}
+            "heap_churn": int(shape.layers * _sum(layer, tokens, small=True))}
 
 
 def _sum(tensors: _Tensors, tokens: int = 1, small: bool = False) -> float:
@@ -245,24 +241,16 @@ def checkpoint_bytes(model_config: Any) -> int:
     return 2 if dtype in ("bfloat16", "float16") else 4
 
 
-def overhead_bytes(shape: ModelShape, cfg: RunConfig, device: str, parts: dict[str, int], activations: int
-                   ) -> tuple[int, int]:
+def overhead_bytes(device: str, parts: dict[str, int], activations: int) -> tuple[int, int]:
     """(the process's own memory before it creates the model, the allowance on top) for a run on ``device``.
 
-    On the CPU the allowance is what glibc's heap keeps beyond the live tensors (1 + CPU_HEAP_RETAINED times the
-    heap's high water, less what is alive at the peak), the kernels' code and buffers, and for a quantized base with
-    checkpointing the heap's churn from dequantizing each weight for each matmul (one dequantized copy of the
-    quantized weights small enough for the heap)."""
+    On the CPU the allowance is what glibc's heap keeps beyond the live tensors, CPU_HEAP_RETAINED of the layer
+    tensors it serves in a step (``heap_churn``), and a fixed part (the kernels' code, the Trainer's state)."""
     kind = torch.device(device).type
     process = PROCESS_BYTES.get(kind, PROCESS_BYTES["cpu"])
     if kind != "cpu":
         return process, int(ACCELERATOR_SLACK * activations)
-    retained = CPU_HEAP_RETAINED_CHECKPOINTING if cfg.checkpointing else CPU_HEAP_RETAINED
-    allowance = CPU_FIXED_BYTES + (1 + retained) * parts["heap_high_water"] - parts["heap_at_peak"]
-    if cfg.quantized and cfg.checkpointing:
-        a = compute_bytes(cfg, device)
-        allowance += sum(n * a for n in shape.linear_sizes if n * a < GLIBC_MMAP_THRESHOLD_MAX)
-    return process, int(allowance)
+    return process, int(CPU_FIXED_BYTES + CPU_HEAP_RETAINED * parts["heap_churn"])
 
 
 def reclaimable_bytes(shape: ModelShape, cfg: RunConfig, device: str, file_bytes: int) -> int:
@@ -394,7 +382,8 @@ class MemoryPlan:
                 break
         # Alone, batch and cutoff went as low as they go; with the other changes, give back what fits.
         if "batch_size" in settings:
-            settings = self._batch({k: v for k, v in settings.items() if k not in ("batch_size", "grad_accum")}).settings
+            others = {k: v for k, v in settings.items() if k not in ("batch_size", "grad_accum")}
+            settings = self._batch(others).settings
         if "cutoff_len" in settings:
             settings = self._cutoff({k: v for k, v in settings.items() if k != "cutoff_len"}).settings
         return [Suggestion(settings, self.replan(**settings).total)]
@@ -472,7 +461,7 @@ def _plan(shape: ModelShape, cfg: RunConfig, trainable: int, device: str, free: 
     weights = weight_bytes(shape, cfg.quantization, compute_bytes(cfg, device))
     parts = activation_parts(shape, cfg, device)
     activations = parts["kept"] + parts["peak"] + parts["dequantized"]
-    process, allowance = overhead_bytes(shape, cfg, device, parts, activations)
+    process, allowance = overhead_bytes(device, parts, activations)
     return MemoryPlan(device=device, weights=weights, adapter=trainable * ADAMW_BYTES_PER_PARAMETER,
                       activations=activations, overhead=process + allowance, process=process, free=free, parts=parts,
                       reclaimable=reclaimable_bytes(shape, cfg, device, file_bytes), cfg=cfg, shape=shape,

@@ -236,7 +236,7 @@ def test_a_foreground_run_holds_its_device_while_it_trains(model_dir, data_file,
 
     from denselora_app import train
 
-    monkeypatch.setattr(train, "Trainer", check_busy)
+    monkeypatch.setattr(train, "StudioTrainer", check_busy)
     with pytest.raises(KeyboardInterrupt):
         execute(run)
     assert seen["status"].state == "running" and seen["status"].pid == os.getpid()

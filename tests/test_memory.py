@@ -3,12 +3,13 @@ that would not fit refused before any weight loads, saying what would make it fi
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig
+from transformers import LlamaConfig, Qwen2Config
 
 from denselora_app import memory, models
 from denselora_app.config import RunConfig
@@ -141,3 +142,31 @@ def test_a_run_that_does_not_fit_is_refused_before_any_weight_loads(tmp_path, mo
     assert "quantization=4bit" in message and "gradient_checkpointing=true" in message
     assert "\n" not in message
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert message.endswith("start anyway with --ignore-memory-plan.")
+
+    # The override: the plan is still made, the launch goes on to the next check (here: the tokenizer).
+    with pytest.raises(pytest.fail.Exception, match="loaded a model or a tokenizer"):
+        launch(cfg, background=False, root=tmp_path / "runs", ignore_memory=True)
+
+
+# The published shapes of the models the one-GPU presets name (nothing is downloaded in tests).
+PRESET_MODELS = {
+    "meta-llama/Meta-Llama-3-8B-Instruct": LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False),
+    "Qwen/Qwen2.5-7B-Instruct": Qwen2Config(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, max_position_embeddings=32768, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("preset", ["llama3-8b-denselora-12gb", "llama3-8b-denselora-24gb", "qwen2.5-7b-denselora-16gb"])
+def test_the_one_gpu_presets_state_the_planners_estimate_and_fit_their_card(preset):
+    path = Path(__file__).resolve().parent.parent / "presets" / f"{preset}.yaml"
+    cfg = RunConfig.from_yaml(path)
+    card = int(re.search(r"(\d+)gb$", preset)[1]) * GB
+    model_config = PRESET_MODELS[cfg.model]
+    plan = plan_memory(model_config, cfg, count_parameters(model_config, cfg), "cuda:0", free=card)
+    stated = re.search(r"Memory planner \(\d{4}-\d\d-\d\d\): about ([\d.]+) GB", path.read_text())
+    assert stated and stated[1] == f"{plan.total / GB:.1f}", "update the preset's comment to the planner's figure"
+    assert plan.fits and plan.total < 0.9 * card, "a preset leaves room for what else the card holds"
