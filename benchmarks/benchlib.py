@@ -1,7 +1,9 @@
-"""What both benchmark scripts share: the machine description, Markdown tables, and writing the results."""
+"""What the benchmark scripts share: the machine description, Markdown tables, writing the results, and the small
+helpers for timing arms of one model against each other."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -9,13 +11,32 @@ import platform
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import peft
 import torch
 import transformers
 
 log = logging.getLogger("benchmarks")
+T = TypeVar("T")
+
+# LLaMA-shaped models built from a config with random weights (nothing is downloaded), by name, for every script.
+MODEL_SHAPES: dict[str, dict[str, int]] = {
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+    # SmolLM2-135M's width, heads and MLP (the embedded model the CPU quickstart trains) in 2 layers, with a small
+    # vocabulary: attention takes the same share of a layer's work as in that model.
+    "cpu-small": dict(vocab_size=2048, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                      num_attention_heads=9, num_key_value_heads=3),
+    "small": dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                  num_attention_heads=16, num_key_value_heads=4),
+    "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                     num_attention_heads=32, num_key_value_heads=4),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8),
+}
+# The paper's five target projections, for every adapter the scripts compare.
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
 def setup_logging() -> None:
@@ -85,3 +106,34 @@ def write_results(results: dict[str, Any], markdown: str, json_path: Path, markd
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     markdown_path.write_text(markdown + "\n")
     log.info("Wrote %s and %s", json_path, markdown_path)
+
+
+def sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose modules are new but whose parameters and buffers are the very same tensors."""
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo=shared)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rotated(arms: list[T], shift: int) -> list[T]:
+    """``arms`` starting at ``shift``: each repeat runs them in another order, so load from other work on the
+    machine falls on every arm alike."""
+    shift %= len(arms)
+    return arms[shift:] + arms[:shift]
+
+
+def main_for(script: str, stem: str, parse_args: Callable, run: Callable, render_markdown: Callable,
+             argv: Optional[Sequence[str]], variant: str = "device") -> None:
+    """A benchmark's main: parse, run, write ``<stem>_<args.variant>.json`` and ``.md`` to --out-dir, print the
+    table."""
+    setup_logging()
+    args = parse_args(argv)
+    results = {"command": command_line(script, argv), **run(args)}
+    markdown = render_markdown(results)
+    name = f"{stem}_{getattr(args, variant)}"
+    write_results(results, markdown, args.out_dir / f"{name}.json", args.out_dir / f"{name}.md")
+    print(markdown)

@@ -47,7 +47,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import denselora_app.denselora  # noqa: F401  (registers DenseLoRA with PEFT)
 from denselora_app.denselora import DenseLoraConfig
-from benchlib import command_line, machine_description, machine_line, markdown_table, setup_logging, write_results
+from benchlib import TARGET_MODULES, machine_description, machine_line, main_for, markdown_table
 
 log = logging.getLogger("benchmarks.fidelity")
 
@@ -61,7 +61,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                 pretrain_lr=1.5e-3, adapter_steps=600, adapter_batch=16, seeds=3),
 }
 
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 # relation -> (values, the statement of a fact, the question asked about it)
 RELATIONS: dict[str, tuple[list[str], str, str]] = {
@@ -456,13 +455,7 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    setup_logging()
-    args = parse_args(argv)
-    results = {"command": command_line(__file__, argv), **run(args)}
-    markdown = render_markdown(results)
-    stem = f"fidelity_{args.mode}"
-    write_results(results, markdown, args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.md")
-    print(markdown)
+    main_for(__file__, "fidelity", parse_args, run, render_markdown, argv, variant="mode")
 
 
 if __name__ == "__main__":

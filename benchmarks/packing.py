@@ -30,7 +30,6 @@ loss curves must agree up to float rounding: that is the second check.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import statistics
@@ -54,27 +53,25 @@ from denselora_app.config import RunConfig
 from denselora_app.data import padding_per_step
 from denselora_app.denselora import DenseLoraConfig
 from denselora_app.train import collator_for
-from benchlib import command_line, machine_description, machine_line, markdown_table, setup_logging, write_results
+from benchlib import (
+    MODEL_SHAPES,
+    TARGET_MODULES,
+    machine_description,
+    machine_line,
+    main_for,
+    markdown_table,
+    rotated,
+    sharing_copy,
+    synchronize,
+)
 
 log = logging.getLogger("benchmarks.packing")
-
-MODEL_SHAPES: dict[str, dict[str, int]] = {
-    "tiny": dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2),
-    # SmolLM2-135M's width, heads and MLP (the embedded model the CPU quickstart trains) in 2 layers, with a small
-    # vocabulary: attention takes the same share of a layer's work as in that model.
-    "cpu-small": dict(vocab_size=2048, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
-                      num_attention_heads=9, num_key_value_heads=3),
-    "llama-1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                     num_attention_heads=32, num_key_value_heads=4),
-}
 
 DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cpu": dict(model="cpu-small", dtype="float32", rows=2000, batch=4, steps=16, warmup=2, threads=1),
     "cuda": dict(model="llama-1b", dtype="bfloat16", rows=4000, batch=16, steps=10, warmup=2, threads=0),
 }
 
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 KINDS = [("denselora", "DenseLoRA"), ("lora", "LoRA"), ("base", "frozen base")]
 MODES = [("padded", "padded"), ("grouped", "length-grouped"), ("packed", "packed")]
 TARGET_SPEEDUP = 1.5
@@ -185,12 +182,6 @@ def build_base_model(args: argparse.Namespace, device: torch.device) -> LlamaFor
     return model
 
 
-def sharing_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose modules are new but whose parameters and buffers are the very same tensors."""
-    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return copy.deepcopy(model, memo=shared)
-
-
 def frozen_step(base: LlamaForCausalLM) -> Callable[[dict[str, torch.Tensor]], float]:
     def step(batch: dict[str, torch.Tensor]) -> float:
         inputs = {k: v for k, v in batch.items() if k != "input_ids"}
@@ -247,16 +238,6 @@ def collators(base: LlamaForCausalLM) -> dict[str, Callable]:
     if sampling != "random":
         raise RuntimeError("collator_for refused to pack this model; see the log line above")
     return {"padded": padded, "grouped": padded, "packed": packed}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def rotated(arms: list[Arm], shift: int) -> list[Arm]:
-    shift %= len(arms)
-    return arms[shift:] + arms[:shift]
 
 
 def clock(device: torch.device) -> str:
@@ -438,13 +419,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    setup_logging()
-    args = parse_args(argv)
-    results = {"command": command_line(__file__, argv), **run(args)}
-    markdown = render_markdown(results)
-    stem = f"packing_{args.device}"
-    write_results(results, markdown, args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.md")
-    print(markdown)
+    main_for(__file__, "packing", parse_args, run, render_markdown, argv)
 
 
 if __name__ == "__main__":

@@ -50,19 +50,19 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import denselora_app.denselora  # noqa: F401  (registers DenseLoRA with PEFT)
 from denselora_app.denselora import DenseLoraConfig
-from benchlib import command_line, machine_description, machine_line, markdown_table, setup_logging, write_results
+from benchlib import (
+    MODEL_SHAPES,
+    TARGET_MODULES,
+    machine_description,
+    machine_line,
+    main_for,
+    markdown_table,
+    rotated,
+    sharing_copy,
+    synchronize,
+)
 
 log = logging.getLogger("benchmarks.speed_memory")
-
-# LLaMA-shaped models built from a config with random weights; nothing is downloaded.
-MODEL_SHAPES: dict[str, dict[str, int]] = {
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2),
-    "small": dict(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-                  num_attention_heads=16, num_key_value_heads=4),
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8),
-}
 
 # Defaults per device: the CPU run finishes in a few minutes on 2 cores, the CUDA run in a few on one GPU.
 DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -71,9 +71,6 @@ DEVICE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cuda": dict(model="llama3-8b", dtype="bfloat16", batch=4, seq=512, steps=5, warmup=3, repeats=5,
                  gen_batch=4, prompt_len=128, new_tokens=64, gen_repeats=3),
 }
-
-# The paper's five target projections, for both adapters.
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 # The metrics compared as ratios DenseLoRA / LoRA and DenseLoRA / frozen base, in the order of the table's columns.
 RATIO_METRICS = ["trainable_params", "adapter_file_bytes", "step_time_ms", "peak_memory_bytes", "generate_tokens_per_s"]
@@ -168,12 +165,6 @@ def build_base_model(args: argparse.Namespace, device: torch.device) -> LlamaFor
     return model
 
 
-def sharing_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose modules are new but whose parameters and buffers are the very same tensors."""
-    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return copy.deepcopy(model, memo=shared)
-
-
 def build_arms(base: LlamaForCausalLM, args: argparse.Namespace, input_ids: torch.Tensor) -> list[Arm]:
     """The frozen base, LoRA r and DenseLoRA r, each with its own training step on ``input_ids``."""
 
@@ -203,11 +194,6 @@ def adapter_step(model: nn.Module, optimizer: torch.optim.Optimizer, input_ids: 
     return step
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_training(arms: list[Arm], args: argparse.Namespace, device: torch.device) -> None:
     for arm in tqdm(arms, desc="warm-up", leave=False):
         for _ in range(args.warmup):
@@ -222,11 +208,6 @@ def time_training(arms: list[Arm], args: argparse.Namespace, device: torch.devic
                     synchronize(device)
                     arm.step_times.append(time.perf_counter() - start)
                 progress.update()
-
-
-def rotated(arms: list[Arm], shift: int) -> list[Arm]:
-    shift %= len(arms)
-    return arms[shift:] + arms[:shift]
 
 
 def resident_bytes(arm: Arm) -> int:
@@ -431,13 +412,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    setup_logging()
-    args = parse_args(argv)
-    results = {"command": command_line(__file__, argv), **run(args)}
-    markdown = render_markdown(results)
-    stem = f"speed_memory_{args.device}"
-    write_results(results, markdown, args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.md")
-    print(markdown)
+    main_for(__file__, "speed_memory", parse_args, run, render_markdown, argv)
 
 
 if __name__ == "__main__":
