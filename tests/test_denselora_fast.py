@@ -148,3 +148,19 @@ def test_inference_folds_d_and_m_into_one_matrix_and_refolds_when_they_change(mo
         torch.testing.assert_close(layer(x), expected())
         assert layer.folded_decoder("default") is not folded
     assert not any("folded" in key for key in peft_model.state_dict())
+
+
+def test_under_torch_compile_the_layer_uses_the_plain_formula_not_the_cache(model, monkeypatch):
+    """The folded-decoder cache checks tensor versions, which torch.compile cannot trace without breaking the graph
+    (measured: a recompile per layer shape until its limit); while compiling, the formula is used instead."""
+    peft_model = get_peft_model(model, DenseLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                       init_weights=False))
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(1, 2, layer.in_features)
+    with torch.no_grad():
+        eager = layer(x)
+        layer._folded.clear()
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        traced = layer(x)
+    assert layer._folded == {}
+    torch.testing.assert_close(traced, eager)

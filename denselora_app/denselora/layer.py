@@ -111,6 +111,10 @@ class Linear(nn.Module, DenseLoraLayer):
         activation, scaling = self.activation[adapter_name], self.scaling[adapter_name]
         if torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, *weights)):
             return add_dense_update(result, x, *weights, activation, scaling)
+        if torch.compiler.is_compiling():
+            # Under torch.compile the cache's version checks would break the graph and recompile for every layer's
+            # shapes; the compiler fuses the plain formula instead.
+            return torch.add(result, dense_update(x, *weights, activation, 1.0).to(result.dtype), alpha=scaling)
         act = ACTIVATIONS[activation]
         update = act(nn.functional.linear(act(nn.functional.linear(x, weights[0])), self.folded_decoder(adapter_name)))
         # Scaling inside the add: one pass over the output-wide tensor instead of two.
