@@ -11,7 +11,11 @@ other work on the machine falls on every arm alike. The arms:
 
 Generation (greedy decoding with the KV cache) is timed for the same arms and for LoRA merged into a copy of the base
 weights (what LoRA users chat with; DenseLoRA's nonlinear update cannot be merged), and each adapter's cost per
-generated token is reported against the base model's.
+generated token is reported against the base model's. With ``--compile``, the base and DenseLoRA also generate
+through ``torch.compile`` with a static KV cache (transformers' compiled decoding, what the Chat tab's "Compiled
+decoding" uses); the compile itself is timed apart. On a GPU, training's model FLOPs utilisation (MFU) is reported:
+the usual training count of 6 x (non-embedding parameters) + 12 x layers x hidden x sequence FLOPs per token,
+over the step time and the GPU's peak dense bf16 rate (known GPUs, or ``--peak-tflops``).
 
 Peak memory of a training step is ``static + transient``: static is the arm's resident tensors when the step starts
 (the base weights, the adapter and AdamW's state); transient is the highest amount of memory the step allocates on
@@ -46,7 +50,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
 
 import denselora_app.denselora  # noqa: F401  (registers DenseLoRA with PEFT)
 from denselora_app.denselora import DenseLoraConfig
@@ -143,6 +147,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--gen-repeats", type=int, help="Timed generation rounds over the arms.")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default, one per "
                         "core). On a CPU shared with other work, 1 avoids threads waiting on each other.")
+    parser.add_argument("--compile", action="store_true", help="Also time compiled decoding (static cache) for the "
+                        "base and DenseLoRA.")
+    parser.add_argument("--peak-tflops", type=float, help="The GPU's peak dense bf16 TFLOPS, for MFU (default: "
+                        "known for H100/H200/A100/L4/RTX 4090).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results",
                         help="Where speed_memory_<device>.json and .md are written.")
@@ -245,6 +253,15 @@ def merged_lora(lora: Arm) -> Arm:
     return Arm("lora_merged", f"{lora.label} merged", model, step=lambda: None)
 
 
+def compiled(arm: Arm) -> Arm:
+    """The same model, generating through torch.compile with a static cache (generation only)."""
+    config = CompileConfig()
+    config._compile_all_devices = True  # transformers compiles only on accelerators unless told otherwise
+    base = arm.model.get_base_model() if hasattr(arm.model, "get_base_model") else arm.model
+    base.generation_config.compile_config = config
+    return Arm(f"{arm.key}_compiled", f"{arm.label}, compiled", arm.model, step=lambda: None)
+
+
 def time_generation(arms: list[Arm], args: argparse.Namespace, device: torch.device) -> None:
     vocab = arms[0].model.config.vocab_size
     prompts = torch.randint(0, vocab, (args.gen_batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
@@ -252,14 +269,19 @@ def time_generation(arms: list[Arm], args: argparse.Namespace, device: torch.dev
     mask = torch.ones_like(prompts)
 
     def generate(arm: Arm, new_tokens: int) -> None:
+        static = {"cache_implementation": "static"} if arm.key.endswith("_compiled") else {}
         arm.model.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **static)
 
     for arm in arms:
         arm.model.eval()
     with torch.no_grad():
         for arm in arms:
-            generate(arm, 2)  # warm-up
+            started = time.perf_counter()
+            # Compiled arms warm up at the timed length: the static cache's size is part of the compiled graph.
+            generate(arm, args.new_tokens if arm.key.endswith("_compiled") else 2)
+            if arm.key.endswith("_compiled"):
+                arm.results["compile_seconds"] = time.perf_counter() - started
         with tqdm(total=args.gen_repeats * len(arms), desc="generation") as progress:
             for repeat in range(args.gen_repeats):
                 for arm in rotated(arms, repeat):
@@ -290,7 +312,31 @@ def generation_row(arm: Arm, base: Arm, gen_batch: int) -> dict[str, Any]:
     """Tokens/s, and the milliseconds each generated token costs beyond the base model's (per sequence)."""
     rate, base_rate = statistics.median(arm.generate_rates), statistics.median(base.generate_rates)
     return dict(label=arm.label, tokens_per_s=rate, ratio_to_base=rate / base_rate,
-                ms_per_token_over_base=1000 * gen_batch * (1 / rate - 1 / base_rate), rates=arm.generate_rates)
+                ms_per_token_over_base=1000 * gen_batch * (1 / rate - 1 / base_rate), rates=arm.generate_rates,
+                compile_seconds=arm.results.get("compile_seconds"))
+
+
+# Peak dense bf16 TFLOPS of common GPUs (vendor figures, without sparsity), for MFU.
+PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "RTX 4090": 165.2,
+               "A10G": 70.0}
+
+
+def peak_tflops(args: argparse.Namespace, device: torch.device) -> Optional[float]:
+    if args.peak_tflops or device.type != "cuda":
+        return args.peak_tflops
+    name = torch.cuda.get_device_name(device)
+    return next((value for key, value in PEAK_TFLOPS.items() if key in name), None)
+
+
+def training_mfu(model: nn.Module, args: argparse.Namespace, step_ms: float, peak: Optional[float]) -> Optional[float]:
+    """Model FLOPs per second of a training step over the device's peak (the usual 6N + attention count)."""
+    if not peak:
+        return None
+    config = model.config
+    embeddings = config.vocab_size * config.hidden_size * 2  # input and output embeddings (untied)
+    parameters = sum(p.numel() for p in model.parameters()) - embeddings
+    per_token = 6 * parameters + 12 * config.num_hidden_layers * config.hidden_size * args.seq
+    return per_token * args.batch * args.seq / (step_ms / 1000) / (peak * 1e12)
 
 
 def summarise(arm: Arm) -> None:
@@ -357,10 +403,12 @@ def render_markdown(results: dict[str, Any]) -> str:
         rows,
     )
     generation = markdown_table(
-        ["generation", "tokens/s", "x base", "ms per token over the base"],
-        [[g["label"], f"{g['tokens_per_s']:,.1f}", f"{g['ratio_to_base']:.3f}x", f"{g['ms_per_token_over_base']:+.2f}"]
+        ["generation", "tokens/s", "x base", "ms per token over the base", "compile s"],
+        [[g["label"], f"{g['tokens_per_s']:,.1f}", f"{g['ratio_to_base']:.3f}x", f"{g['ms_per_token_over_base']:+.2f}",
+          "-" if g.get("compile_seconds") is None else f"{g['compile_seconds']:.1f}"]
          for g in results["generation"].values()],
     )
+    mfu = [f"{arm['label']} {arm['mfu']:.1%}" for arm in arms.values() if arm.get("mfu") is not None]
     target_rows = [[t["target"], f"{t['ratio']:.3f}x", "met" if t["met"] else "**missed**"] for t in results["targets"]]
     s = results["settings"]
     return "\n\n".join([
@@ -371,6 +419,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"generation: {s['gen_batch']} prompts x {s['prompt_len']} tokens + {s['new_tokens']} new tokens (greedy), "
         f"{s['gen_repeats']} interleaved repeats.",
         table,
+        *([f"Training MFU: {', '.join(mfu)}."] if mfu else []),
         generation,
         markdown_table(["target", "measured", "status"], target_rows),
     ])
@@ -389,10 +438,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     time_training(arms, args, device)
     for arm in arms:
         measure_memory(arm, device)
-    merged = merged_lora(next(arm for arm in arms if arm.key == "lora"))
-    time_generation([*arms, merged], args, device)
+    generating = [*arms, merged_lora(next(arm for arm in arms if arm.key == "lora"))]
+    if args.compile:
+        generating += [compiled(arm) for arm in arms if arm.key in ("base", "denselora")]
+    time_generation(generating, args, device)
+    peak = peak_tflops(args, device)
     for arm in arms:
         summarise(arm)
+        arm.results["mfu"] = training_mfu(base, args, arm.results["step_time_ms"], peak)
     if hasattr(os, "getloadavg"):
         machine["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     results: dict[str, Any] = {
@@ -401,7 +454,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "target_modules": TARGET_MODULES,
         "arms": {arm.key: arm.results for arm in arms},
     }
-    results["generation"] = {arm.key: generation_row(arm, arms[0], args.gen_batch) for arm in [*arms, merged]}
+    results["generation"] = {arm.key: generation_row(arm, arms[0], args.gen_batch) for arm in generating}
     by_key = results["arms"]
     results["ratios"] = {
         "denselora/lora": ratios(by_key["denselora"], by_key["lora"]),

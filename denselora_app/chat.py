@@ -34,6 +34,7 @@ import torch
 from huggingface_hub.utils import validate_repo_id
 from peft import PeftConfig, PeftModel
 from transformers import (
+    CompileConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     StoppingCriteria,
@@ -332,6 +333,7 @@ class LoadedAdapter:
     device: str
     dtype: str
     notice: str | None  # e.g. a run training on the same device
+    compiled: bool = False  # decoding runs through a compiled model with a static cache
 
     @property
     def trainable_percent(self) -> float:
@@ -367,9 +369,11 @@ class ChatEngine:
     """One base model kept in memory, with every selected adapter of it loaded once; see the module docstring."""
 
     def __init__(self, device: str = "auto", dtype: str = "auto", runs_root: Path | None = None,
-                 quantization: str | None = None) -> None:
+                 quantization: str | None = None, compile_decoding: bool = False) -> None:
         """``quantization``: how to load base models ('none', '4bit', '8bit'); None loads each as its adapter was
-        trained."""
+        trained. ``compile_decoding``: decode through ``torch.compile`` with a static KV cache (transformers' own
+        path): a slow first compile when an adapter is selected, faster tokens after it; off again, with the
+        reason, if compiling fails."""
         try:
             self.device = models.resolve_device(device)
             models.resolve_dtype(dtype, self.device)  # a bad dtype fails here, not at the first load
@@ -379,6 +383,8 @@ class ChatEngine:
             raise ChatError(f"Unknown quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}.")
         self.dtype = dtype
         self.quantization = quantization
+        self.compile_decoding = compile_decoding
+        self.compile_failure: str | None = None  # why compiled decoding was turned off
         self.runs_root = runs_root
         self.selected: LoadedAdapter | None = None
         self.last_stats: GenerationStats | None = None
@@ -402,12 +408,39 @@ class ChatEngine:
                 self._load_base(ref, notice)
             name = self._load_adapter(ref)
             self._peft.set_adapter(name)
+            if self._compiled():
+                self._warm_up()
+            if self.compile_decoding and self.compile_failure:
+                notice = " ".join(filter(None, [notice, f"Compiled decoding is off: {self.compile_failure}"]))
             self.selected = LoadedAdapter(
                 adapter=ref, base_parameters=self._base.parameters,
                 adapter_parameters=sum(p.numel() for n, p in self._peft.named_parameters() if f".{name}." in n),
-                device=str(self.device), dtype=self._precision(), notice=notice,
+                device=str(self.device), dtype=self._precision(), notice=notice, compiled=self._compiled(),
             )
             return self.selected
+
+    def _compiled(self) -> bool:
+        return self.compile_decoding and self.compile_failure is None
+
+    def _warm_up(self) -> None:
+        """Compile now, on two prompt lengths (the second gives the graph that serves every length), so the first
+        answer is not the slow one; turn compiled decoding off, saying why, if it fails."""
+        config = CompileConfig()
+        config._compile_all_devices = True  # transformers compiles only on accelerators unless told otherwise
+        self._base.model.generation_config.compile_config = config
+        filler = self._base.tokenizer.eos_token_id or 0
+        started = time.perf_counter()
+        try:
+            with torch.no_grad():
+                for length in (4, 7):
+                    ids = torch.full((1, length), filler, dtype=torch.long, device=self.device)
+                    self._peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2,
+                                        do_sample=False, cache_implementation="static", pad_token_id=filler)
+        except Exception as err:  # noqa: BLE001  (any compiler failure means: decode the standard way)
+            self.compile_failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+            log.warning("Compiled decoding failed, using the standard decoding: %s", self.compile_failure)
+            return
+        log.info("Compiled the decoding step in %.1f s", time.perf_counter() - started)
 
     def _precision(self) -> str:
         dtype = str(self._base.model.dtype).removeprefix("torch.")
@@ -639,6 +672,8 @@ class ChatEngine:
         )
         if settings.temperature > 0:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+        if self._compiled():
+            kwargs["cache_implementation"] = "static"  # with the compile config set in _warm_up: compiled decoding
         torch.manual_seed(seed)  # under the lock, so the seed applies to this generate alone
         return kwargs
 

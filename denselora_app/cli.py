@@ -230,7 +230,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     _setup_logging(debug=args.debug)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed, system_prompt=args.system)
-    engine = ChatEngine(device=args.device, quantization=args.quantization)
+    engine = ChatEngine(device=args.device, quantization=args.quantization, compile_decoding=args.compile)
     loaded = engine.select(args.adapter, args.checkpoint)
     if loaded.notice:
         log.warning(loaded.notice)
@@ -343,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, metavar="S", help="sampling seed (default: a random one)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quantization", **base_quantization)
+    p.add_argument("--compile", action="store_true", help="decode through torch.compile with a static cache: a slow "
+                                                          "first compile, faster tokens after it")
     p.set_defaults(func=cmd_chat)
 
     p = command("eval", help="accuracy, loss and perplexity of adapters and their base model")

@@ -157,3 +157,15 @@ def test_gpu_8b_dry_run_trains_both_stages_through_the_cli_path_and_writes_the_t
     assert results["stages"]["4bit"]["planner"]["weights"] < results["stages"]["bf16"]["planner"]["weights"]
     assert results["command"].startswith("python ") and "--dry-run" in results["command"]
 
+
+
+def test_speed_memory_times_compiled_decoding_and_reports_mfu(tmp_path):
+    speed_memory.main([*SPEED_ARGS, "--compile", "--peak-tflops", "1", "--out-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "speed_memory_cpu.json").read_text())
+    markdown = (tmp_path / "speed_memory_cpu.md").read_text()
+    assert list(results["generation"]) == ["base", "lora", "denselora", "lora_merged", "base_compiled",
+                                           "denselora_compiled"]
+    for key in ("base_compiled", "denselora_compiled"):
+        assert results["generation"][key]["compile_seconds"] > 0 and results["generation"][key]["tokens_per_s"] > 0
+    assert all(0 < arm["mfu"] for arm in results["arms"].values())
+    assert "Training MFU: frozen base" in markdown and "DenseLoRA r4, compiled" in markdown

@@ -190,3 +190,33 @@ def test_cli_chat(workspace, monkeypatch, capsys):
     assert main(["chat", run_dir.name, "--prompt", "hi", "--checkpoint", "9"]) == 2
     err = capsys.readouterr().err
     assert "error: Run" in err and "its checkpoints are: 5" in err and "Traceback" not in err
+
+
+def test_compiled_decoding_answers_as_the_standard_one(workspace, engine):
+    """torch.compile with a static cache (compiled once, when the adapter is selected) gives the same greedy answer;
+    the status says the decoding is compiled."""
+    greedy = GenerationSettings(max_new_tokens=6, temperature=0, seed=0)
+    engine.select(str(workspace / "dense_a"))
+    expected = list(engine.stream_reply("the quick brown fox", settings=greedy))[-1]
+    compiled = ChatEngine(device="cpu", runs_root=workspace / "runs", compile_decoding=True)
+    loaded = compiled.select(str(workspace / "dense_a"))
+    assert loaded.compiled and compiled.compile_failure is None
+    assert list(compiled.stream_reply("the quick brown fox", settings=greedy))[-1] == expected
+
+
+def test_compiled_decoding_that_fails_falls_back_and_says_why(workspace, monkeypatch):
+    from peft import PeftModel
+
+    standard = PeftModel.generate
+
+    def no_compiler(self, *args, **kwargs):
+        if kwargs.get("cache_implementation") == "static":
+            raise RuntimeError("no C++ compiler found")
+        return standard(self, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "generate", no_compiler)
+    engine = ChatEngine(device="cpu", runs_root=workspace / "runs", compile_decoding=True)
+    loaded = engine.select(str(workspace / "dense_a"))
+    assert not loaded.compiled and "Compiled decoding is off: RuntimeError: no C++ compiler found" in loaded.notice
+    settings = GenerationSettings(max_new_tokens=3, temperature=0, seed=0)
+    assert list(engine.stream_reply("the quick", settings=settings))[-1]  # answers the standard way

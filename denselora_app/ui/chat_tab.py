@@ -123,7 +123,7 @@ def describe(loaded: LoadedAdapter) -> str:
     ref = loaded.adapter
     line = (f"**{ref.label}** · {ref.method} adapter of `{ref.base_model}` · trainable "
             f"{loaded.trainable_percent:.4f}% of the base ({loaded.adapter_parameters:,} parameters) · "
-            f"{loaded.dtype} on {loaded.device}")
+            f"{loaded.dtype} on {loaded.device}" + (" · compiled decoding" if loaded.compiled else ""))
     return f"{line}\n\n{_warn(loaded.notice)}" if loaded.notice else line
 
 
@@ -149,6 +149,14 @@ def set_base_precision(precision: str, adapter: str | None) -> str:
     if engine().selected is None or not adapter or not adapter.strip():
         how = "as their adapter was trained" if precision == AS_TRAINED else f"in {_LABELS[precision]}"
         return f"Base models will load {how}."
+    return load_adapter(adapter)
+
+
+def set_compiled_decoding(compiled: bool, adapter: str | None) -> str:
+    """Decode through torch.compile from now on (or not); the selected adapter is compiled for at once."""
+    engine().compile_decoding, engine().compile_failure = compiled, None
+    if engine().selected is None or not adapter or not adapter.strip():
+        return f"Compiled decoding {'on: the next adapter loaded is compiled for' if compiled else 'off'}."
     return load_adapter(adapter)
 
 
@@ -286,6 +294,9 @@ def build(demo: gr.Blocks) -> ChatTab:
             base_precision = gr.Dropdown(BASE_PRECISIONS, value=AS_TRAINED, label="Base model in",
                                          info="4-bit or 8-bit needs less memory; 'as trained' matches the run",
                                          elem_id="chat-base-precision")
+            compiled = gr.Checkbox(False, label="Compiled decoding",
+                                   info="torch.compile: a slow first compile when the adapter loads, faster "
+                                        "answers after it", elem_id="chat-compiled")
 
     refresh_button.click(refresh_adapters, inputs=[adapter], outputs=[adapter, notice, status],
                          api_name="chat_adapters")
@@ -298,6 +309,8 @@ def build(demo: gr.Blocks) -> ChatTab:
           **ENGINE_QUEUE)
     base_precision.input(set_base_precision, inputs=[base_precision, adapter], outputs=[status],
                          api_name="chat_base_precision", **ENGINE_QUEUE)
+    compiled.input(set_compiled_decoding, inputs=[compiled, adapter], outputs=[status], api_name="chat_compiled",
+                   **ENGINE_QUEUE)
     # Not in the engine's queue: Stop must run while an answer is being generated.
     stop_button.click(stop_chat, api_name="chat_stop")
     compare.input(toggle_compare, inputs=[compare, chatbot], outputs=[base_chatbot], api_visibility="private")
