@@ -260,7 +260,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         refs = [resolve_adapter(ref, args.checkpoint) for ref in args.adapter]
         table = evaluate(refs, args.data, loss_data=args.loss_data, mode=args.mode, limit=args.limit,
-                         strict=args.strict, engine=ChatEngine(device=args.device, quantization=args.quantization),
+                         strict=args.strict, engine=ChatEngine(device=args.device, quantization=args.quantization,
+                                                               compile_decoding=args.compile),
                          progress=lambda fraction, what: print(f"\r{what[:70]:70} {fraction:4.0%}", end="",
                                                                file=sys.stderr, flush=True))
     finally:
@@ -288,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ignore_memory = dict(action="store_true", help="start even when the memory planner says the run will not fit "
                                                    "(its estimates run up to ~20%% either way)")
+
+    compile_decoding = dict(action="store_true", help="decode through torch.compile with a static cache: a slow "
+                                                      "first compile, faster tokens after it")
 
     def command(name: str, **kwargs) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kwargs)
@@ -343,8 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, metavar="S", help="sampling seed (default: a random one)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quantization", **base_quantization)
-    p.add_argument("--compile", action="store_true", help="decode through torch.compile with a static cache: a slow "
-                                                          "first compile, faster tokens after it")
+    p.add_argument("--compile", **compile_decoding)
     p.set_defaults(func=cmd_chat)
 
     p = command("eval", help="accuracy, loss and perplexity of adapters and their base model")
@@ -361,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="count a reply without an answer label as wrong, even when it names a choice")
     p.add_argument("--device", default="auto")
     p.add_argument("--quantization", **base_quantization)
+    p.add_argument("--compile", **compile_decoding)
     p.set_defaults(func=cmd_eval)
     return parser
 

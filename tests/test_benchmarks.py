@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import fidelity  # noqa: E402
 import gpu_8b  # noqa: E402
+import gpu_throughput  # noqa: E402
 import packing  # noqa: E402
 import speed_memory  # noqa: E402
 
@@ -169,3 +170,8 @@ def test_speed_memory_times_compiled_decoding_and_reports_mfu(tmp_path):
         assert results["generation"][key]["compile_seconds"] > 0 and results["generation"][key]["tokens_per_s"] > 0
     assert all(0 < arm["mfu"] for arm in results["arms"].values())
     assert "Training MFU: frozen base" in markdown and "DenseLoRA r4, compiled" in markdown
+
+
+def test_the_gpu_throughput_check_runs_its_parts_in_one_call(tmp_path):
+    assert gpu_throughput.main(["--dry-run", "--out-dir", str(tmp_path)]) == 0
+    assert {p.name for p in tmp_path.iterdir()} >= {"speed_memory_cpu.json", "packing_cpu.json"}
