@@ -23,7 +23,7 @@ def runs_table(opened: str | None = None, compared: list[str] | None = None) -> 
     return (
         table,
         gr.Dropdown(choices=ids, value=opened if opened in ids else None),
-        gr.Dropdown(choices=ids, value=[i for i in compared or [] if i in ids]),
+        gr.Dropdown(choices=ids, value=[i for i in compared or [] if i in ids], multiselect=True),
     )
 
 
