@@ -434,7 +434,9 @@ def _weights_kwargs(folder: Path) -> dict:
     )
 
 
-def quantization_config(quantization: str, compute_dtype: torch.dtype, device: torch.device) -> BitsAndBytesConfig | None:
+def quantization_config(
+    quantization: str, compute_dtype: torch.dtype, device: torch.device
+) -> BitsAndBytesConfig | None:
     """bitsandbytes settings for a frozen base in ``quantization`` ('none', '4bit', '8bit'); ModelLoadError where
     it cannot run. 4-bit is NF4 with double quantization and computes in the run's dtype; the lm_head, embeddings
     and norms stay unquantized (transformers' default), as the quality of the output layer needs."""

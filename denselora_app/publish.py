@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -36,7 +35,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from .config import EMBEDDED_HUB_ID, EMBEDDED_MODEL, SAMPLE_DATA, RunConfig, StudioError
 from .rules import hub_id as hub_id_of
-from .runs import Run, RunError, RunState, get_run, read_json
+from .runs import Run, RunError, RunState, finite_number, get_run, read_json
 
 try:  # huggingface_hub 2.x speaks HTTP through httpx2, 1.x through httpx
     from httpx2 import TransportError
@@ -379,7 +378,7 @@ def build_model_repo(
 def draw_loss_curve(metrics: list[dict[str, Any]], path: Path) -> bool:
     """Train and validation loss against step, as a PNG; False (and no file) when there is nothing to draw."""
     series = {
-        label: [(m["step"], m[key]) for m in metrics if "step" in m and _finite(m.get(key))]
+        label: [(m["step"], m[key]) for m in metrics if "step" in m and finite_number(m.get(key))]
         for label, key in (("train loss", "loss"), ("validation loss", "eval_loss"))
     }
     if not any(series.values()):
@@ -400,10 +399,6 @@ def draw_loss_curve(metrics: list[dict[str, Any]], path: Path) -> bool:
     axes.legend()
     figure.savefig(path, format="png", bbox_inches="tight")
     return True
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ---- the model card ----------------------------------------------------------------------------------------------
@@ -477,7 +472,8 @@ print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
 
 {{ parameters }}
 {% if quantization_text %}
-Training quantization: the frozen base was loaded {{ quantization_text }}; the adapter itself was trained in full precision (float32).
+Training quantization: the frozen base was loaded {{ quantization_text }}; the adapter itself was trained in full \
+precision (float32).
 {% endif %}
 | Setting | Value |
 |---|---|
@@ -625,7 +621,7 @@ def _result_rows(data: Any, label: str | None) -> Iterator[dict[str, Any]]:
         for item in data:
             yield from _result_rows(item, label)
     elif isinstance(data, dict):
-        if _METRIC_KEYS & data.keys() or ("dataset" in data and any(_finite(v) for v in data.values())):
+        if _METRIC_KEYS & data.keys() or ("dataset" in data and any(finite_number(v) for v in data.values())):
             yield {**data, "model": label or data.get("model") or "adapter"}
         else:
             for key, value in data.items():

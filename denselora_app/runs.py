@@ -25,6 +25,7 @@ import datetime as dt
 import enum
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -425,8 +426,8 @@ class Run:
         except ConfigError as err:
             problem = problem or f"config.yaml cannot be used: {err}"
         metrics = self.metrics()
-        train = [m["loss"] for m in metrics if _finite(m.get("loss"))]
-        evals = [m["eval_loss"] for m in metrics if _finite(m.get("eval_loss"))]
+        train = [m["loss"] for m in metrics if finite_number(m.get("loss"))]
+        evals = [m["eval_loss"] for m in metrics if finite_number(m.get("eval_loss"))]
         elapsed = metrics[-1].get("elapsed_seconds") if metrics else None
         return RunFacts(
             run_id=self.id,
@@ -441,12 +442,13 @@ class Run:
             checkpoints=self.checkpoints(),
             has_adapter=self.has_adapter(),
             duration_seconds=status.elapsed_seconds if status.elapsed_seconds is not None
-            else (elapsed if _finite(elapsed) else None),
+            else (elapsed if finite_number(elapsed) else None),
         )
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+def finite_number(value: Any) -> bool:
+    """Whether a metrics value is a real number to show or compute with (not text, not a flag, not NaN or inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ---- the log, as the user wants to read it ---------------------------------------------------------------------------

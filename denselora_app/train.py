@@ -75,7 +75,8 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcom
                        quantization=cfg.quantization)
     base_parameters = model.num_parameters()  # counts a 4-bit weight's packed values as the parameters they hold
     if cfg.quantized:
-        log.info("Base model loaded in %s: %.2f GB of weights", cfg.quantization, model.get_memory_footprint() / 1024**3)
+        log.info("Base model loaded in %s: %.2f GB of weights", cfg.quantization,
+                 model.get_memory_footprint() / 1024**3)
     if cfg.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # the frozen embeddings must pass gradients on to the adapters

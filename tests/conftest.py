@@ -131,13 +131,17 @@ APP_DATA_ROWS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def app_model_dir(tmp_path_factory):
-    """A tiny LLaMA model folder (config.json + safetensors + tokenizer with a chat template) for the app tests."""
-    folder = tmp_path_factory.mktemp("app-tiny-model")
-    tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2).save_pretrained(folder)
+def save_tiny_model(folder: Path, **shape) -> Path:
+    """A tiny LLaMA model folder (config.json + safetensors + tokenizer with a chat template), as training reads it."""
+    tiny_llama(**{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, **shape}).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def app_model_dir(tmp_path_factory):
+    """The tiny model folder the app, engine and launch tests train (read only: one for the whole session)."""
+    return save_tiny_model(tmp_path_factory.mktemp("app-tiny-model"))
 
 
 @pytest.fixture(scope="session")

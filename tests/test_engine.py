@@ -14,33 +14,13 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import tiny_llama
 from denselora_app.config import RunConfig
 from denselora_app.launch import resume_run
-from denselora_app.runs import Run, classify_failure, create_run, list_runs, request_stop, start_worker
+from denselora_app.runs import classify_failure, create_run, list_runs, request_stop, start_worker
 from denselora_app.worker import execute
 
 REPO = Path(__file__).parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [
-        {"messages": [{"role": "user", "content": f"what is the capital of {c}?"},
-                      {"role": "assistant", "content": "the quick brown fox"}]}
-        for c in ("a", "the", "a country", "the dog", "a fox", "the lazy dog", "no", "yes")
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture
@@ -69,8 +49,8 @@ def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_loss_falls_and_the_run_folder_is_complete(tiny_model_dir, tiny_data, runs_root):
-    run = create_run(tiny_config(tiny_model_dir, tiny_data, val_size=2))
+def test_loss_falls_and_the_run_folder_is_complete(app_model_dir, app_data_file, runs_root):
+    run = create_run(tiny_config(app_model_dir, app_data_file, val_size=2))
     assert execute(run) == "completed"
     status = run.status()
     assert status.state == "completed" and status.step == 30
@@ -93,8 +73,8 @@ def test_loss_falls_and_the_run_folder_is_complete(tiny_model_dir, tiny_data, ru
     assert RunConfig.from_yaml(run.path / "config.yaml") == run.config()
 
 
-def test_stop_then_resume_continues_the_step_count(tiny_model_dir, tiny_data, runs_root):
-    run = create_run(tiny_config(tiny_model_dir, tiny_data, max_steps=100000, save_steps=1000))
+def test_stop_then_resume_continues_the_step_count(app_model_dir, app_data_file, runs_root):
+    run = create_run(tiny_config(app_model_dir, app_data_file, max_steps=100000, save_steps=1000))
     start_worker(run)
     wait_for(lambda: run.raw_status().step >= 3, what="training to start")
     request_stop(run)
@@ -116,8 +96,8 @@ def test_stop_then_resume_continues_the_step_count(tiny_model_dir, tiny_data, ru
     assert f"step {stopped_at}/100000 | loss " in log and "{'loss'" not in log
 
 
-def test_a_killed_worker_is_reported_failed_and_its_checkpoints_load(tiny_model_dir, tiny_data, runs_root):
-    run = create_run(tiny_config(tiny_model_dir, tiny_data, max_steps=100000, save_steps=2))
+def test_a_killed_worker_is_reported_failed_and_its_checkpoints_load(app_model_dir, app_data_file, runs_root):
+    run = create_run(tiny_config(app_model_dir, app_data_file, max_steps=100000, save_steps=2))
     pid = start_worker(run)
     wait_for(run.last_checkpoint, what="a checkpoint")
     os.kill(pid, signal.SIGKILL)
@@ -128,10 +108,10 @@ def test_a_killed_worker_is_reported_failed_and_its_checkpoints_load(tiny_model_
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 320)
 
 
-def test_bad_data_fails_with_a_classified_reason(tiny_model_dir, tmp_path, runs_root):
+def test_bad_data_fails_with_a_classified_reason(app_model_dir, tmp_path, runs_root):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
-    run = create_run(tiny_config(tiny_model_dir, bad))
+    run = create_run(tiny_config(app_model_dir, bad))
     start_worker(run)
     status = wait_for(lambda: (s := run.status()).state == "failed" and s, what="the failure")
     assert status.error_kind == "data error"
@@ -151,9 +131,9 @@ def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess
                           env={**os.environ, **(env or {})}, timeout=timeout, cwd=REPO)
 
 
-def test_cli_train_runs_stop_resume(tiny_model_dir, tiny_data, runs_root, tmp_path):
+def test_cli_train_runs_stop_resume(app_model_dir, app_data_file, runs_root, tmp_path):
     config = tmp_path / "c.yaml"
-    tiny_config(tiny_model_dir, tiny_data).to_yaml(config)
+    tiny_config(app_model_dir, app_data_file).to_yaml(config)
     result = cli("train", str(config), "--set", "max_steps=6", "--set", "run_name=cli-demo", "--set", "r=2")
     assert result.returncode == 0, result.stderr
     assert "Your adapter is in" in result.stdout
@@ -169,9 +149,9 @@ def test_cli_train_runs_stop_resume(tiny_model_dir, tiny_data, runs_root, tmp_pa
     assert bad.returncode == 2 and "r must be a whole number" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_torchrun_two_cpu_processes_train_one_identical_adapter(tiny_model_dir, tiny_data, runs_root, tmp_path):
+def test_torchrun_two_cpu_processes_train_one_identical_adapter(app_model_dir, app_data_file, runs_root, tmp_path):
     config = tmp_path / "c.yaml"
-    tiny_config(tiny_model_dir, tiny_data, max_steps=4, batch_size=2).to_yaml(config)
+    tiny_config(app_model_dir, app_data_file, max_steps=4, batch_size=2).to_yaml(config)
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run(
         [str(torchrun), "--nproc_per_node", "2", "-m", "denselora_app", "train", str(config)],

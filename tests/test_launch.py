@@ -24,16 +24,6 @@ from denselora_app.worker import execute
 REPO = Path(__file__).parent.parent
 
 
-@pytest.fixture
-def model_dir(app_model_dir) -> Path:
-    return app_model_dir
-
-
-@pytest.fixture
-def data_file(app_data_file) -> Path:
-    return app_data_file
-
-
 @pytest.fixture(autouse=True)
 def restore_logging():
     """The foreground CLI configures the root logger (terminal and train.log); undo it after each test."""
@@ -48,13 +38,6 @@ def restore_logging():
 def runs_root(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("DENSELORA_RUNS", str(tmp_path / "runs"))
     return tmp_path / "runs"
-
-
-@pytest.fixture
-def config_file(tmp_path, model_dir, data_file) -> Path:
-    path = tmp_path / "run.yaml"
-    config(model_dir, data_file).to_yaml(path)
-    return path
 
 
 def config(model_dir: Path, data: Path, **overrides) -> RunConfig:
@@ -78,7 +61,7 @@ def hold_device(root: Path, model_dir: Path, data: Path, device: str = "cpu", **
 # ---- bad input, refused before anything exists -------------------------------------------------------------------
 
 
-def _bad_inputs(tmp: Path, model_dir: Path, data: Path) -> list[tuple[str, list[str], str]]:
+def _bad_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
     """(what, extra CLI arguments, a phrase the message must contain) for every kind of bad input."""
     files = {
         "folder.yaml": None,  # a folder with a config-like name
@@ -142,10 +125,11 @@ def _bad_inputs(tmp: Path, model_dir: Path, data: Path) -> list[tuple[str, list[
     ]
 
 
-def test_every_bad_input_is_refused_in_one_paragraph_and_creates_nothing(tmp_path, model_dir, data_file, runs_root,
+def test_every_bad_input_is_refused_in_one_paragraph_and_creates_nothing(tmp_path, app_model_dir, app_data_file,
+                                                                          runs_root,
                                                                           capsys):
-    config(model_dir, data_file).to_yaml(tmp_path / "run.yaml")
-    cases = _bad_inputs(tmp_path, model_dir, data_file)
+    config(app_model_dir, app_data_file).to_yaml(tmp_path / "run.yaml")
+    cases = _bad_inputs(tmp_path)
     assert len(cases) >= 20
     for what, args, phrase in cases:
         for background in ([], ["--background"]) if args[0] == "train" else ([],):
@@ -157,10 +141,10 @@ def test_every_bad_input_is_refused_in_one_paragraph_and_creates_nothing(tmp_pat
             assert run_folders(runs_root) == [], f"{what}: a refused launch must leave no run folder"
 
 
-def test_a_refusal_in_a_fresh_process_is_quiet(tmp_path, model_dir, data_file, runs_root):
+def test_a_refusal_in_a_fresh_process_is_quiet(tmp_path, app_model_dir, app_data_file, runs_root):
     """The terminal shows one paragraph: no traceback, no library warnings; --debug adds the traceback."""
     config_path = tmp_path / "run.yaml"
-    config(model_dir, tmp_path).to_yaml(config_path)
+    config(app_model_dir, tmp_path).to_yaml(config_path)
     env = {**os.environ, "DENSELORA_RUNS": str(runs_root)}
     quiet = subprocess.run([sys.executable, "-m", "denselora_app", "train", str(config_path)], capture_output=True,
                            text=True, env=env, cwd=REPO, timeout=300)
@@ -173,12 +157,13 @@ def test_a_refusal_in_a_fresh_process_is_quiet(tmp_path, model_dir, data_file, r
     assert run_folders(runs_root) == []
 
 
-def test_a_failure_during_training_keeps_its_traceback_in_train_log_only(tmp_path, model_dir, data_file, runs_root):
+def test_a_failure_during_training_keeps_its_traceback_in_train_log_only(tmp_path, app_model_dir, app_data_file,
+                                                                         runs_root):
     """Weights that cannot be read pass the pre-flight (it reads no weights) and fail when training loads them."""
     broken = tmp_path / "broken-model"
-    shutil.copytree(model_dir, broken)
+    shutil.copytree(app_model_dir, broken)
     (broken / "model.safetensors").write_bytes(b"not weights")
-    config(broken, data_file).to_yaml(tmp_path / "run.yaml")
+    config(broken, app_data_file).to_yaml(tmp_path / "run.yaml")
     result = subprocess.run([sys.executable, "-m", "denselora_app", "train", str(tmp_path / "run.yaml")],
                             capture_output=True, text=True, cwd=REPO, timeout=300,
                             env={**os.environ, "DENSELORA_RUNS": str(runs_root)})
@@ -206,31 +191,31 @@ def test_devices_are_compared_after_resolution(monkeypatch):
 
 
 @pytest.mark.parametrize("requested", ["auto", "cpu"])
-def test_a_second_run_on_a_busy_device_is_refused_naming_the_holder(requested, model_dir, data_file, runs_root):
-    holder = hold_device(runs_root, model_dir, data_file)
+def test_a_second_run_on_a_busy_device_is_refused_naming_the_holder(requested, app_model_dir, app_data_file, runs_root):
+    holder = hold_device(runs_root, app_model_dir, app_data_file)
     with pytest.raises(LaunchError, match=rf"cpu is in use by run {holder.id} \(running, step 3/40\).*--share-device"):
-        launch(config(model_dir, data_file, device=requested), background=False)
+        launch(config(app_model_dir, app_data_file, device=requested), background=False)
     assert [r.id for r in list_runs(runs_root)] == [holder.id]
-    shared = launch(config(model_dir, data_file, device=requested), background=False, share_device=True)
+    shared = launch(config(app_model_dir, app_data_file, device=requested), background=False, share_device=True)
     assert shared.status().device == "cpu"
 
 
-def test_foreground_cli_training_respects_the_device_rule(tmp_path, model_dir, data_file, runs_root, capsys):
-    holder = hold_device(runs_root, model_dir, data_file)
-    config(model_dir, data_file, device="auto").to_yaml(tmp_path / "run.yaml")
+def test_foreground_cli_training_respects_the_device_rule(tmp_path, app_model_dir, app_data_file, runs_root, capsys):
+    holder = hold_device(runs_root, app_model_dir, app_data_file)
+    config(app_model_dir, app_data_file, device="auto").to_yaml(tmp_path / "run.yaml")
     assert cli.main(["train", str(tmp_path / "run.yaml")]) == 2
     assert f"in use by run {holder.id}" in capsys.readouterr().err
     assert [r.id for r in list_runs(runs_root)] == [holder.id]
 
 
-def test_a_foreground_run_holds_its_device_while_it_trains(model_dir, data_file, runs_root, monkeypatch):
+def test_a_foreground_run_holds_its_device_while_it_trains(app_model_dir, app_data_file, runs_root, monkeypatch):
     """The training process itself is recorded as the device holder, as a background worker is."""
-    run = launch(config(model_dir, data_file), background=False)
+    run = launch(config(app_model_dir, app_data_file), background=False)
     seen = {}
 
     def check_busy(*args, **kwargs):
         with pytest.raises(LaunchError, match=f"in use by run {run.id}"):
-            launch(config(model_dir, data_file), background=False)
+            launch(config(app_model_dir, app_data_file), background=False)
         seen["status"] = get_run(run.id).status()
         raise KeyboardInterrupt  # stop here: what matters is what others saw meanwhile
 
@@ -245,11 +230,11 @@ def test_a_foreground_run_holds_its_device_while_it_trains(model_dir, data_file,
 # ---- no run is ever stranded -------------------------------------------------------------------------------------
 
 
-def test_a_run_whose_start_never_happened_has_a_way_out(tmp_path, model_dir, data_file, runs_root, capsys):
+def test_a_run_whose_start_never_happened_has_a_way_out(tmp_path, app_model_dir, app_data_file, runs_root, capsys):
     """The launcher died between creating the folder and starting the worker: the run is reported as never started,
     holds no device, cannot be stopped or resumed, and can be deleted."""
-    holder = hold_device(runs_root, model_dir, data_file)
-    stranded = create_run(config(model_dir, data_file, run_name="stranded"), runs_root, device="cpu")
+    holder = hold_device(runs_root, app_model_dir, app_data_file)
+    stranded = create_run(config(app_model_dir, app_data_file, run_name="stranded"), runs_root, device="cpu")
     stranded.update_status(launcher_pid=2**22 + 11, launcher_started=1.0)  # a process that no longer exists
     status = stranded.status()
     assert status.state == "failed" and status.error_kind == "never started" and "delete" in status.fix
@@ -272,14 +257,14 @@ def test_a_run_whose_start_never_happened_has_a_way_out(tmp_path, model_dir, dat
     assert not stranded.path.exists()
 
 
-def test_a_running_run_cannot_be_deleted(model_dir, data_file, runs_root, capsys):
-    holder = hold_device(runs_root, model_dir, data_file)
+def test_a_running_run_cannot_be_deleted(app_model_dir, app_data_file, runs_root, capsys):
+    holder = hold_device(runs_root, app_model_dir, app_data_file)
     assert cli.main(["delete", holder.id, "--yes"]) == 2
     assert "is still running: stop it first" in capsys.readouterr().err and holder.path.exists()
 
 
-def test_stop_before_the_first_step_says_nothing_was_trained(model_dir, data_file, runs_root, capsys):
-    run = launch(config(model_dir, data_file), background=False)
+def test_stop_before_the_first_step_says_nothing_was_trained(app_model_dir, app_data_file, runs_root, capsys):
+    run = launch(config(app_model_dir, app_data_file), background=False)
     message = request_stop(run)
     assert "before its first training step" in message and "nothing was trained" in message
     assert execute(run) == "stopped"
@@ -290,8 +275,8 @@ def test_stop_before_the_first_step_says_nothing_was_trained(model_dir, data_fil
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
-def test_resume_from_a_checkpoint_at_max_steps_trains_no_further(model_dir, data_file, runs_root):
-    run = launch(config(model_dir, data_file, max_steps=4, save_steps=2), background=False)
+def test_resume_from_a_checkpoint_at_max_steps_trains_no_further(app_model_dir, app_data_file, runs_root):
+    run = launch(config(app_model_dir, app_data_file, max_steps=4, save_steps=2), background=False)
     assert execute(run) == "completed" and run.checkpoints() == [2, 4]
     # As if it had been stopped (or killed) right after the last checkpoint, before saving the adapter.
     run.update_status(state="stopped")
@@ -306,14 +291,14 @@ def test_resume_from_a_checkpoint_at_max_steps_trains_no_further(model_dir, data
     assert run.has_adapter()
 
 
-def test_the_app_starts_runs_through_the_same_launch(tmp_path, model_dir, data_file, runs_root):
+def test_the_app_starts_runs_through_the_same_launch(tmp_path, app_model_dir, app_data_file, runs_root):
     """No second pre-flight in the UI: the Train tab shows launch's own refusal and creates nothing."""
     from denselora_app.ui import train_tab
 
-    settings = config(model_dir, tmp_path).to_dict()
+    settings = config(app_model_dir, tmp_path).to_dict()
     message, run_id, _ = train_tab.start_training(**settings)
     assert "Not started. Data:" in message and "is a folder" in message
     assert run_folders(runs_root) == []
-    holder = hold_device(runs_root, model_dir, data_file)
-    message, _, _ = train_tab.start_training(**config(model_dir, data_file).to_dict())
+    holder = hold_device(runs_root, app_model_dir, app_data_file)
+    message, _, _ = train_tab.start_training(**config(app_model_dir, app_data_file).to_dict())
     assert f"in use by run {holder.id}" in message

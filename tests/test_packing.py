@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -201,15 +200,7 @@ def test_the_data_report_gives_the_tokens_per_step_and_the_padding(tmp_path, tok
 # ---- end to end: a run with packing trains the same losses as one without ----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def test_a_packed_run_follows_the_padded_runs_loss_curve(model_dir, tmp_path, monkeypatch, caplog):
+def test_a_packed_run_follows_the_padded_runs_loss_curve(app_model_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("DENSELORA_RUNS", str(tmp_path / "runs"))
     data = tmp_path / "train.jsonl"
     words = "the quick brown fox jumps over the lazy dog".split()
@@ -219,7 +210,7 @@ def test_a_packed_run_follows_the_padded_runs_loss_curve(model_dir, tmp_path, mo
         + "\n" for i in range(16)))
     curves = {}
     for packing in (False, True):
-        cfg = RunConfig(model=str(model_dir), data=str(data), r=4, alpha=8, dropout=0.0, learning_rate=1e-2,
+        cfg = RunConfig(model=str(app_model_dir), data=str(data), r=4, alpha=8, dropout=0.0, learning_rate=1e-2,
                         max_steps=4, batch_size=4, grad_accum=2, warmup_steps=0, lr_scheduler="constant",
                         save_steps=100, cutoff_len=64, device="cpu", packing=packing, run_name=f"packing-{packing}")
         run = create_run(cfg)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import save_tiny_model
 from denselora_app import cli
 from denselora_app.chat import ChatEngine, GenerationSettings
 from denselora_app.config import RunConfig
@@ -33,10 +33,7 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny LLaMA whose layers are wide enough for bitsandbytes' 64-value quantization blocks."""
-    folder = tmp_path_factory.mktemp("quantized-model")
-    tiny_llama(hidden_size=128, intermediate_size=256, num_hidden_layers=2).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("quantized-model"), hidden_size=128, intermediate_size=256)
 
 
 @pytest.fixture

@@ -38,14 +38,9 @@ def runs_root(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
-def good_run(runs_root, tmp_path) -> Run:
+def good_run(runs_root, app_model_dir) -> Run:
     """A completed run with an adapter of a tiny model (see test_publish._make_run)."""
-    from conftest import tiny_llama, tiny_tokenizer
-
-    model = tmp_path / "model"
-    tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2).save_pretrained(model)
-    tiny_tokenizer().save_pretrained(model)
-    return get_run(_make_run(runs_root, "good", str(model), "data.jsonl"))
+    return get_run(_make_run(runs_root, "good", str(app_model_dir), "data.jsonl"))
 
 
 def damage(root: Path, name: str, **files: str | None) -> Run:
@@ -97,7 +92,8 @@ def test_a_damaged_run_is_listed_as_damaged_and_breaks_nothing_else(good_run, ru
     assert set(table[table["Run"] != good_run.id]["State"]) == {"damaged"}
     details = runs_tab.open_run(damaged["status-list"].id)[0]
     assert "damaged" in details and "status.json holds a list" in details and "delete it" in details
-    assert train_tab.live_status(damaged["config-garbage"].id)[0].startswith(f"**Run** `{damaged['config-garbage'].id}` · state: **damaged**")
+    garbage = damaged["config-garbage"].id
+    assert train_tab.live_status(garbage)[0].startswith(f"**Run** `{garbage}` · state: **damaged**")
     assert [ref.label for ref in available_adapters()] == [good_run.id]
     assert resolve_adapter(good_run.id).base_model == good.config.model
     assert build_model_repo(good_run.id, "alice/tiny", tmp_path / "out").files
@@ -186,19 +182,15 @@ def test_only_complete_checkpoints_count_and_partial_ones_are_removed(good_run):
     assert json.loads((good_run.checkpoint_dir(2) / CHECKPOINT_MARKER).read_text())["files"]["optimizer.pt"] > 0
 
 
-def test_training_marks_each_checkpoint_complete(tmp_path, runs_root):
+def test_training_marks_each_checkpoint_complete(tmp_path, runs_root, app_model_dir):
     """A real run: every checkpoint the Trainer writes gets its marker, and the run's facts list them."""
-    from conftest import tiny_llama, tiny_tokenizer
     from test_launch import config
     from denselora_app.launch import launch
     from denselora_app.worker import execute
 
-    model = tmp_path / "model"
-    tiny_llama(hidden_size=64, intermediate_size=128, num_hidden_layers=2).save_pretrained(model)
-    tiny_tokenizer().save_pretrained(model)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "the quick", "completion": "brown fox"}) + "\n")
-    run = launch(config(model, data, max_steps=4, save_steps=2, batch_size=1), background=False)
+    run = launch(config(app_model_dir, data, max_steps=4, save_steps=2, batch_size=1), background=False)
     assert execute(run) == "completed"
     assert run.checkpoints() == [2, 4] == run.facts().checkpoints
     for step in (2, 4):

@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from ..runs import finite_number
+
 TRAIN = "train"
 VALIDATION = "validation"
 LOSS_COLORS = {TRAIN: "#2563eb", VALIDATION: "#f97316"}
@@ -39,7 +41,7 @@ def loss_frame(rows: Iterable[Mapping[str, Any]], label: str = "") -> pd.DataFra
     steps, losses, series = [], [], []
     for row in rows:
         for key, name in (("loss", TRAIN), ("eval_loss", VALIDATION)):
-            if _finite(row.get(key)) and "step" in row:
+            if finite_number(row.get(key)) and "step" in row:
                 steps.append(int(row["step"]))
                 losses.append(float(row[key]))
                 series.append(name + suffix)
@@ -61,7 +63,7 @@ def overlay_frame(runs: Mapping[str, Iterable[Mapping[str, Any]]]) -> pd.DataFra
 
 def metric_frame(rows: Iterable[Mapping[str, Any]], key: str) -> pd.DataFrame:
     """Columns step, ``key``: one training metric (learning_rate, grad_norm, tokens_per_second) over steps."""
-    points = [(int(row["step"]), float(row[key])) for row in rows if "step" in row and _finite(row.get(key))]
+    points = [(int(row["step"]), float(row[key])) for row in rows if "step" in row and finite_number(row.get(key))]
     return _frame({"step": [p[0] for p in points], key: [p[1] for p in points]},
                   {"step": "int64", key: "float64"})
 
@@ -96,6 +98,3 @@ def shown(frame: pd.DataFrame, y: str) -> pd.DataFrame | None:
     """
     return frame if frame[y].notna().any() else None
 
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
