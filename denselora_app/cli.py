@@ -63,18 +63,21 @@ def _setup_logging(log_file: Path | None = None, debug: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=handlers, force=True)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _launch(cfg: RunConfig, args: argparse.Namespace, background: bool) -> Run:
     from .launch import launch
 
+    return launch(cfg, background=background, share_device=args.share_device, ignore_memory=args.ignore_memory_plan)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     cfg = RunConfig.from_yaml(args.config).with_overrides(args.set or [])
     if args.background:
-        run = launch(cfg, background=True, share_device=args.share_device, ignore_memory=args.ignore_memory_plan)
+        run = _launch(cfg, args, background=True)
         print(f"Started run {run.id} in the background.\n  folder: {run.path}\n  follow: tail -f {run.log_path}\n"
               f"  stop:   python -m denselora_app stop {run.id}")
         return 0
     if not _distributed():
-        return _foreground(launch(cfg, background=False, share_device=args.share_device,
-                                  ignore_memory=args.ignore_memory_plan), args)
+        return _foreground(_launch(cfg, args, background=False), args)
     return _foreground(_launch_on_all_ranks(cfg, args), args)
 
 
@@ -82,7 +85,7 @@ def _launch_on_all_ranks(cfg: RunConfig, args: argparse.Namespace) -> Run:
     """Rank 0 checks and creates the run folder; under torchrun the other ranks are told which one, or why not."""
     import torch.distributed as dist
 
-    from .launch import LaunchError, launch, run_device
+    from .launch import LaunchError, run_device
     from .train import process_state
 
     run_device(cfg.device)  # a device this machine lacks is refused before the process group needs it
@@ -90,8 +93,7 @@ def _launch_on_all_ranks(cfg: RunConfig, args: argparse.Namespace) -> Run:
     holder: list[str | None] = [None]
     if state.is_main_process:
         try:
-            run = launch(cfg, background=False, share_device=args.share_device, ignore_memory=args.ignore_memory_plan)
-            holder[0] = "run:" + str(run.path)
+            holder[0] = "run:" + str(_launch(cfg, args, background=False).path)
         except LaunchError as err:
             holder[0] = "error:" + str(err)
     dist.broadcast_object_list(holder, src=0)
@@ -114,7 +116,7 @@ def _foreground(run: Run, args: argparse.Namespace, resume: bool = False) -> int
     except Exception:  # noqa: BLE001  (execute logged the traceback to train.log and recorded the failure)
         status = run.status()
         print(f"\nRun {run.id} failed: {status.error}\nFix: {status.fix}\nThe full error is in {run.log_path}"
-              + ("" if args.debug else " (or run again with --debug)."), file=sys.stderr)
+              + ("." if args.debug else " (or run again with --debug)."), file=sys.stderr)
         return 1
     status = run.status()
     if status.note:

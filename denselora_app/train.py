@@ -32,6 +32,9 @@ from .runs import ADAPTER_CONFIG, Run, RunState, mark_checkpoint_complete, write
 log = logging.getLogger(__name__)
 
 
+STOPPED_UNTRAINED = "Stopped before the first training step: nothing was trained, so there is no checkpoint or adapter."
+
+
 @dataclass
 class Outcome:
     state: RunState  # COMPLETED or STOPPED
@@ -133,7 +136,7 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcom
     if not show_progress:  # RunCallback logs a readable line instead of the Trainer's raw dictionaries
         trainer.remove_callback(PrinterCallback)
     if _stop_requested(run):  # asked to stop while the model was loading
-        return Outcome(RunState.STOPPED)
+        return Outcome(RunState.STOPPED, note=None if checkpoint else STOPPED_UNTRAINED)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     _check_ranks_agree(peft_model)
     stopped = _stop_requested(run)

@@ -49,12 +49,9 @@ def execute(run: Run, resume: bool = False, show_progress: bool = False) -> RunS
                               error_kind=failure["kind"], fix=failure["fix"])
         raise
     if main:
-        note = None
-        if outcome.state is RunState.STOPPED and not run.has_adapter():
-            note = "Stopped before the first training step: nothing was trained, so there is no checkpoint or adapter."
-        run.update_status(state=outcome.state, finished_at=time.time(), note=note or outcome.note)
+        run.update_status(state=outcome.state, finished_at=time.time(), note=outcome.note)
         (run.path / STOP_FILE).unlink(missing_ok=True)
-        log.info("Run %s %s.%s", run.id, outcome.state, f" {note}" if note else "")
+        log.info("Run %s %s.%s", run.id, outcome.state, f" {outcome.note}" if outcome.note else "")
     return outcome.state
 
 
