@@ -53,6 +53,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from .config import EMBEDDED_HUB_ID, EMBEDDED_MODEL, StudioError
+from .hosting import on_space
 from .rules import DTYPES, HUB_PROBE_TIMEOUT_S, QUANTIZATIONS, HubUnreachable, cached_copy_if_offline, looks_like_path
 
 try:  # lets a GGUF be dequantized explicitly, even where the `kernels` package could keep it packed
@@ -138,7 +139,7 @@ def _classify(spec: str) -> _Source:
         try:
             return _Source("gguf", str(embedded_gguf_path()))
         except ModelLoadError:
-            if not os.environ.get("SPACE_ID"):
+            if not on_space():
                 raise
             # A Space installs requirements.txt only, which cannot carry a --no-deps package: same model, from the Hub.
             logger.info("On a Hugging Face Space: using %s for the embedded default.", EMBEDDED_HUB_ID)

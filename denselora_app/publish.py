@@ -35,6 +35,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from .config import EMBEDDED_HUB_ID, EMBEDDED_MODEL, SAMPLE_DATA, RunConfig, StudioError
 from .rules import hub_id as hub_id_of
+from .hosting import on_space
 from .runs import Run, RunError, RunState, finite_number, get_run, read_json
 
 try:  # huggingface_hub 2.x speaks HTTP through httpx2, 1.x through httpx
@@ -112,7 +113,7 @@ def resolve_token(token: str | None = None) -> str:
     Running as a Hugging Face Space (SPACE_ID is set), only a token passed in counts: HF_TOKEN there is the Space
     owner's secret, and a visitor must never publish with it.
     """
-    if os.environ.get("SPACE_ID"):
+    if on_space():
         if token and token.strip():
             return token.strip()
         raise PublishError("Sign in with the Hugging Face button first: on a Space, publishing uses your own "

@@ -8,6 +8,7 @@ from typing import Any
 
 import gradio as gr
 
+from ..hosting import on_space
 from . import chat_tab, evaluate_tab, publish_tab, runs_tab, train_tab
 
 TITLE = "DenseLoRA Studio"
@@ -24,7 +25,7 @@ def build_app() -> gr.Blocks:
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\nFine-tune a language model with **DenseLoRA**: about 30x fewer trainable "
                     "parameters than LoRA at the same rank.")
-        if os.environ.get("SPACE_ID"):
+        if on_space():
             space_notice()
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Train", id="train", elem_id="tab-train"):

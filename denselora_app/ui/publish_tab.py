@@ -19,6 +19,7 @@ import gradio as gr
 
 from .. import publish
 from ..config import ConfigError
+from ..hosting import on_space
 from ..publish import PublishError, RepoFolder
 from ..runs import list_runs
 
@@ -29,10 +30,6 @@ _FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.S)
 
 def _warn(message: Any) -> str:
     return f"⚠️ {message}"
-
-
-def on_space() -> bool:
-    return bool(os.environ.get("SPACE_ID"))
 
 
 def publishable_runs() -> list[str]:
