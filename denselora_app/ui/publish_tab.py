@@ -8,7 +8,6 @@ on disk, or in anything shown.
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 from dataclasses import dataclass
