@@ -5,13 +5,19 @@ Serves on http://127.0.0.1:7860 unless GRADIO_SERVER_NAME / GRADIO_SERVER_PORT s
 
 import logging
 
+from denselora_app.hosting import on_zerogpu
 from denselora_app.ui import CSS, build_app
+
+# gradio lets one event wait in the queue on ZeroGPU unless told otherwise (made for one-button demos); the studio's
+# pages poll (the live view's timer) and several visitors use it at once, so more must be able to wait. GPU calls
+# still go one at a time (the chat engine's queue).
+ZEROGPU_QUEUE_SIZE = 64
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks would log every request
-    build_app().queue().launch(css=CSS)
+    build_app().queue(max_size=ZEROGPU_QUEUE_SIZE if on_zerogpu() else None).launch(css=CSS)
 
 
 if __name__ == "__main__":

@@ -226,16 +226,19 @@ def question_batches(tokenizer: Tokenizer, kb: KnowledgeBase, batch_size: int,
 
 
 def train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float,
-          device: torch.device, desc: str) -> float:
-    """AdamW with linear warm-up (first 10%) and linear decay; returns the mean loss of the last 10% of steps."""
+          device: torch.device, desc: str, groups: Optional[list[dict[str, Any]]] = None,
+          warmup_fraction: float = 0.1, losses: Optional[list[float]] = None) -> float:
+    """AdamW with linear warm-up (first ``warmup_fraction`` of the steps) and linear decay; returns the mean loss of
+    the last 10% of steps. ``groups``: optimizer parameter groups (their own "lr" scales with the schedule);
+    ``losses``: a list that receives every step's loss."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 10)
+    optimizer = torch.optim.AdamW(groups or params, lr=lr, weight_decay=0.0)
+    warmup = max(1, int(steps * warmup_fraction))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
     )
     model.train()
-    losses = []
+    losses = [] if losses is None else losses
     for _ in tqdm(range(steps), desc=desc, leave=False):
         batch = {k: v.to(device) for k, v in next(batches).items()}
         loss = model(**batch).loss

@@ -561,8 +561,17 @@ class ChatEngine:
     # ---- generating
 
     def stop(self) -> None:
-        """End the generation in progress (and a compare's second answer) after the current token."""
+        """End the generation in progress (and a compare's second answer) after the current token, unless it was
+        given a stop signal of its own (``stop=`` of ``stream_reply``/``stream_compare``): only that one ends it."""
         self._stop.set()
+
+    def _signal(self, stop: threading.Event | None) -> threading.Event:
+        """What ends this generation: the caller's own signal, else the engine's, cleared (an earlier ``stop()``
+        must not end a new answer). The caller holds the lock."""
+        if stop is not None:
+            return stop
+        self._stop.clear()
+        return self._stop
 
     @contextmanager
     def using(self, adapter: bool = True) -> Iterator[PeftModel]:
@@ -576,21 +585,24 @@ class ChatEngine:
         return nullcontext() if enabled else self._peft.disable_adapter()
 
     def stream_reply(self, message: str, history: Sequence[Mapping[str, Any]] | None = None,
-                     settings: GenerationSettings | None = None, *, use_adapter: bool = True) -> Iterator[str]:
+                     settings: GenerationSettings | None = None, *, use_adapter: bool = True,
+                     stop: threading.Event | None = None) -> Iterator[str]:
         """Yield the reply so far (the whole text each time, growing), from the adapter or (``use_adapter=False``)
-        the base model. ``stop()`` ends it after the current token."""
+        the base model. Setting ``stop`` (one caller's own signal, e.g. one visitor's) ends it after the current
+        token; without one, ``stop()`` does."""
         settings = settings or GenerationSettings()
         messages = build_messages(message, history, settings.system_prompt)
         with self.using(use_adapter):
-            self._stop.clear()
-            yield from self._stream(messages, settings, _seed(settings))
+            yield from self._stream(messages, settings, _seed(settings), self._signal(stop))
 
     def stream_compare(self, message: str, history: Sequence[Mapping[str, Any]] | None = None,
                        settings: GenerationSettings | None = None,
-                       base_history: Sequence[Mapping[str, Any]] | None = None) -> Iterator[tuple[str, str]]:
+                       base_history: Sequence[Mapping[str, Any]] | None = None,
+                       stop: threading.Event | None = None) -> Iterator[tuple[str, str]]:
         """Yield ``(base_text, adapter_text)`` as both grow: the base answers first (adapter disabled), then the
         adapter, with the same prompt, seed and settings. ``base_history`` (default: ``history``) lets the base
-        column keep its own past answers. ``stop()`` ends the current answer and skips the adapter's."""
+        column keep its own past answers. ``stop`` (or, without one, ``stop()``) ends the current answer and skips
+        the adapter's."""
         settings = settings or GenerationSettings()
         seed = _seed(settings)  # one seed for both, so sampling differences come from the adapter alone
         base_messages = build_messages(message, history if base_history is None else base_history,
@@ -598,14 +610,14 @@ class ChatEngine:
         messages = build_messages(message, history, settings.system_prompt)
         with self._lock:
             self._require()
-            self._stop.clear()
+            signal = self._signal(stop)
             base_text = ""
             with self._adapter_enabled(False):
-                for base_text in self._stream(base_messages, settings, seed):
+                for base_text in self._stream(base_messages, settings, seed, signal):
                     yield base_text, ""
-            if self._stop.is_set():
+            if signal.is_set():
                 return
-            for adapter_text in self._stream(messages, settings, seed):
+            for adapter_text in self._stream(messages, settings, seed, signal):
                 yield base_text, adapter_text
 
     def complete(self, messages: list[dict[str, str]], settings: GenerationSettings, *,
@@ -618,11 +630,13 @@ class ChatEngine:
             output = model.generate(**self._generate_kwargs(ids, settings, _seed(settings), criteria))
             return self._base.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
 
-    def _stream(self, messages: list[dict[str, str]], settings: GenerationSettings, seed: int) -> Iterator[str]:
-        """Generate in a thread and yield the text as it grows; the caller holds the lock."""
+    def _stream(self, messages: list[dict[str, str]], settings: GenerationSettings, seed: int,
+                stop: threading.Event) -> Iterator[str]:
+        """Generate in a thread and yield the text as it grows, until done or ``stop`` is set; the caller holds the
+        lock."""
         ids = self._encode(messages)
         halt = threading.Event()  # set when the consumer goes away (e.g. the UI cancels), so the thread ends too
-        criteria = _StopOn(ids.shape[1], self._stop, halt)
+        criteria = _StopOn(ids.shape[1], stop, halt)
         streamer = TextIteratorStreamer(self._base.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
 
@@ -646,7 +660,7 @@ class ChatEngine:
         finally:
             halt.set()
             thread.join()
-            self.last_stats = GenerationStats(criteria.generated, time.perf_counter() - started, self._stop.is_set())
+            self.last_stats = GenerationStats(criteria.generated, time.perf_counter() - started, stop.is_set())
         if failure:
             raise ChatError(f"Generation failed: {failure[0]}") from failure[0]
         if not yielded:  # an empty reply (the model ended at once) still reaches the UI

@@ -2,8 +2,14 @@
 
     train CONFIG.yaml [--set key=value ...] [--background] [--share-device]
                                                   train (foreground with a progress bar by default)
+    train CONFIG.yaml --on-jobs FLAVOR [--jobs-source REPO_OR_URL] [--jobs-repo NAMESPACE/NAME] [--jobs-timeout 4h]
+                                                  train on Hugging Face Jobs instead (`runs` follows it, `stop`
+                                                  cancels it)
+    find-lr CONFIG.yaml [--set key=value ...] [--rates a,b,c | --min A --max B --count N] [--steps N]
+            [--background]                        short trials at a spread of learning rates; prints the best
     runs                                          list runs with state, method, rank, trainable %, loss
-    stop RUN                                      graceful stop: checkpoint + adapter, state 'stopped'
+    stop RUN                                      graceful stop: checkpoint + adapter, state 'stopped' (a run on
+                                                  Hugging Face Jobs: its job is cancelled)
     resume RUN [--background] [--share-device]    continue a stopped or failed run from its last checkpoint
     delete RUN [--yes]                            delete a run that is not training (asks first)
     chat RUN_OR_ADAPTER --prompt TEXT [--compare] [...]   stream a reply (--compare: the base's, then the adapter's)
@@ -26,9 +32,11 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from typing import Any
 
 from .config import QUANTIZATIONS, RunConfig, StudioError
-from .runs import LOG_FORMAT, Run, RunError, delete_run, get_run, list_runs, request_stop
+from .rules import JOBS_DEFAULT_TIMEOUT, LR_SEARCH_COUNT, LR_SEARCH_RANGES, LR_SEARCH_STEPS
+from .runs import LOG_FORMAT, Run, RunError, RunKind, delete_run, format_rate, get_run, list_runs
 
 log = logging.getLogger("denselora_app")
 
@@ -63,14 +71,17 @@ def _setup_logging(log_file: Path | None = None, debug: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=handlers, force=True)
 
 
-def _launch(cfg: RunConfig, args: argparse.Namespace, background: bool) -> Run:
+def _launch(cfg: RunConfig, args: argparse.Namespace, background: bool, search: Any = None) -> Run:
     from .launch import launch
 
-    return launch(cfg, background=background, share_device=args.share_device, ignore_memory=args.ignore_memory_plan)
+    return launch(cfg, background=background, share_device=args.share_device, ignore_memory=args.ignore_memory_plan,
+                  search=search)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = RunConfig.from_yaml(args.config).with_overrides(args.set or [])
+    if args.on_jobs:
+        return _train_on_jobs(cfg, args)
     if args.background:
         run = _launch(cfg, args, background=True)
         print(f"Started run {run.id} in the background.\n  folder: {run.path}\n  follow: tail -f {run.log_path}\n"
@@ -79,6 +90,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not _distributed():
         return _foreground(_launch(cfg, args, background=False), args)
     return _foreground(_launch_on_all_ranks(cfg, args), args)
+
+
+def _train_on_jobs(cfg: RunConfig, args: argparse.Namespace) -> int:
+    """Submit the run to Hugging Face Jobs with the token of HF_TOKEN or the login; say how to follow it."""
+    from .jobs import JobsTarget
+    from .launch import launch
+
+    target = JobsTarget(flavor=args.on_jobs, source=args.jobs_source, repo_id=args.jobs_repo,
+                        timeout=args.jobs_timeout)
+    run = launch(cfg, jobs=target, ignore_memory=args.ignore_memory_plan)
+    job = run.job()
+    print(f"Submitted run {run.id} to Hugging Face Jobs ({job.flavor}).\n  job:     {job.url}\n"
+          f"  results: https://huggingface.co/{job.repo_id} (private)\n"
+          f"  follow:  python -m denselora_app runs   (reads the job's state, metrics and log into {run.path})\n"
+          f"  stop:    python -m denselora_app stop {run.id}   (cancels the job)")
+    return 0
 
 
 def _launch_on_all_ranks(cfg: RunConfig, args: argparse.Namespace) -> Run:
@@ -109,9 +136,12 @@ def _foreground(run: Run, args: argparse.Namespace, resume: bool = False) -> int
     _setup_logging(run.log_path, debug=args.debug)
     log.info("Run %s: %s", run.id, run.path)
     try:
-        state = execute(run, resume=resume, show_progress=True)
+        # A progress bar for a terminal; elsewhere (a log, a Hugging Face job) a readable line per logged step.
+        state = execute(run, resume=resume, show_progress=sys.stderr.isatty())
     except KeyboardInterrupt:
-        print(f"\nInterrupted. Resume with: python -m denselora_app resume {run.id}", file=sys.stderr)
+        again = ("Start a new search to try again." if run.kind is RunKind.LR_SEARCH
+                 else f"Resume with: python -m denselora_app resume {run.id}")
+        print(f"\nInterrupted. {again}", file=sys.stderr)
         return 130
     except Exception:  # noqa: BLE001  (execute logged the traceback to train.log and recorded the failure)
         status = run.status()
@@ -121,6 +151,9 @@ def _foreground(run: Run, args: argparse.Namespace, resume: bool = False) -> int
     status = run.status()
     if status.note:
         print(f"\n{status.note}")
+    if run.kind is RunKind.LR_SEARCH:
+        print(_search_report(run, args))
+        return 0
     if run.has_adapter():
         print(f"\nRun {run.id} {state}. Your adapter is in {run.adapter_dir}")
     else:
@@ -128,11 +161,61 @@ def _foreground(run: Run, args: argparse.Namespace, resume: bool = False) -> int
     return 0
 
 
+def cmd_find_lr(args: argparse.Namespace) -> int:
+    from .lr_finder import plan_search
+
+    if _distributed():
+        raise UserError("find-lr runs in one process: start it without torchrun or accelerate launch.")
+    cfg = RunConfig.from_yaml(args.config).with_overrides(args.set or [])
+    plan = plan_search(cfg, rates=_rates(args.rates), low=args.min, high=args.max, count=args.count,
+                       steps=args.steps)
+    run = _launch(cfg, args, background=args.background, search=plan)
+    if args.background:
+        print(f"Started learning-rate search {run.id} in the background: {len(plan.rates)} trials of {plan.steps} "
+              f"steps.\n  folder: {run.path}\n  follow: tail -f {run.log_path}\n"
+              f"  stop:   python -m denselora_app stop {run.id}\n  result: python -m denselora_app runs")
+        return 0
+    return _foreground(run, args)
+
+
+def _rates(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--rates takes numbers separated by commas, e.g. 1e-4,3e-4,1e-3; got {text!r}.") from None
+
+
+def _search_report(run: Run, args: argparse.Namespace) -> str:
+    """The trials' table, the chosen rate and the command that trains with it."""
+    search = run.lr_search()
+    lines = ["", f"{'RATE':>10} {'LOSS':>9}  DIVERGED"]
+    for trial in search.trials:
+        loss = f"{trial.final_loss:.4f}" if trial.final_loss is not None else "-"
+        diverged = f"yes: {trial.reason}" if trial.diverged else "no"
+        mark = "  <- chosen" if trial.lr == search.chosen else ""
+        lines.append(f"{format_rate(trial.lr):>10} {loss:>9}  {diverged}{mark}")
+    if search.chosen is None:
+        lines.append("\nNo rate was chosen.")
+        return "\n".join(lines)
+    sets = "".join(f" --set {assignment}" for assignment in args.set or []
+                   if assignment.partition("=")[0].strip() != "learning_rate")
+    lines += [f"\nChosen learning rate: {format_rate(search.chosen)} ({search.rule}).", "Train with it:",
+              f"  python -m denselora_app train {args.config}{sets} --set learning_rate={format_rate(search.chosen)}"]
+    return "\n".join(lines)
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     runs = list_runs()
     if not runs:
         print("No runs yet. Start one with: python -m denselora_app train presets/quickstart-cpu.yaml")
         return 0
+    from .jobs import refresh
+
+    for run in runs:  # runs on Hugging Face Jobs: what their jobs say now
+        if problem := refresh(run, every=0):
+            print(f"warning: {problem}", file=sys.stderr)
     print(f"{'RUN':40} {'STATE':10} {'METHOD':9} {'R':>4} {'TRAIN%':>8} {'STEP':>11} {'LOSS':>8} {'VAL':>8}")
     for run in runs:
         print(_run_line(run))
@@ -151,11 +234,18 @@ def _run_line(run: Run) -> str:
     line = f"{run.id:40} {str(facts.state):10} {cfg.method:9} {cfg.r:>4} {percent:>8} {step:>11} {loss:>8} {val:>8}"
     if status.error_kind == "never started":
         line += "  (never started: delete it)"
+    if facts.job is not None:
+        line += f"  (on Jobs: {facts.job.flavor}, {facts.job.url})"
+    if facts.kind is RunKind.LR_SEARCH:
+        chosen = run.lr_search().chosen
+        line += f"  (learning-rate search{f': best rate {format_rate(chosen)}' if chosen is not None else ''})"
     return line
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    print(request_stop(get_run(args.run)))
+    from .launch import stop_run
+
+    print(stop_run(get_run(args.run)))
     return 0
 
 
@@ -304,7 +394,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background", action="store_true", help="start a worker process and return")
     p.add_argument("--share-device", **share_device)
     p.add_argument("--ignore-memory-plan", **ignore_memory)
+    p.add_argument("--on-jobs", metavar="FLAVOR", help="train on Hugging Face Jobs on this GPU flavor (e.g. l4x1, "
+                                                        "a100-large); uses HF_TOKEN or your `hf auth login`")
+    p.add_argument("--jobs-source", metavar="REPO_OR_URL", help="where the job installs DenseLoRA Studio from: a Hub "
+                                                                "repository holding it (OWNER/SPACE) or a git URL")
+    p.add_argument("--jobs-repo", metavar="NAMESPACE/NAME", help="the private repository the job uploads the run to "
+                                                                 "(default: YOUR_NAME/RUN_ID)")
+    p.add_argument("--jobs-timeout", metavar="DURATION", default=JOBS_DEFAULT_TIMEOUT,
+                   help=f"the job's time limit, e.g. 90m or 6h (default: {JOBS_DEFAULT_TIMEOUT}); Jobs ends it there")
     p.set_defaults(func=cmd_train)
+
+    p = command("find-lr", help="find a learning rate: short trials at a spread of rates, on a slice of the data",
+                description="Each trial trains the config's adapter from the same start for --steps steps at one "
+                            "rate; the rate with the lowest loss at the end (diverged trials excluded) is chosen. "
+                            f"Default rates: {LR_SEARCH_COUNT} log-spaced, "
+                            + ", ".join(f"{low:g}..{high:g} for {method}"
+                                        for method, (low, high) in LR_SEARCH_RANGES.items()) + ".")
+    p.add_argument("config", type=Path)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--rates", metavar="A,B,C", help="the rates to try, e.g. 1e-4,3e-4,1e-3")
+    p.add_argument("--min", type=float, metavar="RATE", help="the lowest rate of a log-spaced range")
+    p.add_argument("--max", type=float, metavar="RATE", help="the highest rate of a log-spaced range")
+    p.add_argument("--count", type=int, metavar="N", help="how many rates in the range")
+    p.add_argument("--steps", type=int, metavar="N", help=f"optimizer steps per trial (default {LR_SEARCH_STEPS})")
+    p.add_argument("--background", action="store_true", help="start a worker process and return")
+    p.add_argument("--share-device", **share_device)
+    p.add_argument("--ignore-memory-plan", **ignore_memory)
+    p.set_defaults(func=cmd_find_lr)
 
     p = command("runs", help="list runs")
     p.set_defaults(func=cmd_runs)

@@ -21,6 +21,7 @@ PAPER_TARGETS = list(rules.PAPER_TARGETS)
 # The choices of the fields below, as the Train tab lists them (rules.py holds the values).
 METHODS = rules.METHODS
 ACTIVATIONS = rules.ACTIVATIONS
+DROPOUT_PLACEMENTS = rules.DROPOUT_PLACEMENTS
 SCHEDULERS = rules.SCHEDULERS
 DATA_FORMATS = ("auto", *rules.DATA_FORMATS)
 DTYPES = ("auto", *rules.DTYPES)
@@ -55,7 +56,11 @@ class RunConfig:
     method: str = _field("denselora", "Adapter method: 'denselora' or 'lora' (PEFT's LoRA, the baseline).", choices=METHODS)
     r: int = _field(16, "Rank.", min=1)
     alpha: float = _field(32.0, "Scaling numerator: updates are scaled by alpha / r.", min_exclusive=0)
-    dropout: float = _field(0.05, "Dropout on the adapter input.", min=0, max_exclusive=1)
+    dropout: float = _field(0.05, "Dropout probability on the adapter input (see dropout_placement).", min=0,
+                            max_exclusive=1)
+    dropout_placement: str = _field(
+        "input", "DenseLoRA: where dropout applies: 'input' (the adapter's input, like LoRA) or 'all' (also after "
+                 "each activation, as the authors' released code does).", choices=DROPOUT_PLACEMENTS)
     target_modules: list[str] = _field(PAPER_TARGETS, "Linear layer names to adapt (name suffixes, e.g. q_proj).")
     activation: str = _field("gelu", "DenseLoRA nonlinearity (ablations: silu, identity).", choices=ACTIVATIONS)
     # --- optimisation

@@ -793,15 +793,17 @@ def prepare_data(
     seed: int = 42,
     batch_size: int | None = None,
     grad_accum: int = 1,
+    limit: int | None = None,
 ) -> PreparedData:
-    """Read, render, tokenize and split a dataset; the input is only read, never written.
+    """Read, render, tokenize and split a dataset (its first ``limit`` rows, when given); the input is only read,
+    never written.
 
     ``val_size``: 0 for no validation set, an int >= 1 for that many rows, a float in (0, 1) for a fraction of the
     usable rows; the rows are drawn with ``seed``. Raises DataError when nothing is usable or the split is impossible.
     With ``batch_size`` (rows per forward pass) the report also gives the tokens an optimizer step of ``batch_size``
     x ``grad_accum`` training rows processes, padded and packed (``padding_per_step``).
     """
-    processed = _process(source, tokenizer, fmt, cutoff_len, train_on_inputs)
+    processed = _process(source, tokenizer, fmt, cutoff_len, train_on_inputs, limit)
     examples, report = processed.examples, processed.report
     count = _validation_count(val_size, len(examples))
     val_indices = set(random.Random(seed).sample(range(len(examples)), count))

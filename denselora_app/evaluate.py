@@ -375,12 +375,14 @@ class EvalTable:
         return "\n".join(lines)
 
 
-def save_result(run: Run, adapter: EvalResult, base: EvalResult) -> None:
-    """Merge both results into the run's eval.json (atomically), replacing older ones with the same key."""
+def save_result(run: Run, adapter: EvalResult, base: EvalResult | None) -> None:
+    """Merge the results into the run's eval.json (atomically), replacing older ones with the same key."""
     saved = run.evaluation()
-    merged = {}
+    merged = dict(saved)
     for key, result, identity in (("results", adapter, ("dataset", "mode", "checkpoint")),
                                   ("base", base, ("dataset", "mode", "base_model"))):
+        if result is None:
+            continue
         new = result.to_json()
         merged[key] = [r for r in saved[key] if any(r.get(k) != new[k] for k in identity)] + [new]
     write_json_atomic(run.path / EVAL_FILE, merged)
@@ -396,6 +398,7 @@ def evaluate(
     strict: bool = False,
     engine: ChatEngine | None = None,
     reuse_base: bool = True,
+    with_base: bool = True,
     save: bool = True,
     cutoff_len: int = 512,
     batch_size: int = 4,
@@ -406,7 +409,8 @@ def evaluate(
     ``loss_data`` for loss and perplexity when given; ``limit`` keeps the first N questions and examples.
 
     A base model is loaded once per distinct base and its result computed once (or taken from a run's eval.json
-    when ``reuse_base`` and the same data, mode and limit were scored before). Results of adapters that belong to
+    when ``reuse_base`` and the same data, mode and limit were scored before); ``with_base=False`` scores the
+    adapters only (benchmarks that score many adapters of one base). Results of adapters that belong to
     runs are saved to the run's eval.json when ``save``.
     """
     if mode not in MODES:
@@ -433,7 +437,7 @@ def evaluate(
                       loss_dataset=held_out and held_out.name, loss_dataset_sha=held_out and held_out.sha,
                       limit=limit, strict=strict)
         options = dict(mode=mode, strict=strict, cutoff_len=cutoff_len, batch_size=batch_size, progress=progress)
-        if ref.base_model not in bases:
+        if with_base and ref.base_model not in bases:
             cached = _cached_base(ref, common) if reuse_base else None
             bases[ref.base_model] = cached or EvalResult(
                 model="base", trainable_percent=None, **common,
@@ -444,7 +448,7 @@ def evaluate(
             **_score(engine, dataset.questions, held_out, use_adapter=True, label=ref.label, **options))
         results.append(adapter)
         if save and ref.run is not None:
-            save_result(ref.run, adapter, bases[ref.base_model])
+            save_result(ref.run, adapter, bases.get(ref.base_model))
     return EvalTable(dataset.name, mode, results)
 
 
@@ -455,3 +459,29 @@ def _cached_base(ref: AdapterRef, common: dict[str, Any]) -> EvalResult | None:
         if all(saved.get(k) == v for k, v in common.items()):
             return EvalResult.from_json(saved)
     return None
+
+
+def gpu_steps(adapters: int, data: str | Path | None = None, *, loss_data: str | Path | None = None,
+              mode: str = "generate", limit: int | None = None) -> int:
+    """At most how many forward passes evaluating ``adapters`` adapters makes, to size a GPU lent per call
+    (ZeroGPU): per model scored (each adapter, and at most as many bases), GENERATE_TOKENS per question in generate
+    mode, one per question in loglik mode and one per held-out example. Data that cannot be read counts nothing:
+    the evaluation itself then says what is wrong with it."""
+    def examples(source: str | Path) -> int:
+        try:
+            rows = len(read_source(str(source)).rows)
+        except DataError:
+            return 0
+        return min(rows, limit) if limit else rows
+
+    try:
+        dataset = load_eval_data(data, limit)
+    except EvalError:
+        return 0
+    if dataset.questions is None:
+        per_model = examples(dataset.source)
+    else:
+        per_model = len(dataset.questions) * (GENERATE_TOKENS if mode == "generate" else 1)
+    if loss_data is not None:
+        per_model += examples(loss_data)
+    return 2 * adapters * per_model

@@ -2,8 +2,11 @@
 app, and any later one) starts training.
 
     launch(cfg)            check everything that can be checked before training, then create the run folder and
-                           start its worker (or, with background=False, hand the run back to train in this process)
+                           start its worker (or, with background=False, hand the run back to train in this process);
+                           with ``search``, the run is a learning-rate search (lr_finder.py) instead; with
+                           ``jobs``, it trains on Hugging Face Jobs (jobs.py), checked against the flavor's GPU
     resume_run(run)        the same checks for a stopped or failed run, then continue it from its last checkpoint
+    stop_run(run)          stop it: a graceful stop here, or cancel its job on Hugging Face Jobs
 
 The checks read the model's configuration (no weights: the model is built on the meta device), the adapter's
 targets and rank against it, the memory the run needs against the device's free memory (``memory.py``), the first
@@ -19,21 +22,27 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
 from .config import RunConfig, StudioError
+from .hosting import on_zerogpu
 from .runs import (
+    LrSearch,
     Run,
     RunState,
     check_resumable,
     create_run,
     process_start_time,
+    request_stop,
     run_holding,
     runs_dir,
     start_worker,
 )
+
+if TYPE_CHECKING:
+    from .jobs import JobsTarget
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,15 @@ class Preflight:
     memory: Any = None  # memory.MemoryPlan, for the device above
 
 
+ZEROGPU_TRAINING = (
+    "this Space runs on ZeroGPU, which lends a GPU only to short calls the app makes for chat and evaluation (a few "
+    "minutes at most). A training run is a process of its own that runs until it is done, so it would get no GPU "
+    "here. To train, give the Space GPU hardware (Settings -> Hardware; or duplicate the Space and choose GPU "
+    "hardware for the copy), or train on Hugging Face Jobs: python -m denselora_app train CONFIG --on-jobs FLAVOR "
+    "(README: Training on Hugging Face Jobs)."
+)
+
+
 def run_device(device: str) -> str:
     """The device a setting means on this machine ('auto' -> 'cuda:0', 'mps' or 'cpu'; 'cuda' -> 'cuda:N'): the
     one name runs are compared by, so two settings that mean one device can never train on it together."""
@@ -76,9 +94,11 @@ def preflight(
     load_config: Callable[[str, bool], Any] | None = None,
     load_tokenizer: Callable[[str, bool], Any] | None = None,
     ignore_memory: bool = False,
+    flavor: str | None = None,
 ) -> Preflight:
     """Every check that can be made before a run exists; LaunchError on the first problem. ``ignore_memory``
-    starts a run the memory planner says will not fit (the plan is still made and logged).
+    starts a run the memory planner says will not fit (the plan is still made and logged). With ``flavor`` the run
+    is to train on Hugging Face Jobs: the device and memory checked are that flavor's GPU (jobs.remote_device).
 
     ``load_config`` / ``load_tokenizer`` (spec, trust_remote_code) default to the models module's loaders; the
     app passes its cached ones, so a launch right after a preview reads nothing twice.
@@ -88,11 +108,22 @@ def preflight(
     from .memory import plan_memory
     from .methods import AdapterError, check_adapter
 
-    device = run_device(cfg.device)
-    try:
-        models.resolve_dtype(cfg.dtype, models.resolve_device(device))
-    except ValueError as err:
-        raise LaunchError("dtype", str(err)) from None
+    free: int | str = "read"
+    if flavor is not None:
+        from .jobs import JobsError, remote_device
+
+        try:
+            device, free = remote_device(cfg, flavor)
+        except JobsError as err:
+            raise LaunchError("Hugging Face Jobs", str(err)) from None
+    else:
+        if on_zerogpu():
+            raise LaunchError("hardware", ZEROGPU_TRAINING)
+        device = run_device(cfg.device)
+        try:
+            models.resolve_dtype(cfg.dtype, models.resolve_device(device))
+        except ValueError as err:
+            raise LaunchError("dtype", str(err)) from None
     load_config = load_config or (lambda spec, trust: models.load_config(spec, trust_remote_code=trust))
     load_tokenizer = load_tokenizer or (lambda spec, trust: models.load_tokenizer(spec, trust_remote_code=trust))
     try:
@@ -105,10 +136,11 @@ def preflight(
     except Exception as err:  # noqa: BLE001  (an architecture transformers cannot build from its config)
         raise LaunchError("model", f"{cfg.model!r} cannot be built from its configuration ({type(err).__name__}: "
                                    f"{err}). Choose a causal language model that transformers supports.") from None
-    memory = plan_memory(model_config, cfg, parameters, device)
+    memory = plan_memory(model_config, cfg, parameters, device, free=free)
     if not memory.fits:
         if not ignore_memory:
-            raise LaunchError("memory", f"{memory.refusal()} If you know it fits, start anyway with "
+            where = f"On Hugging Face Jobs' {flavor} (its GPU's memory), " if flavor else ""
+            raise LaunchError("memory", f"{where}{memory.refusal()} If you know it fits, start anyway with "
                                         "--ignore-memory-plan.")
         log.warning("Starting although the memory plan does not fit: %s", memory.summary())
     try:
@@ -155,17 +187,30 @@ def launch(
     share_device: bool = False,
     root: Path | None = None,
     checked: Preflight | None = None,
+    search: LrSearch | None = None,
+    jobs: JobsTarget | None = None,
+    token: str | None = None,
     **checks: Any,
 ) -> Run:
     """Check ``cfg`` (unless ``checked`` holds this config's preflight), claim its device, create its run folder
     and, with ``background``, start its worker. Without ``background`` the caller trains the returned run itself
-    (``worker.execute``). Raises LaunchError, having created nothing, when the run must not start."""
+    (``worker.execute``). Raises LaunchError, having created nothing, when the run must not start.
+
+    With ``jobs`` (a jobs.JobsTarget) the run trains on Hugging Face Jobs instead: checked against the flavor's GPU,
+    submitted with ``token`` (publish.resolve_token decides which), and no device here is claimed."""
+    if jobs is not None:
+        from .jobs import submit
+
+        checked = checked or preflight(cfg, flavor=jobs.flavor, **checks)
+        run = submit(cfg, jobs, token=token, root=root)
+        log.info("Run %s on Hugging Face Jobs (%s): %s", run.id, jobs.flavor, checked.parameters.summary(cfg.method))
+        return run
     checked = checked or preflight(cfg, **checks)
     root = root or runs_dir()
     try:
         with _device_lock(root):
             _claim(checked.device, root, share_device)
-            run = create_run(cfg, root, device=checked.device)
+            run = create_run(cfg, root, device=checked.device, search=search)
     except OSError as err:
         raise LaunchError("runs folder", f"cannot write in {root}: {err.strerror or err}. Set DENSELORA_RUNS to a "
                                          "writable folder.") from None
@@ -192,3 +237,12 @@ def resume_run(run: Run, *, background: bool = True, share_device: bool = False,
         start_worker(run, resume=True)
     return run
 
+
+def stop_run(run: Run, *, token: str | None = None) -> str:
+    """Stop a run: its worker stops gracefully (runs.request_stop), or its job on Hugging Face Jobs is cancelled
+    (with ``token``). Returns what the user should expect; RunError or JobsError when it cannot."""
+    if run.job() is not None:
+        from .jobs import cancel
+
+        return cancel(run, token)
+    return request_stop(run)

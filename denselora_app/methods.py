@@ -30,7 +30,7 @@ def build_peft_config(cfg: RunConfig, method: str | None = None) -> PeftConfig:
         task_type="CAUSAL_LM",
     )
     if method == "denselora":
-        return DenseLoraConfig(activation=cfg.activation, **common)
+        return DenseLoraConfig(activation=cfg.activation, dropout_placement=cfg.dropout_placement, **common)
     if method == "lora":
         return LoraConfig(**common)
     raise ValueError(f"Unknown method '{method}': use 'denselora' or 'lora'.")

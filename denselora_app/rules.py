@@ -1,7 +1,8 @@
 """The studio's shared rules, each decided here once and nowhere else (no torch import: the CLI and the app's first
 page read them cheaply):
 
-* the allowed values of every choice a user makes (methods, activations, data formats and file types, dtypes, ...);
+* the allowed values of every choice a user makes (methods, activations, data formats and file types, dtypes,
+  Hugging Face Jobs flavors with their GPUs, ...);
 * whether a name is a local path or a Hugging Face Hub id (models, datasets, adapters);
 * what to do when the Hub does not answer (use the local Hugging Face cache, or say why not, at once).
 
@@ -15,9 +16,10 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from huggingface_hub import constants as hub_constants
-from huggingface_hub import get_session, snapshot_download
+from huggingface_hub import JobHardware, get_session, snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("denselora", "lora")
 ACTIVATIONS: tuple[str, ...] = ("gelu", "silu", "identity")
+DROPOUT_PLACEMENTS: tuple[str, ...] = ("input", "all")  # DenseLoRA: input only, or also after each activation
 SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant", "constant_with_warmup")
 DATA_FORMATS: tuple[str, ...] = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")  # row layouts
 DATA_FILE_TYPES: tuple[str, ...] = (".jsonl", ".json", ".csv", ".parquet", ".txt")  # what data.py reads
@@ -36,6 +39,53 @@ DEVICE_KINDS: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")  # and "cuda:N"
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # The paper adapts these five projections of every decoder layer.
 PAPER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+# The learning-rate finder's defaults (lr_finder.py): per method, log-spaced rates from a decade below to a decade
+# above the rates measured to train the embedded model well (DenseLoRA learned the sample facts at 1e-3 and 3e-3,
+# LoRA at 3e-4 and 1e-3); 5 trials of 15 steps take about as long as the CPU quickstart trains.
+LR_SEARCH_RANGES: dict[str, tuple[float, float]] = {"denselora": (3e-4, 3e-2), "lora": (3e-5, 3e-3)}
+LR_SEARCH_COUNT = 5
+LR_SEARCH_STEPS = 15
+
+
+class JobsGpu(NamedTuple):
+    """The GPUs of a Hugging Face Jobs flavor: their model, how many, and each one's memory (GB, as the Hub lists
+    them)."""
+
+    model: str
+    count: int
+    memory_gb: int
+
+
+# The GPU flavors Hugging Face Jobs offers, by huggingface_hub's JobHardware names. A run is planned against one
+# GPU's memory: on a flavor with several, each GPU trains a data-parallel copy of the whole run.
+JOBS_GPU_FLAVORS: dict[str, JobsGpu] = {
+    JobHardware.T4_SMALL.value: JobsGpu("T4", 1, 16),
+    JobHardware.T4_MEDIUM.value: JobsGpu("T4", 1, 16),
+    JobHardware.L4X1.value: JobsGpu("L4", 1, 24),
+    JobHardware.L4X4.value: JobsGpu("L4", 4, 24),
+    JobHardware.A10G_SMALL.value: JobsGpu("A10G", 1, 24),
+    JobHardware.A10G_LARGE.value: JobsGpu("A10G", 1, 24),
+    JobHardware.A10G_LARGEX2.value: JobsGpu("A10G", 2, 24),
+    JobHardware.A10G_LARGEX4.value: JobsGpu("A10G", 4, 24),
+    JobHardware.L40SX1.value: JobsGpu("L40S", 1, 48),
+    JobHardware.L40SX4.value: JobsGpu("L40S", 4, 48),
+    JobHardware.L40SX8.value: JobsGpu("L40S", 8, 48),
+    JobHardware.A100_LARGE.value: JobsGpu("A100", 1, 80),
+    JobHardware.A100X4.value: JobsGpu("A100", 4, 80),
+    JobHardware.A100X8.value: JobsGpu("A100", 8, 80),
+    JobHardware.RTX_PRO_6000.value: JobsGpu("RTX PRO 6000", 1, 96),
+    JobHardware.RTX_PRO_6000X2.value: JobsGpu("RTX PRO 6000", 2, 96),
+    JobHardware.RTX_PRO_6000X4.value: JobsGpu("RTX PRO 6000", 4, 96),
+    JobHardware.RTX_PRO_6000X8.value: JobsGpu("RTX PRO 6000", 8, 96),
+    JobHardware.H200.value: JobsGpu("H200", 1, 141),
+    JobHardware.H200X2.value: JobsGpu("H200", 2, 141),
+    JobHardware.H200X4.value: JobsGpu("H200", 4, 141),
+    JobHardware.H200X8.value: JobsGpu("H200", 8, 141),
+}
+JOBS_DEFAULT_FLAVOR = JobHardware.L4X1.value  # 24 GB with bfloat16, among the cheapest GPUs
+# The longest a job may run before Jobs ends it (Jobs' own default is 30 minutes: too short to train). A signed-in
+# Space visitor's token must outlive it, or the job cannot upload its results at the end.
+JOBS_DEFAULT_TIMEOUT = "4h"
 
 # ---- path or Hub id ------------------------------------------------------------------------------------------------
 

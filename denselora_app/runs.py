@@ -10,6 +10,10 @@
         adapter/         the final adapter (PEFT format)
         summary.json     RunFacts at the end of training, for tools outside the studio
         eval.json        evaluation results (written by evaluate.py)
+        lr_search.json   only in a learning-rate search (lr_finder.py): the rates, its finished trials, the chosen
+                         rate; such a run trains no adapter and keeps no checkpoints
+        PUBLIC           present when the owner made the run public on a Space (visitors see it, chat with it)
+        job.json         a JobRecord, for a run that trains on Hugging Face Jobs (jobs.py keeps the rest in step)
 
 This module is the only reader of that folder: everything else asks a ``Run`` for its ``status()``, ``facts()``,
 ``checkpoints()`` or ``evaluation()``. Reading is tolerant and never writes: a damaged file makes that one run
@@ -44,7 +48,10 @@ from .config import ConfigError, RunConfig, StudioError
 log = logging.getLogger(__name__)
 
 STOP_FILE = "STOP"
+PUBLIC_FILE = "PUBLIC"
 EVAL_FILE = "eval.json"
+JOB_FILE = "job.json"
+LR_SEARCH_FILE = "lr_search.json"
 CHECKPOINT_MARKER = "denselora_checkpoint.json"  # written last into a checkpoint: it lists the files and sizes
 ADAPTER_CONFIG = "adapter_config.json"
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -150,6 +157,74 @@ def _typed(value: Any, annotation: str) -> Any:
     return value
 
 
+class RunKind(str, enum.Enum):
+    TRAINING = "training"  # trains one adapter
+    LR_SEARCH = "lr search"  # short trials at a spread of learning rates (lr_finder.py); saves no adapter
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def format_rate(rate: float) -> str:
+    """A learning rate as the CLI and the app show it, and as ``--set learning_rate=`` takes it back: 0.003, 3e-05."""
+    return f"{rate:g}"
+
+
+@dataclass
+class LrTrial:
+    """One finished trial of a learning-rate search: its rate trained for the search's steps, or until it diverged."""
+
+    lr: float
+    losses: list[float | None]  # per step; None where the loss was not a finite number
+    final_loss: float | None  # what trials are compared by (lr_finder.trial_loss); None when not a number
+    diverged: bool = False
+    reason: str | None = None  # why it counts as diverged
+
+    @classmethod
+    def from_json(cls, data: Any) -> LrTrial | None:
+        if not isinstance(data, dict) or not finite_number(data.get("lr")) or not isinstance(data.get("losses"), list):
+            return None
+        return cls(lr=float(data["lr"]), losses=[float(x) if finite_number(x) else None for x in data["losses"]],
+                   final_loss=float(data["final_loss"]) if finite_number(data.get("final_loss")) else None,
+                   diverged=data.get("diverged") is True,
+                   reason=data["reason"] if isinstance(data.get("reason"), str) else None)
+
+
+@dataclass
+class LrSearch:
+    """lr_search.json: the rates a search tries and its steps per trial (written when the run is created), the trials
+    finished so far and the rate chosen from them by ``rule`` (both written by the worker after each trial)."""
+
+    rates: list[float]
+    steps: int
+    trials: list[LrTrial] = field(default_factory=list)
+    chosen: float | None = None
+    rule: str = ""  # how ``chosen`` was picked, in words (lr_finder.RULE)
+    problem: str | None = field(default=None, metadata={"derived": True})  # why the file cannot be used
+
+    @property
+    def chosen_trial(self) -> LrTrial | None:
+        return next((t for t in self.trials if t.lr == self.chosen), None)
+
+    @classmethod
+    def from_json(cls, data: Any) -> LrSearch:
+        """The search lr_search.json describes; one whose plan is unreadable carries the ``problem``."""
+        rates = data.get("rates") if isinstance(data, dict) else None
+        steps = data.get("steps") if isinstance(data, dict) else None
+        if (not isinstance(rates, list) or not rates or not all(finite_number(r) and r > 0 for r in rates)
+                or not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            return cls(rates=[], steps=0, problem=f"{LR_SEARCH_FILE} has no valid rates and steps")
+        trials = [t for t in map(LrTrial.from_json, data.get("trials") or []) if t is not None]
+        chosen = data.get("chosen")
+        return cls(rates=[float(r) for r in rates], steps=steps, trials=trials,
+                   chosen=float(chosen) if finite_number(chosen) else None,
+                   rule=data["rule"] if isinstance(data.get("rule"), str) else "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rates": self.rates, "steps": self.steps, "trials": [dataclasses.asdict(t) for t in self.trials],
+                "chosen": self.chosen, "rule": self.rule}
+
+
 def runs_dir() -> Path:
     """Where runs live: $DENSELORA_RUNS, else ./runs."""
     return Path(os.environ.get("DENSELORA_RUNS", "runs")).resolve()
@@ -221,6 +296,33 @@ def _checkpoint_step(folder: Path) -> int | None:
 # ---- one run ---------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class JobRecord:
+    """The Hugging Face Jobs job a run trains in (job.json, written once when the job is submitted). There is no
+    local training process: jobs.py writes the run's status, metrics and log from the job's."""
+
+    job_id: str
+    namespace: str  # the account the job runs under
+    flavor: str  # rules.JOBS_GPU_FLAVORS
+    url: str  # the job's page on the Hub
+    repo_id: str  # the private model repository the job uploads the run's files to
+    source: str  # where the job installed the studio from
+    submitted_at: float | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> JobRecord | None:
+        """The record in job.json's content, or None when it is not one."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "submitted_at"]
+        if not isinstance(data, dict) or not all(isinstance(data.get(name), str) and data[name] for name in names):
+            return None
+        submitted = data.get("submitted_at")
+        return cls(**{name: data[name] for name in names},
+                   submitted_at=float(submitted) if finite_number(submitted) else None)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class RunFacts:
     """What a run is and what it produced, computed once here for the CLI, the app, publishing and summary.json."""
@@ -237,6 +339,8 @@ class RunFacts:
     checkpoints: list[int]  # steps of the complete checkpoints
     has_adapter: bool
     duration_seconds: float | None
+    kind: RunKind = RunKind.TRAINING
+    job: JobRecord | None = None  # the Hugging Face Jobs job it trains in; None for a run on this machine
 
     @property
     def state(self) -> RunState:
@@ -283,6 +387,19 @@ class Run:
     def has_adapter(self) -> bool:
         return (self.adapter_dir / ADAPTER_CONFIG).is_file()
 
+    @property
+    def kind(self) -> RunKind:
+        return RunKind.LR_SEARCH if (self.path / LR_SEARCH_FILE).exists() else RunKind.TRAINING
+
+    def lr_search(self) -> LrSearch | None:
+        """A learning-rate search's plan and results (None for a training run)."""
+        if self.kind is not RunKind.LR_SEARCH:
+            return None
+        return LrSearch.from_json(read_json(self.path / LR_SEARCH_FILE))
+
+    def write_lr_search(self, search: LrSearch) -> None:
+        write_json_atomic(self.path / LR_SEARCH_FILE, search.to_json())
+
     def config(self) -> RunConfig:
         return RunConfig.from_yaml(self.path / "config.yaml")
 
@@ -305,6 +422,10 @@ class Run:
         """The status as a reader should see it: a training process that died is a failure (explained from its
         log), a run whose start never happened is one too. Never writes."""
         status = self.raw_status()
+        if (self.path / JOB_FILE).exists():  # no local process to check: jobs.sync writes what the job reports
+            if self.job() is None and status.state is not RunState.DAMAGED:
+                return dataclasses.replace(status, state=RunState.DAMAGED, problem="job.json is not a job record")
+            return status
         if status.state is RunState.RUNNING or (status.state is RunState.QUEUED and status.pid):
             if not _alive(status.pid, status.pid_started):
                 failure = classify_failure(self.log_tail(200))
@@ -331,6 +452,14 @@ class Run:
         write_json_atomic(self.path / "status.json", values)
         return Status.from_json(values)
 
+    # ---- on Hugging Face Jobs
+    def job(self) -> JobRecord | None:
+        """The Jobs job this run trains in, or None (a run on this machine, or a damaged job.json)."""
+        return JobRecord.from_json(read_json(self.path / JOB_FILE))
+
+    def record_job(self, record: JobRecord) -> None:
+        write_json_atomic(self.path / JOB_FILE, record.to_json())
+
     # ---- metrics and logs
     def metrics(self) -> list[dict[str, Any]]:
         """The logged rows, oldest first; a line that is not a JSON object with a step is skipped."""
@@ -355,7 +484,10 @@ class Run:
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop lines logged after a checkpoint, before resuming from it, so the curve continues without repeats."""
-        rows = [r for r in self.metrics() if r["step"] <= after_step]
+        self.replace_metrics([r for r in self.metrics() if r["step"] <= after_step])
+
+    def replace_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Write metrics.jsonl anew with ``rows`` (atomically)."""
         tmp = self.path / ".metrics.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         os.replace(tmp, self.path / "metrics.jsonl")
@@ -416,6 +548,18 @@ class Run:
     def stop_requested(self) -> bool:
         return (self.path / STOP_FILE).exists()
 
+    # ---- who may see it on a Space (access.py decides what the mark allows)
+    def is_public(self) -> bool:
+        return (self.path / PUBLIC_FILE).is_file()
+
+    def set_public(self, public: bool) -> None:
+        """Mark the run public on a Space (visitors may see it and chat with its final adapter), or take it back."""
+        marker = self.path / PUBLIC_FILE
+        if public:
+            marker.touch()
+        else:
+            marker.unlink(missing_ok=True)
+
     # ---- everything at once
     def facts(self) -> RunFacts:
         status = self.status()
@@ -427,6 +571,11 @@ class Run:
             problem = problem or f"config.yaml cannot be used: {err}"
         metrics = self.metrics()
         train = [m["loss"] for m in metrics if finite_number(m.get("loss"))]
+        search = self.lr_search()
+        if search is not None:  # what a search produced is its chosen trial, not the last step it ran
+            problem = problem or search.problem
+            chosen = search.chosen_trial
+            train = [chosen.final_loss] if chosen and chosen.final_loss is not None else []
         evals = [m["eval_loss"] for m in metrics if finite_number(m.get("eval_loss"))]
         elapsed = metrics[-1].get("elapsed_seconds") if metrics else None
         return RunFacts(
@@ -443,6 +592,8 @@ class Run:
             has_adapter=self.has_adapter(),
             duration_seconds=status.elapsed_seconds if status.elapsed_seconds is not None
             else (elapsed if finite_number(elapsed) else None),
+            kind=self.kind,
+            job=self.job(),
         )
 
 
@@ -477,12 +628,15 @@ def own_log_lines(text: str) -> list[str]:
 # ---- creating, finding, listing ----------------------------------------------------------------------------------
 
 
-def create_run(cfg: RunConfig, root: Path | None = None, device: str | None = None) -> Run:
-    """A new run folder in state 'queued', recorded as being started by this process (on ``device``)."""
+def create_run(cfg: RunConfig, root: Path | None = None, device: str | None = None,
+               search: LrSearch | None = None) -> Run:
+    """A new run folder in state 'queued', recorded as being started by this process (on ``device``); with
+    ``search``, a learning-rate search with that plan."""
     root = root or runs_dir()
     root.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = safe_name(cfg.run_name) if cfg.run_name else f"{cfg.method}-r{cfg.r}"
+    name = f"lr-search-{name}" if search is not None else name
     run_id, n = f"{stamp}-{name}", 1
     while (root / run_id).exists():
         n += 1
@@ -491,6 +645,8 @@ def create_run(cfg: RunConfig, root: Path | None = None, device: str | None = No
     path.mkdir()
     cfg.to_yaml(path / "config.yaml")
     run = Run(path)
+    if search is not None:  # before status.json: a run that has a status is already of its kind
+        run.write_lr_search(search)
     run.update_status(state=RunState.QUEUED, created_at=time.time(), run_id=run_id, device=device,
                       launcher_pid=os.getpid(), launcher_started=process_start_time(os.getpid()))
     return run
@@ -592,6 +748,9 @@ def request_stop(run: Run) -> str:
             os.kill(int(status.pid), signal.SIGTERM)  # the worker turns SIGTERM into the same graceful stop
         except ProcessLookupError:
             pass
+    if run.kind is RunKind.LR_SEARCH:
+        return (f"Asked the learning-rate search {run.id} to stop after the current step: the trials finished so "
+                "far are kept, and the best rate is chosen from them.")
     if status.state is RunState.RUNNING and status.max_steps:  # the Trainer has begun: a step is under way
         return (f"Asked run {run.id} to stop: it saves a checkpoint and its adapter after the current step "
                 f"(resume later with: python -m denselora_app resume {run.id}).")
@@ -607,6 +766,8 @@ def check_resumable(run: Run) -> Path:
     state = facts.state
     if state.active:
         raise RunError(f"Run {run.id} is already {state}.")
+    if run.kind is RunKind.LR_SEARCH:
+        raise RunError(f"Run {run.id} is a learning-rate search, which is not resumed: start a new search.")
     if state is RunState.COMPLETED:
         raise RunError(f"Run {run.id} already completed; start a new run to train more.")
     checkpoint = run.last_checkpoint()
@@ -645,9 +806,10 @@ def classify_failure(log_text: str) -> dict[str, str]:
     if not detail:
         return {
             "kind": "killed",
-            "summary": "The training process ended without reporting an error: it was killed (by a signal, "
-                       "or by the system when memory ran out).",
-            "fix": "Resume from the last checkpoint. If it happens again, reduce memory use (batch_size, "
-                   "cutoff_len, gradient_checkpointing).",
+            "summary": "The training process ended without reporting an error: it was killed (by a signal, by a "
+                       "restart of the machine or Space, or by the system when memory ran out).",
+            "fix": "Resume from the last checkpoint (Resume in the app's Runs tab, or python -m denselora_app resume "
+                   "RUN_ID). If it happens again without a restart, reduce memory use (batch_size, cutoff_len, "
+                   "gradient_checkpointing).",
         }
     return {"kind": "other", "summary": detail, "fix": "Read the end of train.log for the full error."}

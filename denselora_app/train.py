@@ -24,10 +24,12 @@ from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Tr
                           TrainingArguments, set_seed)
 from transformers.trainer_callback import PrinterCallback
 
-from .data import data_source, prepare_data
+from .config import RunConfig
+from .data import PreparedData, data_source, prepare_data
 from .methods import build_peft_config
 from .models import load_model, load_tokenizer, resolve_device
 from .runs import ADAPTER_CONFIG, Run, RunState, mark_checkpoint_complete, write_json_atomic
+from .steplines import metrics_line
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,45 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcom
     if checkpoint is not None and _finished(checkpoint):
         return _finish_from(run, checkpoint, state)
 
+    setup = prepare(run, cfg, state)
+    if resume and state.is_main_process:
+        run.truncate_metrics(after_step=int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
+    args = training_arguments(cfg, setup, output_dir=run.checkpoints_dir, show_progress=show_progress)
+    callback = RunCallback(run, trainable=setup.trainable, total=setup.base_parameters, echo=not show_progress)
+    trainer = make_trainer(setup, args, [callback, CheckpointMarker()], show_progress=show_progress)
+    if _stop_requested(run):  # asked to stop while the model was loading
+        return Outcome(RunState.STOPPED, note=None if checkpoint else STOPPED_UNTRAINED)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    _check_ranks_agree(setup.model)
+    stopped = _stop_requested(run)
+    if setup.data.eval is not None and not stopped and not cfg.eval_steps:
+        trainer.evaluate()  # the final validation loss, logged through RunCallback
+
+    if state.is_main_process:
+        setup.model.save_pretrained(run.adapter_dir)
+        setup.tokenizer.save_pretrained(run.adapter_dir)  # chat template travels with the adapter
+        write_json_atomic(run.path / "summary.json", run.facts().to_json())
+        log.info("Adapter saved to %s", run.adapter_dir)
+    state.wait_for_everyone()
+    return Outcome(RunState.STOPPED if stopped else RunState.COMPLETED)
+
+
+@dataclass
+class Setup:
+    """What a run trains: its tokenizer and data, the base model with a fresh adapter, and how batches are made."""
+
+    tokenizer: Any
+    data: PreparedData
+    model: torch.nn.Module  # the PEFT model
+    device: str
+    base_parameters: int
+    trainable: int
+    collator: Callable
+    sampling: str  # the Trainer's train_sampling_strategy
+
+
+def prepare(run: Run, cfg: RunConfig, state: PartialState, rows: int | None = None) -> Setup:
+    """Data -> base model -> adapter, as ``cfg`` says; ``rows`` reads only the data's first rows."""
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     data = prepare_data(
         data_source(cfg.data),
@@ -69,6 +110,7 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcom
         seed=cfg.seed,
         batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum,
+        limit=rows,
     )
     if state.is_main_process:
         write_json_atomic(run.path / "data_report.json", data.report.to_dict())
@@ -87,12 +129,18 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcom
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("%s r=%d: %s trainable parameters (%.4f%% of %s)", cfg.method, cfg.r, f"{trainable:,}",
              100 * trainable / base_parameters, f"{base_parameters:,}")
+    collator, sampling = collator_for(cfg, tokenizer, peft_model)
+    return Setup(tokenizer=tokenizer, data=data, model=peft_model, device=device, base_parameters=base_parameters,
+                 trainable=trainable, collator=collator, sampling=sampling)
 
-    has_eval = data.eval is not None
-    weights_dtype = model.dtype
-    data_collator, sampling = collator_for(cfg, tokenizer, peft_model)
-    args = TrainingArguments(
-        output_dir=str(run.checkpoints_dir),
+
+def training_arguments(cfg: RunConfig, setup: Setup, *, output_dir: Path | str, show_progress: bool,
+                       **overrides: Any) -> TrainingArguments:
+    """The Trainer's arguments for ``cfg``; ``overrides`` replace any of them (the learning-rate finder's trials)."""
+    has_eval = setup.data.eval is not None
+    weights_dtype = setup.model.dtype
+    values: dict[str, Any] = dict(
+        output_dir=str(output_dir),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -111,10 +159,10 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcom
         save_total_limit=cfg.save_total_limit,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        train_sampling_strategy=sampling,
+        train_sampling_strategy=setup.sampling,
         bf16=weights_dtype == torch.bfloat16,
         fp16=weights_dtype == torch.float16,
-        use_cpu=torch.device(device).type == "cpu",
+        use_cpu=torch.device(setup.device).type == "cpu",
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
@@ -122,34 +170,22 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcom
         disable_tqdm=not show_progress,
         report_to="none",
     )
-    if resume and state.is_main_process:
-        run.truncate_metrics(after_step=int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
-    callback = RunCallback(run, trainable=trainable, total=base_parameters, echo=not show_progress)
-    trainer = StudioTrainer(
-        model=peft_model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        data_collator=data_collator,
-        callbacks=[callback, CheckpointMarker()],
-    )
-    if not show_progress:  # RunCallback logs a readable line instead of the Trainer's raw dictionaries
-        trainer.remove_callback(PrinterCallback)
-    if _stop_requested(run):  # asked to stop while the model was loading
-        return Outcome(RunState.STOPPED, note=None if checkpoint else STOPPED_UNTRAINED)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    _check_ranks_agree(peft_model)
-    stopped = _stop_requested(run)
-    if has_eval and not stopped and not cfg.eval_steps:
-        trainer.evaluate()  # the final validation loss, logged through RunCallback
+    return TrainingArguments(**{**values, **overrides})
 
-    if state.is_main_process:
-        peft_model.save_pretrained(run.adapter_dir)
-        tokenizer.save_pretrained(run.adapter_dir)  # chat template travels with the adapter
-        write_json_atomic(run.path / "summary.json", run.facts().to_json())
-        log.info("Adapter saved to %s", run.adapter_dir)
-    state.wait_for_everyone()
-    return Outcome(RunState.STOPPED if stopped else RunState.COMPLETED)
+
+def make_trainer(setup: Setup, args: TrainingArguments, callbacks: list[TrainerCallback],
+                 show_progress: bool) -> StudioTrainer:
+    trainer = StudioTrainer(
+        model=setup.model,
+        args=args,
+        train_dataset=setup.data.train,
+        eval_dataset=setup.data.eval,
+        data_collator=setup.collator,
+        callbacks=callbacks,
+    )
+    if not show_progress:  # the callbacks log a readable line instead of the Trainer's raw dictionaries
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def collator_for(cfg, tokenizer, model: torch.nn.Module) -> tuple[Callable, str]:
@@ -350,19 +386,3 @@ class CheckpointMarker(TrainerCallback):
             if (folder / ADAPTER_CONFIG).is_file():
                 mark_checkpoint_complete(folder)
 
-
-# How each metrics field reads in a log line, in this order.
-_LINE_FORMATS = (
-    ("eval_loss", "validation loss {:.4f}"),
-    ("loss", "loss {:.4f}"),
-    ("learning_rate", "lr {:.2e}"),
-    ("grad_norm", "grad norm {:.3g}"),
-    ("tokens_per_second", "{:,.0f} tok/s"),
-)
-
-
-def metrics_line(row: dict[str, Any], max_steps: int) -> str:
-    """One metrics row as a log line: ``step 40/60 | loss 1.2345 | lr 3.00e-04 | grad norm 0.512 | 1,071 tok/s``."""
-    parts = [f"step {row['step']}/{max_steps}"]
-    parts += [fmt.format(row[key]) for key, fmt in _LINE_FORMATS if key in row]
-    return " | ".join(parts)

@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .runs import LOG_FORMAT, STOP_FILE, Run, RunState, classify_failure, process_start_time
+from .runs import LOG_FORMAT, STOP_FILE, Run, RunKind, RunState, classify_failure, process_start_time
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,8 @@ TRACEBACK = "denselora_traceback"
 
 
 def execute(run: Run, resume: bool = False, show_progress: bool = False) -> RunState:
-    """Train the run and record how it ended in status.json (on the main process). Returns the final state."""
+    """Train the run (or, for a learning-rate search, run its trials) and record how it ended in status.json (on the
+    main process). Returns the final state."""
     from .train import process_state, train  # heavy imports, only once a run really starts
 
     main = process_state(run.config().device).is_main_process
@@ -37,7 +38,12 @@ def execute(run: Run, resume: bool = False, show_progress: bool = False) -> RunS
             log.warning("Removed %s: it was not completely written (the training process was killed while saving).",
                         name)
     try:
-        outcome = train(run, resume=resume, show_progress=show_progress)
+        if run.kind is RunKind.LR_SEARCH:
+            from .lr_finder import search
+
+            outcome = search(run, show_progress=show_progress)
+        else:
+            outcome = train(run, resume=resume, show_progress=show_progress)
     except BaseException as exc:  # noqa: BLE001  (every failure must end up explained in status.json)
         log.error("Training failed:\n%s", traceback.format_exc(), extra={TRACEBACK: True})
         if main:

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import save_tiny_model
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import accuracy_smollm2  # noqa: E402
 import fidelity  # noqa: E402
 import gpu_8b  # noqa: E402
 import gpu_throughput  # noqa: E402
@@ -175,3 +178,40 @@ def test_speed_memory_times_compiled_decoding_and_reports_mfu(tmp_path):
 def test_the_gpu_throughput_check_runs_its_parts_in_one_call(tmp_path):
     assert gpu_throughput.main(["--dry-run", "--out-dir", str(tmp_path)]) == 0
     assert {p.name for p in tmp_path.iterdir()} >= {"speed_memory_cpu.json", "packing_cpu.json"}
+
+
+def test_accuracy_benchmark_writes_a_complete_table_and_reuses_finished_trials(tmp_path, monkeypatch):
+    model = save_tiny_model(tmp_path / "model")
+    monkeypatch.setenv("DENSELORA_RUNS", str(tmp_path / "runs"))
+    argv = ["--mode", "smoke", "--model", str(model), "--device", "cpu", "--work-dir", str(tmp_path / "work"),
+            "--trials-dir", str(tmp_path / "trials"), "--out-dir", str(tmp_path), "--seeds", "2"]
+    accuracy_smollm2.main(argv)
+    results = json.loads((tmp_path / "accuracy_smollm2_smoke.json").read_text())
+    markdown = (tmp_path / "accuracy_smollm2_smoke.md").read_text()
+    assert set(results["arms"]) == {"denselora", "lora", "lora-matched"}
+    for name, arm in results["arms"].items():
+        assert len(arm["seeds"]) == 2 and len(arm["sweep"]) == 1
+        assert 0.0 <= arm["mean"] <= 1.0 and arm["trainable"] > 0
+        assert set(arm["seeds"][0]["test"]["per_family"]) == set(accuracy_smollm2.FAMILIES)
+        assert f"| {name} r{arm['r']} |" in markdown
+    assert results["arms"]["lora-matched"]["r"] < 16  # the rank with DenseLoRA r16's parameter count
+    assert results["base"]["accuracy"] is not None
+
+    # A second sitting trains nothing: every trial is read back from its file.
+    trials = sorted(p.name for p in (tmp_path / "trials").iterdir())
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "trials").iterdir()}
+    accuracy_smollm2.main(argv)
+    assert sorted(p.name for p in (tmp_path / "trials").iterdir()) == trials
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "trials").iterdir()} == stamps
+    assert json.loads((tmp_path / "accuracy_smollm2_smoke.json").read_text())["arms"] == results["arms"]
+
+
+def test_accuracy_task_holds_out_test_words_and_questions(tmp_path):
+    accuracy_smollm2.make_task(tmp_path, train_rows=300, val_per_family=10, test_per_family=20)
+    train = [json.loads(line)["messages"][0]["content"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    train_words, held_out = accuracy_smollm2.split_words(0)
+    for row in test:
+        if row["family"] in ("category", "odd-one-out"):
+            assert not any(c in words for c in row["choices"] for words in train_words.values())
+        assert not any(row["question"] in prompt and all(c in prompt for c in row["choices"]) for prompt in train)

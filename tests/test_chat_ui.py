@@ -197,10 +197,10 @@ def test_publish_build_previews_the_card_and_zips_exactly_the_repository(run_id,
 
 
 def test_publishing_errors_are_messages_and_the_token_never_shows(run_id, exports, monkeypatch):
-    # gradio fills the OAuth token itself (None when signed out): it is no input of the endpoint.
+    # gradio fills the OAuth token and profile itself (None when signed out): they are no inputs of the endpoint.
     inputs = [run_id, "alice/x", False, "", ""]
     special_args(publish_tab.push_model, inputs)
-    assert inputs[-1] is None and len(inputs) == 6
+    assert inputs[5:] == [None, None] and len(inputs) == 7
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(publish, "get_token", lambda: None)
@@ -224,13 +224,14 @@ def test_publishing_errors_are_messages_and_the_token_never_shows(run_id, export
     message = publish_tab.push_model(run_id, "alice/tiny-chat", False, "", "", None)
     assert message.startswith("⚠️") and "hf_***" in message
 
-    # On a Space only the visitor's own sign-in counts, never the Space's HF_TOKEN.
-    monkeypatch.setenv("SPACE_ID", "owner/denselora-studio")
+    # On a Space only the signed-in owner's own sign-in counts, never the Space's HF_TOKEN.
+    monkeypatch.setenv("SPACE_ID", "alice/denselora-studio")
     assert "Sign in with the Hugging Face button" in publish_tab.push_model(run_id, "alice/x", False, "", "", None)
     visitor = gr.OAuthToken(token="hf_visitor_token", scope="write-repos", expires_at=0)
+    alice = gr.OAuthProfile({"preferred_username": "alice", "name": "Alice", "profile": "", "picture": ""})
     hub = FakeHub(whoami=ALICE)
     monkeypatch.setattr(publish, "HfApi", lambda: hub)
-    message = publish_tab.push_model(run_id, "alice/tiny-chat", False, "", "", visitor)
+    message = publish_tab.push_model(run_id, "alice/tiny-chat", False, "", "", visitor, alice)
     assert message.startswith("✅") and "hf_visitor_token" not in message
     assert {call[1]["token"] for call in hub.calls} == {"hf_visitor_token"}
 

@@ -242,10 +242,63 @@ def test_gpt2_conv1d_targets_work():
     assert trainable_count(peft_model) == 4 * (32 + 96) + 4 * (32 + 128) + 2 * 2 * 16
 
 
+@pytest.mark.parametrize("placement", ["input", "all"])
+def test_dropout_applies_where_the_placement_says_while_training(model, placement):
+    peft_model = get_peft_model(model, DenseLoraConfig(r=4, lora_alpha=8, init_weights=False, lora_dropout=0.5,
+                                                       dropout_placement=placement))
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    tuner = peft_model.base_model
+    E = tuner.denselora_encoder["default"]["q_proj"].weight
+    D = tuner.denselora_decoder["default"]["q_proj"].weight
+    M = layer.denselora_M["default"].weight
+    x = torch.randn(5, 32, requires_grad=True)
+    act = torch.nn.functional.gelu
+
+    def formula(drop):
+        hidden = act(drop(x) @ E.T)
+        if placement == "all":
+            hidden = drop(hidden)
+        update = act((hidden @ M.T) @ D.T)
+        return layer.base_layer(x) + 2.0 * (drop(update) if placement == "all" else update)
+
+    peft_model.train()
+    torch.manual_seed(3)
+    actual = layer(x)
+    torch.manual_seed(3)  # the same masks, drawn in the same order
+    expected = formula(torch.nn.Dropout(0.5))
+    torch.testing.assert_close(actual, expected)
+    grad = torch.randn_like(actual)
+    actual_grads = torch.autograd.grad(actual, (x, E, M, D), grad)
+    expected_grads = torch.autograd.grad(expected, (x, E, M, D), grad)
+    for got, want in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(got, want)
+    peft_model.eval()  # no dropout at inference, wherever it is placed
+    torch.testing.assert_close(layer(x), formula(torch.nn.Identity()))
+
+
+def test_dropout_placement_is_saved_with_the_adapter_and_comes_from_the_run_config(model, tmp_path):
+    from denselora_app.config import RunConfig
+    from denselora_app.methods import build_peft_config
+
+    cfg = RunConfig(r=4, dropout=0.1, dropout_placement="all", target_modules=["q_proj", "v_proj"])
+    peft_model = get_peft_model(model, build_peft_config(cfg))
+    peft_model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["dropout_placement"] == "all"
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    assert reloaded.base_model.model.model.layers[1].self_attn.v_proj.dropout_placement["default"] == "all"
+    # Adapters saved before the option existed read as they were trained: dropout on the input only.
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["dropout_placement"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    older = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert older.base_model.model.model.layers[1].self_attn.v_proj.dropout_placement["default"] == "input"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         (dict(r=0), "rank r must be a positive integer, got r=0"),
+        (dict(dropout_placement="hidden"), "dropout_placement must be one of"),
         (dict(lora_alpha=0), "lora_alpha must be positive, got lora_alpha=0"),
         (dict(lora_alpha=-2.0), "lora_alpha must be positive"),
         (dict(lora_dropout=1.0), "lora_dropout must be in"),

@@ -105,7 +105,7 @@ class FakeHub:
         self.calls: list[tuple[str, dict]] = []
         self.answer, self.create_error, self.upload_error = whoami, create_error, upload_error
 
-    def _record(self, name: str, *args, **kwargs) -> None:
+    def _record(self, name: str, /, *args, **kwargs) -> None:  # positional: HfApi.run_job takes a `name`
         bound = inspect.signature(getattr(HfApi, name)).bind(None, *args, **kwargs)  # fails on a wrong keyword
         self.calls.append((name, {k: v for k, v in bound.arguments.items() if k != "self"}))
 

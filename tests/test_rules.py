@@ -16,6 +16,7 @@ from denselora_app.ui import loaders
 def test_the_standalone_method_package_agrees_with_the_studio():
     """denselora/ ships inside published adapters and imports nothing from the studio, so it keeps copies."""
     assert set(method.ACTIVATIONS) == set(rules.ACTIVATIONS)
+    assert method.DROPOUT_PLACEMENTS == rules.DROPOUT_PLACEMENTS
     assert method.DEFAULT_TARGET_MODULES == list(rules.PAPER_TARGETS) == config.PAPER_TARGETS
 
 
@@ -23,6 +24,7 @@ def test_every_list_of_allowed_values_comes_from_rules():
     choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(config.RunConfig)}
     assert choices["method"] == rules.METHODS
     assert choices["activation"] == rules.ACTIVATIONS
+    assert choices["dropout_placement"] == rules.DROPOUT_PLACEMENTS
     assert choices["lr_scheduler"] == rules.SCHEDULERS
     assert choices["data_format"] == ("auto", *rules.DATA_FORMATS)
     assert choices["dtype"] == ("auto", *rules.DTYPES)

@@ -30,7 +30,7 @@ def _add_peft_type_member(name: str) -> None:
 _add_peft_type_member("DENSELORA")
 
 from .config import DEFAULT_TARGET_MODULES, DenseLoraConfig  # noqa: E402  (needs PeftType.DENSELORA)
-from .layer import ACTIVATIONS, DenseLoraLayer, Linear  # noqa: E402
+from .layer import ACTIVATIONS, DROPOUT_PLACEMENTS, DenseLoraLayer, Linear  # noqa: E402
 from .model import DenseLoraModel  # noqa: E402
 
 if PeftType.DENSELORA not in PEFT_TYPE_TO_TUNER_MAPPING:  # importing twice (e.g. reloads) must not fail
@@ -39,6 +39,7 @@ if PeftType.DENSELORA not in PEFT_TYPE_TO_TUNER_MAPPING:  # importing twice (e.g
 __all__ = [
     "ACTIVATIONS",
     "DEFAULT_TARGET_MODULES",
+    "DROPOUT_PLACEMENTS",
     "DenseLoraConfig",
     "DenseLoraLayer",
     "DenseLoraModel",

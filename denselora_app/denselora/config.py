@@ -8,7 +8,7 @@ from typing import Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-from .layer import ACTIVATIONS
+from .layer import ACTIVATIONS, DROPOUT_PLACEMENTS
 
 # The paper adapts these five projections of every decoder layer.
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -20,12 +20,19 @@ class DenseLoraConfig(PeftConfig):
 
     Per adapted module type t: one encoder ``E_t`` (in -> r) and one decoder ``D_t`` (r -> out) shared by every
     layer, plus one dense ``M_{l,t}`` (r -> r) per layer l. The update is
-    ``scaling * act(D_t(M_{l,t}(act(E_t(dropout(x))))))`` with ``scaling = lora_alpha / r``.
+    ``scaling * act(D_t(M_{l,t}(act(E_t(dropout(x))))))`` with ``scaling = lora_alpha / r`` (with
+    ``dropout_placement='all'``, dropout also follows each activation while training).
     """
 
     r: int = field(default=16, metadata={"help": "Rank: width of the shared encoders/decoders and of each M (r x r)."})
     lora_alpha: float = field(default=32, metadata={"help": "Scaling numerator: the update is scaled by alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input, in [0, 1)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability, in [0, 1); see dropout_placement."})
+    dropout_placement: str = field(
+        default="input",
+        metadata={"help": "Where lora_dropout applies: 'input' (the adapter's input only, like LoRA) or 'all' (also "
+                          "after the encoder's activation and after the output activation, as the authors' released "
+                          f"code does). One of {list(DROPOUT_PLACEMENTS)}."},
+    )
     activation: str = field(
         default="gelu",
         metadata={"help": f"Nonlinearity after the encoder and the decoder, one of {sorted(ACTIVATIONS)}."},
@@ -68,6 +75,9 @@ class DenseLoraConfig(PeftConfig):
             raise ValueError(f"DenseLoRA lora_alpha must be positive, got lora_alpha={self.lora_alpha!r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"DenseLoRA lora_dropout must be in [0, 1), got lora_dropout={self.lora_dropout!r}.")
+        if self.dropout_placement not in DROPOUT_PLACEMENTS:
+            raise ValueError(f"DenseLoRA dropout_placement must be one of {list(DROPOUT_PLACEMENTS)}, got "
+                             f"dropout_placement={self.dropout_placement!r}.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"DenseLoRA activation must be one of {sorted(ACTIVATIONS)}, got activation={self.activation!r}."

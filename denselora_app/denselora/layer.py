@@ -20,6 +20,9 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda t: t,
 }
 
+# Where dropout applies: the adapter's input only, or also after each activation (the authors' released code).
+DROPOUT_PLACEMENTS: tuple[str, ...] = ("input", "all")
+
 # d act(u) / du applied to an incoming gradient: (grad, u) -> grad * act'(u), the kernels autograd itself uses.
 ACTIVATION_GRADS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "gelu": lambda grad, u: torch.ops.aten.gelu_backward(grad, u, approximate="none"),
@@ -37,7 +40,7 @@ NOT_MERGEABLE = (
 class DenseLoraLayer(BaseTunerLayer):
     # Per-adapter trainable weights owned by this layer; E_t and D_t are owned by the tuner.
     adapter_layer_names = ("denselora_M",)
-    other_param_names = ("r", "scaling", "activation", "module_type", "denselora_dropout")
+    other_param_names = ("r", "scaling", "activation", "module_type", "denselora_dropout", "dropout_placement")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -46,6 +49,7 @@ class DenseLoraLayer(BaseTunerLayer):
         self.activation: dict[str, str] = {}
         self.module_type: dict[str, str] = {}
         self.denselora_dropout = nn.ModuleDict({})
+        self.dropout_placement: dict[str, str] = {}
         self.denselora_M = nn.ModuleDict({})
         # adapter name -> (encoder, decoder); a plain dict on purpose, see the module docstring.
         self.shared: dict[str, tuple[nn.Linear, nn.Linear]] = {}
@@ -67,12 +71,14 @@ class DenseLoraLayer(BaseTunerLayer):
         lora_dropout: float,
         activation: str,
         init_weights: bool,
+        dropout_placement: str = "input",
     ) -> None:
         self.r[adapter_name] = r
         self.scaling[adapter_name] = lora_alpha / r
         self.activation[adapter_name] = activation
         self.module_type[adapter_name] = module_type
         self.denselora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.dropout_placement[adapter_name] = dropout_placement
         dense = nn.Linear(r, r, bias=False)
         nn.init.kaiming_uniform_(dense.weight, a=math.sqrt(5))
         self.denselora_M[adapter_name] = dense
@@ -106,9 +112,16 @@ class Linear(nn.Module, DenseLoraLayer):
         """``result`` plus the adapter's update for input ``x``; the update is computed in the adapter's dtype (or
         autocast's) and added in ``result``'s."""
         encoder, decoder = self.shared[adapter_name]
-        x = self.denselora_dropout[adapter_name](self._cast_input_dtype(x, encoder.weight.dtype))
+        dropout = self.denselora_dropout[adapter_name]
+        x = dropout(self._cast_input_dtype(x, encoder.weight.dtype))
         weights = (encoder.weight, self.denselora_M[adapter_name].weight, decoder.weight)
         activation, scaling = self.activation[adapter_name], self.scaling[adapter_name]
+        if dropout.training and isinstance(dropout, nn.Dropout) and self.dropout_placement[adapter_name] == "all":
+            # Plain autograd: the fused backward recomputes the hidden values, which would draw new dropout masks.
+            act = ACTIVATIONS[activation]
+            hidden = dropout(act(nn.functional.linear(x, weights[0])))
+            update = dropout(act(nn.functional.linear(nn.functional.linear(hidden, weights[1]), weights[2])))
+            return torch.add(result, update.to(result.dtype), alpha=scaling)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, *weights)):
             return add_dense_update(result, x, *weights, activation, scaling)
         if torch.compiler.is_compiling():

@@ -70,6 +70,7 @@ class DenseLoraModel(BaseTuner):
             r=config.r,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
+            dropout_placement=config.dropout_placement,
             activation=config.activation,
             init_weights=config.init_weights,
         )

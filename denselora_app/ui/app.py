@@ -7,7 +7,8 @@ from typing import Any
 
 import gradio as gr
 
-from ..hosting import on_space
+from .. import access
+from ..hosting import on_space, space_owner, storage_notice
 from . import chat_tab, evaluate_tab, publish_tab, runs_tab, train_tab
 
 TITLE = "DenseLoRA Studio"
@@ -25,7 +26,9 @@ def build_app() -> gr.Blocks:
         gr.Markdown(f"# {TITLE}\nFine-tune a language model with **DenseLoRA**: about 30x fewer trainable "
                     "parameters than LoRA at the same rank.")
         if on_space():
-            space_notice()
+            space_notice(demo)
+        if (lost_on_restart := storage_notice()) is not None:
+            gr.Markdown(f"⚠️ {lost_on_restart}", elem_classes="dl-warning", elem_id="storage-notice")
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train = train_tab.build(demo)
@@ -41,7 +44,7 @@ def build_app() -> gr.Blocks:
         # The runs table follows what happens elsewhere: opening the tab, starting or stopping a run.
         runs_tab_item.select(runs_tab.runs_table, inputs=runs.refresh_inputs, outputs=runs.refresh_outputs,
                              api_visibility="private")
-        for event in (train.start_event, train.stop_event):
+        for event in (train.start_event, train.search_event, train.stop_event):
             event.then(runs_tab.runs_table, inputs=runs.refresh_inputs, outputs=runs.refresh_outputs,
                        api_visibility="private")
         # The adapter and run lists are read when their tab opens: new runs finish while the page stays open.
@@ -57,15 +60,30 @@ def build_app() -> gr.Blocks:
     return demo
 
 
-def open_in_chat(run_id: str | None) -> tuple[Any, ...]:
+def open_in_chat(run_id: str | None, profile: gr.OAuthProfile | None = None) -> tuple[Any, ...]:
     """The Chat tab, selected, with the final adapter of run ``run_id`` in its adapter box."""
-    return gr.Tabs(selected="chat"), *chat_tab.select_run(run_id)
+    return gr.Tabs(selected="chat"), *chat_tab.select_run(run_id, profile)
 
 
-def space_notice() -> None:
-    """On a Hugging Face Space: one shared workspace for every visitor, and the way to a private copy."""
+def access_notice(profile: gr.OAuthProfile | None = None) -> str:
+    """What the caller can do on this Space (access.py decides), and how to do more."""
+    who, owner = access.identify(profile), space_owner()
+    if who.owner:
+        return (f"Signed in as **{who.username}**, this Space's owner: you can train, evaluate and publish here. "
+                "Visitors see, and chat with, only the runs you mark **Public on this Space** in the Runs tab.")
+    duplicate = "duplicate this Space to train on your own hardware"
+    if who.signed_in:
+        return (f"Signed in as **{who.username}**. This Space belongs to **{owner}**: you can see, and chat with, "
+                f"the runs {owner} made public. Training, evaluating and publishing are for the owner: {duplicate}.")
+    return (f"This Space belongs to **{owner}**: visitors can see, and chat with, the runs {owner} made public. "
+            f"Training, evaluating and publishing are for the owner: **sign in** if that is you, or {duplicate}.")
+
+
+def space_notice(demo: gr.Blocks) -> None:
+    """On a Hugging Face Space: who the visitor is and what they may do, sign-in, and the way to a copy of their
+    own."""
     with gr.Row(equal_height=True, elem_classes="dl-warning", elem_id="space-notice"):
-        gr.Markdown("**This Space is single-user.** Everything uploaded, trained or evaluated here (data, runs, "
-                    "adapters, chats with them) is visible to, and can be deleted by, every visitor. Duplicate it "
-                    "to use DenseLoRA Studio privately, on your own hardware.")
+        notice = gr.Markdown(access_notice(None), elem_id="access-notice")
+        gr.LoginButton(size="md", elem_id="space-login")
         gr.DuplicateButton("Duplicate this Space", size="md")
+    demo.load(access_notice, outputs=[notice], api_name="access_notice")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..runs import finite_number
+from ..runs import finite_number, format_rate
 
 TRAIN = "train"
 VALIDATION = "validation"
@@ -23,6 +23,7 @@ FITS = "fits in cutoff"
 TRUNCATED = "truncated at cutoff"
 LENGTH_COLORS = {FITS: "#2563eb", TRUNCATED: "#dc2626"}
 HISTOGRAM_BINS = 16
+LOW_RATE_COLOR, HIGH_RATE_COLOR = "#2563eb", "#dc2626"  # a search's curves run from blue (lowest) to red (highest)
 
 
 def _frame(columns: dict[str, list], dtypes: dict[str, str]) -> pd.DataFrame:
@@ -59,6 +60,46 @@ def overlay_frame(runs: Mapping[str, Iterable[Mapping[str, Any]]]) -> pd.DataFra
     """The loss curves of several runs (label -> metrics rows) in one frame, one series per run and split."""
     frames = [loss_frame(rows, label) for label, rows in runs.items()]
     return pd.concat(frames, ignore_index=True) if frames else loss_frame([]).iloc[:0]
+
+
+def rate_label(rate: float) -> str:
+    return f"lr {format_rate(rate)}"
+
+
+def trial_frame(rows: Iterable[Mapping[str, Any]], rates: list[float]) -> pd.DataFrame:
+    """Columns step (the step within its trial), loss, rate (the trial's label): a learning-rate search's metrics
+    rows as one loss curve per rate. Every rate of ``rates`` is a series from the first draw, one without points as
+    a row with no loss (see ``loss_frame``)."""
+    steps, losses, labels = [], [], []
+    for row in rows:
+        if finite_number(row.get("lr")) and isinstance(row.get("trial_step"), int) and finite_number(row.get("loss")):
+            steps.append(row["trial_step"])
+            losses.append(float(row["loss"]))
+            labels.append(rate_label(row["lr"]))
+    for rate in rates:
+        if rate_label(rate) not in labels:
+            steps.append(1)
+            losses.append(math.nan)
+            labels.append(rate_label(rate))
+    return _frame({"step": steps, "loss": losses, "rate": labels}, {"step": "int64", "loss": "float64", "rate": "str"})
+
+
+def rate_colors(rates: list[float]) -> dict[str, str]:
+    """Each rate's curve color, graded by rank from the lowest rate (blue) to the highest (red)."""
+    low, high = (tuple(int(color[i:i + 2], 16) for i in (1, 3, 5)) for color in (LOW_RATE_COLOR, HIGH_RATE_COLOR))
+    ordered = sorted(set(rates))
+    colors = {}
+    for rank, rate in enumerate(ordered):
+        t = rank / max(len(ordered) - 1, 1)
+        colors[rate_label(rate)] = "#" + "".join(f"{round(a + (b - a) * t):02x}" for a, b in zip(low, high))
+    return colors
+
+
+def curve_frame(losses: list[float | None]) -> pd.DataFrame:
+    """Columns step, loss: one trial's recorded losses (a step whose loss was not a number has no point)."""
+    return _frame({"step": list(range(1, len(losses) + 1)),
+                   "loss": [math.nan if loss is None else loss for loss in losses]},
+                  {"step": "int64", "loss": "float64"})
 
 
 def metric_frame(rows: Iterable[Mapping[str, Any]], key: str) -> pd.DataFrame:

@@ -16,8 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
+from .. import access
+from ..access import AccessError, Action
+from ..hosting import on_gpu, on_zerogpu
+
 if TYPE_CHECKING:
-    from ..chat import AdapterRef, ChatEngine, LoadedAdapter
+    from ..chat import AdapterRef, ChatEngine, GenerationSettings, LoadedAdapter
 
 CHOOSE = "Choose a run's adapter or checkpoint above, or type an adapter folder or a Hub adapter id, then **Load**."
 # Every event that uses the one model waits its turn in one queue (chat, loading an adapter, evaluation).
@@ -28,6 +32,9 @@ ENGINE_QUEUE: dict[str, Any] = dict(concurrency_id="chat-engine", concurrency_li
 # load one model per visitor. It is created on first use so that building the app imports no torch.
 _engine: ChatEngine | None = None
 _engine_lock = threading.Lock()
+# The stop signal of the answer each browser session is being given (keyed by gr.Request.session_hash; None for a
+# call made without a page): Stop ends the caller's own answer, never another visitor's.
+_stops: dict[str | None, threading.Event] = {}
 
 
 def chat_module() -> ModuleType:
@@ -94,27 +101,37 @@ def _select(ref: AdapterRef | None, choices: list[tuple[str, str]]) -> tuple[Any
             selected_line(ref))
 
 
-def refresh_adapters(chosen: str | None = None) -> tuple[Any, str, Any]:
-    """The adapter list as the runs folder holds it now, the training notice and the status line.
+def _offered(who: access.Caller) -> list[AdapterRef]:
+    """The adapters the caller may chat with (access.may_chat): every one the runs folder holds for the owner, the
+    final adapters of the public runs for a visitor."""
+    return [ref for ref in chat_module().available_adapters() if access.may_chat(who, ref.location)]
 
-    A value already chosen (or typed) is kept; otherwise the newest run's final adapter is put in the box, without
-    loading it: that happens on the first message or with Load.
+
+def refresh_adapters(chosen: str | None = None, profile: gr.OAuthProfile | None = None) -> tuple[Any, str, Any]:
+    """The adapter list as the runs folder holds it now (what the caller may chat with), the training notice and
+    the status line.
+
+    A value already chosen (or, by the owner, typed) is kept; otherwise the newest run's final adapter is put in the
+    box, without loading it: that happens on the first message or with Load.
     """
-    refs = chat_module().available_adapters()
+    who = access.identify(profile)
+    refs = _offered(who)
     choices = [(ref.label, ref.location) for ref in refs]
-    if _kept(chosen, choices):
+    if _kept(chosen, choices) and access.may_chat(who, chosen or ""):
         return gr.Dropdown(choices=choices), training_line(), gr.skip()
     return _select(next((ref for ref in refs if ref.checkpoint is None), None), choices)
 
 
-def select_run(run_id: str | None) -> tuple[Any, str, str]:
+def select_run(run_id: str | None, profile: gr.OAuthProfile | None = None) -> tuple[Any, str, str]:
     """The list with the final adapter of run ``run_id`` chosen (not loaded), the training notice and the status
     line: what "Chat with this adapter" in the Train tab leaves in the Chat tab."""
-    refs = chat_module().available_adapters()
+    who = access.identify(profile)
+    refs = _offered(who)
     choices = [(ref.label, ref.location) for ref in refs]
     ref = next((r for r in refs if r.checkpoint is None and r.run_dir and Path(r.run_dir).name == run_id), None)
     if ref is None:
-        return gr.Dropdown(choices=choices), training_line(), _warn(f"Run {run_id} has no final adapter.")
+        public = "" if who.owner else " that is public on this Space"
+        return gr.Dropdown(choices=choices), training_line(), _warn(f"Run {run_id} has no final adapter{public}.")
     return _select(ref, choices)
 
 
@@ -127,14 +144,43 @@ def describe(loaded: LoadedAdapter) -> str:
     return f"{line}\n\n{_warn(loaded.notice)}" if loaded.notice else line
 
 
-def load_adapter(adapter: str | None) -> str:
-    """Load the adapter (and its base, unless the engine holds it already) and describe it."""
+def load_adapter(adapter: str | None, profile: gr.OAuthProfile | None = None) -> str:
+    """Load the adapter (and its base, unless the engine holds it already) and describe it; a visitor only a public
+    run's final adapter."""
     if not adapter or not adapter.strip():
         return _warn(CHOOSE)
     try:
-        return describe(engine().select(adapter))
+        access.require_chat(access.identify(profile), adapter)
+    except AccessError as err:
+        return _warn(err)
+    return _load(adapter, *engine_settings())
+
+
+def engine_settings() -> tuple[str | None, bool]:
+    """How the engine loads bases (quantization) and decodes (compiled): handed to the work on the device as
+    arguments, since on ZeroGPU that work runs on the engine's copy in a process forked for the GPU, possibly before
+    a setting changed (see hosting.on_gpu)."""
+    return engine().quantization, engine().compile_decoding
+
+
+def engine_with(quantization: str | None, compiled: bool) -> ChatEngine:
+    """The engine, with the settings chosen on the page (the engine itself unchanged, except in a GPU process)."""
+    chosen = engine()
+    if chosen.quantization != quantization:
+        chosen.quantization = quantization
+    if chosen.compile_decoding != compiled:
+        chosen.compile_decoding, chosen.compile_failure = compiled, None
+    return chosen
+
+
+def _load(adapter: str, quantization: str | None, compiled: bool) -> str:
+    try:
+        return describe(engine_with(quantization, compiled).select(adapter))
     except chat_module().ChatError as err:
         return _warn(err)
+
+
+_load = on_gpu(_load, steps=lambda *_: 0)  # loading only: the load allowance
 
 
 AS_TRAINED = "as trained"
@@ -142,22 +188,35 @@ BASE_PRECISIONS = [(AS_TRAINED, AS_TRAINED), ("full precision", "none"), ("4-bit
 _LABELS = {value: label for label, value in BASE_PRECISIONS}
 
 
-def set_base_precision(precision: str, adapter: str | None) -> str:
+def _settings_refused(profile: gr.OAuthProfile | None) -> str | None:
+    """Why the caller may not change the engine's settings (they reload the one model every visitor chats with)."""
+    try:
+        access.require(access.identify(profile), Action.CHAT_SETTINGS)
+    except AccessError as err:
+        return _warn(err)
+    return None
+
+
+def set_base_precision(precision: str, adapter: str | None, profile: gr.OAuthProfile | None = None) -> str:
     """Load base models in ``precision`` from now on ('as trained': as each adapter's run did); the selected
     adapter is loaded again on a base loaded that way."""
+    if refused := _settings_refused(profile):
+        return refused
     engine().quantization = None if precision == AS_TRAINED else precision
     if engine().selected is None or not adapter or not adapter.strip():
         how = "as their adapter was trained" if precision == AS_TRAINED else f"in {_LABELS[precision]}"
         return f"Base models will load {how}."
-    return load_adapter(adapter)
+    return load_adapter(adapter, profile)
 
 
-def set_compiled_decoding(compiled: bool, adapter: str | None) -> str:
+def set_compiled_decoding(compiled: bool, adapter: str | None, profile: gr.OAuthProfile | None = None) -> str:
     """Decode through torch.compile from now on (or not); the selected adapter is compiled for at once."""
+    if refused := _settings_refused(profile):
+        return refused
     engine().compile_decoding, engine().compile_failure = compiled, None
     if engine().selected is None or not adapter or not adapter.strip():
         return f"Compiled decoding {'on: the next adapter loaded is compiled for' if compiled else 'off'}."
-    return load_adapter(adapter)
+    return load_adapter(adapter, profile)
 
 
 # ---- talking -------------------------------------------------------------------------------------------------------
@@ -187,9 +246,12 @@ def send(
     top_p: float,
     max_new_tokens: int,
     seed: int | None,
+    profile: gr.OAuthProfile | None = None,
+    request: gr.Request | None = None,
 ) -> Iterator[tuple[Any, ...]]:
     """Answer ``message`` with the adapter, streaming; with ``compare``, the base model answers first in its own
-    column, with the same seed and settings. A negative (or no) seed draws a new one for each answer.
+    column, with the same seed and settings. A negative (or no) seed draws a new one for each answer. A visitor
+    chats only with a public run's final adapter; Stop from the same browser session ends the answer.
 
     Yields the message box, the adapter's chat, the base's chat and the status line. A problem leaves the history
     as it was (and the message in its box) and is shown in the status line.
@@ -205,8 +267,41 @@ def send(
                                            system_prompt=system_prompt or "")
         if not adapter or not adapter.strip():
             raise core.ChatError(CHOOSE)
+        access.require_chat(access.identify(profile), adapter)
+    except (core.ChatError, AccessError) as err:
+        yield gr.skip(), gr.skip(), gr.skip(), _warn(err)
+        return
+    session = _session(request)
+    stop = _stops[session] = threading.Event()  # this answer's own: stop_chat from the same session sets it
+    answer = _answer(adapter, *engine_settings(), message, history, base_history, compare, settings, session)
+    try:
+        for update in answer:
+            yield update
+            if stop.is_set() and on_zerogpu():
+                # The answer streams from ZeroGPU's GPU process, which no Event of this one reaches: closing the
+                # stream ends the GPU call there.
+                answer.close()
+                yield gr.skip(), gr.skip(), gr.skip(), "Stopped."
+                return
+    finally:
+        if _stops.get(session) is stop:
+            del _stops[session]
+
+
+def _session(request: gr.Request | None) -> str | None:
+    """The browser session a call comes from (gradio's session hash), whose Stop ends its own answer only."""
+    return request.session_hash if request is not None else None
+
+
+def _answer(adapter: str, quantization: str | None, compiled: bool, message: str, history: list[dict[str, Any]],
+            base_history: list[dict[str, Any]], compare: bool, settings: GenerationSettings,
+            session: str | None = None) -> Iterator[tuple[Any, ...]]:
+    """``send``'s work on the device: select the adapter, then stream the answer. On ZeroGPU this is the call that
+    holds the GPU (hosting.on_gpu), so it takes everything as arguments and yields its problems."""
+    core = chat_module()
+    try:
         # Cheap when the adapter is loaded already; it also picks it again if another tab switched the engine.
-        status = describe(engine().select(adapter))
+        status = describe(engine_with(quantization, compiled).select(adapter))
     except core.ChatError as err:
         yield gr.skip(), gr.skip(), gr.skip(), _warn(err)
         return
@@ -216,13 +311,15 @@ def send(
 
     chat, base_chat = with_reply(history, ""), (with_reply(base_history, "") if compare else gr.skip())
     yield "", chat, base_chat, status
+    stop = _stops.get(session)  # send's, in this process; in a ZeroGPU process none (send closes the stream)
     try:
         if compare:
-            for base_text, text in engine().stream_compare(message, history, settings, base_history=base_history):
+            for base_text, text in engine().stream_compare(message, history, settings, base_history=base_history,
+                                                           stop=stop):
                 chat, base_chat = with_reply(history, text), with_reply(base_history, base_text)
                 yield gr.skip(), chat, base_chat, gr.skip()
         else:
-            for text in engine().stream_reply(message, history, settings):
+            for text in engine().stream_reply(message, history, settings, stop=stop):
                 chat = with_reply(history, text)
                 yield gr.skip(), chat, gr.skip(), gr.skip()
     except core.ChatError as err:
@@ -231,10 +328,20 @@ def send(
     yield gr.skip(), chat, base_chat, f"{status}\n\n{_stats_line()}"
 
 
-def stop_chat() -> None:
-    """End the answer being generated after its current token (in compare mode, the adapter's answer is skipped)."""
-    if _engine is not None:  # nothing can be generating before the engine exists
-        _engine.stop()
+def _answer_steps(adapter: str, quantization: str | None, compiled: bool, message: str, history: Any,
+                  base_history: Any, compare: bool, settings: GenerationSettings, session: str | None = None) -> int:
+    """The most tokens ``_answer`` generates: one answer, or two when the base answers too."""
+    return settings.max_new_tokens * (2 if compare else 1)
+
+
+_answer = on_gpu(_answer, steps=_answer_steps)
+
+
+def stop_chat(request: gr.Request | None = None) -> None:
+    """End the answer being generated for the caller's own browser session after its current token (in compare
+    mode, the adapter's answer is skipped); another visitor's answer goes on."""
+    if (stop := _stops.get(_session(request))) is not None:
+        stop.set()
 
 
 def toggle_compare(compare: bool, history: list[dict[str, Any]] | None) -> Any:

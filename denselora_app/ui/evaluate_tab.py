@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 import pandas as pd
 
+from .. import access
+from ..access import AccessError, Action
+from ..hosting import GPU_MAX_SECONDS, GPU_MAX_STEPS, on_gpu, on_zerogpu
 from . import chat_tab
 
 if TYPE_CHECKING:
@@ -26,9 +29,13 @@ def _warn(message: Any) -> str:
     return f"⚠️ {message}"
 
 
-def refresh_adapters(chosen: list[str] | None) -> Any:
+def refresh_adapters(chosen: list[str] | None, profile: gr.OAuthProfile | None = None) -> Any:
     """Every run's adapter and checkpoints, keeping the ones chosen that still exist; with none, the newest run's
-    final adapter is chosen."""
+    final adapter is chosen. A caller who may not evaluate gets none, and the reason."""
+    try:
+        access.require(access.identify(profile), Action.EVALUATE)
+    except AccessError as err:
+        return gr.Dropdown(choices=[], value=[], multiselect=True, info=_warn(err))
     refs = chat_tab.chat_module().available_adapters()
     locations = [ref.location for ref in refs]
     kept = [c for c in chosen or [] if c in locations]
@@ -53,19 +60,44 @@ def details_frame(table: EvalTable) -> pd.DataFrame:
 
 
 def run_evaluation(adapters: list[str] | None, data_file: str | None, loss_file: str | None, mode: str,
-                   limit: int | None, progress: gr.Progress = gr.Progress()) -> tuple[str, Any, Any]:
+                   limit: int | None, progress: gr.Progress = gr.Progress(),
+                   profile: gr.OAuthProfile | None = None) -> tuple[str, Any, Any]:
     """Evaluate the chosen adapters and their base: the message, the results table and the per-question details.
 
-    Results of runs are saved to each run's eval.json by the engine.
+    Results of runs are saved to each run's eval.json by the engine. Evaluating writes into run folders and spends
+    compute: the owner's (access.py); its data files must be uploads.
     """
-    chat = chat_tab.chat_module()  # first: it imports the engine's modules in a safe order
-    from ..evaluate import EvalError, evaluate
+    try:
+        access.require(access.identify(profile), Action.EVALUATE)
+        access.check_uploaded(data_file)
+        access.check_uploaded(loss_file)
+    except AccessError as err:
+        return _warn(err), None, None
+    chat_tab.chat_module()  # first: it imports the engine's modules in a safe order
+    from ..evaluate import gpu_steps
 
     if not adapters:
         return _warn("Choose at least one run's adapter or checkpoint to evaluate."), None, None
+    limit = None if limit is None else int(limit)
+    if on_zerogpu() and gpu_steps(len(adapters), data_file or None, loss_data=loss_file or None, mode=mode,
+                                  limit=limit) > GPU_MAX_STEPS:
+        return _warn(f"This evaluation is more than one ZeroGPU call can do (at most {GPU_MAX_SECONDS} s of GPU "
+                     "time): set a Limit (fewer questions and examples), evaluate fewer adapters at once, or use "
+                     "loglik mode (one model step per question instead of a generated reply)."), None, None
+    return _evaluate(adapters, data_file or None, loss_file or None, mode, limit, *chat_tab.engine_settings(),
+                     progress)
+
+
+def _evaluate(adapters: list[str], data_file: str | None, loss_file: str | None, mode: str, limit: int | None,
+              quantization: str | None, compiled: bool, progress: gr.Progress) -> tuple[str, Any, Any]:
+    """``run_evaluation``'s work on the device. On ZeroGPU this is the call that holds the GPU (hosting.on_gpu),
+    so it takes everything as arguments and returns its problems."""
+    chat = chat_tab.chat_module()
+    from ..evaluate import EvalError, evaluate
+
     try:
-        table = evaluate(adapters, data_file or None, loss_data=loss_file or None, mode=mode,
-                         limit=None if limit is None else int(limit), engine=chat_tab.engine(), progress=progress)
+        table = evaluate(adapters, data_file, loss_data=loss_file, mode=mode, limit=limit,
+                         engine=chat_tab.engine_with(quantization, compiled), progress=progress)
     except (EvalError, chat.ChatError) as err:
         return _warn(err), None, None
     # A base result read back from a run's eval.json carries no per-question items.
@@ -74,6 +106,16 @@ def run_evaluation(adapters: list[str] | None, data_file: str | None, loss_file:
                "saved in each run's eval.json." + (" The base model's result was reused from an earlier evaluation "
                                                    "on the same data." if reused else ""))
     return message, results_frame(table), details_frame(table)
+
+
+def _evaluate_steps(adapters: list[str], data_file: str | None, loss_file: str | None, mode: str, limit: int | None,
+                    *_: Any) -> int:
+    from ..evaluate import gpu_steps
+
+    return gpu_steps(len(adapters), data_file, loss_data=loss_file, mode=mode, limit=limit)
+
+
+_evaluate = on_gpu(_evaluate, steps=_evaluate_steps)
 
 
 @dataclass

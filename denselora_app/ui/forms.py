@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, RunConfig
-from ..runs import safe_name
+from ..runs import runs_dir, safe_name
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig))
 DEFAULT_PRESET = "quickstart-cpu.yaml"  # the preset that trains in minutes on a laptop CPU: the app's starting point
@@ -32,21 +32,32 @@ def config_from_settings(settings: dict[str, Any]) -> RunConfig:
 # ---- presets ------------------------------------------------------------------------------------------------------
 
 
+SHIPPED_PRESETS = Path("presets")  # the presets the studio ships (next to the CLI's `train presets/x.yaml`)
+
+
 def presets_dir() -> Path:
-    """Where presets live: $DENSELORA_PRESETS, else ./presets (next to the CLI's `train presets/x.yaml`)."""
-    return Path(os.environ.get("DENSELORA_PRESETS", "presets"))
+    """Where the user's own presets are saved: $DENSELORA_PRESETS, else presets/ in the runs folder (so on a Space
+    they live, and are kept, wherever its runs are). The shipped presets are never written."""
+    override = os.environ.get("DENSELORA_PRESETS")
+    return Path(override) if override else runs_dir() / "presets"
 
 
-def list_presets() -> list[str]:
-    folder = presets_dir()
+def _names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
+def list_presets() -> list[str]:
+    """Every preset, by file name: the shipped ones and the user's own."""
+    return sorted({*_names(SHIPPED_PRESETS), *_names(presets_dir())})
+
+
 def preset_path(name: str) -> Path:
-    # Only names that are listed: a preset name from the browser must never reach outside the folder.
-    if name not in list_presets():
-        raise ConfigError(f"No preset named '{name}' in {presets_dir()}.")
-    return presets_dir() / name
+    # Only names that are listed: a preset name from the browser must never reach outside the folders. A shipped
+    # name is always the shipped preset (saving refuses to shadow one).
+    for folder in (SHIPPED_PRESETS, presets_dir()):
+        if name in _names(folder):
+            return folder / name
+    raise ConfigError(f"No preset named '{name}' in {SHIPPED_PRESETS} or {presets_dir()}.")
 
 
 def load_preset(name: str) -> RunConfig:
@@ -64,12 +75,17 @@ def initial_config() -> tuple[RunConfig, str | None]:
 
 
 def save_preset(cfg: RunConfig, name: str) -> Path:
-    """Write ``cfg`` to presets/<safe name>.yaml (overwriting a preset of that name) and return the path."""
+    """Write ``cfg`` to the user's presets folder as <safe name>.yaml (overwriting a user preset of that name) and
+    return the path; a name that would shadow a shipped preset is refused."""
     if not name.strip():
         raise ConfigError("Give the preset a name first.")
+    file = f"{safe_name(name.removesuffix('.yaml'))}.yaml"
+    if file in _names(SHIPPED_PRESETS):
+        raise ConfigError(f"'{file}' is a preset shipped with the studio, which is never overwritten: save yours "
+                          "under another name.")
     folder = presets_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{safe_name(name.removesuffix('.yaml'))}.yaml"
+    path = folder / file
     cfg.to_yaml(path)
     return path
 

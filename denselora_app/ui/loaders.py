@@ -13,9 +13,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..access import Caller, identify, uploads_dir
 from ..config import RunConfig
 from ..rules import DATA_FILE_TYPES
-from ..runs import runs_dir, safe_name
+from ..runs import safe_name
 
 UPLOAD_TYPES = DATA_FILE_TYPES  # what data.py reads; checked before copying
 
@@ -79,12 +80,10 @@ def data_source(cfg: RunConfig) -> str:
     return source_of(cfg.data)
 
 
-def uploads_dir() -> Path:
-    return runs_dir() / "uploads"
-
-
-def store_upload(temp_path: str) -> Path:
-    """Copy an uploaded file (gradio's temporary copy) to runs/uploads/, so run configs point at a stable path.
+def store_upload(temp_path: str, who: Caller | None = None) -> Path:
+    """Copy an uploaded file (gradio's temporary copy) to the caller's uploads folder (access.uploads_dir:
+    runs/uploads/, on a Space runs/uploads/<user>/; ``who`` None: the local user's), so run configs point at a
+    stable path.
 
     The stored name is the upload's name made safe (no folders, no '..') plus a short hash of the content, so the
     same file uploaded twice is stored once and two different files with one name never overwrite each other.
@@ -100,7 +99,7 @@ def store_upload(temp_path: str) -> Path:
     with open(source, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    folder = uploads_dir()
+    folder = uploads_dir(who if who is not None else identify(None))
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{safe_name(source.stem)}-{digest.hexdigest()[:8]}{suffix}"
     if not target.exists():

@@ -16,7 +16,8 @@ from typing import Any
 
 import gradio as gr
 
-from .. import publish
+from .. import access, publish
+from ..access import AccessError, Action
 from ..config import ConfigError
 from ..hosting import on_space
 from ..publish import PublishError, RepoFolder
@@ -37,10 +38,22 @@ def publishable_runs() -> list[str]:
             if all((run.adapter_dir / name).is_file() for name in publish.ADAPTER_FILES)]
 
 
-def refresh_runs(chosen: str | None) -> Any:
-    """The runs with a final adapter, keeping the one chosen if it still has one; otherwise the newest is chosen."""
+def refresh_runs(chosen: str | None, profile: gr.OAuthProfile | None = None) -> Any:
+    """The runs with a final adapter, keeping the one chosen if it still has one; otherwise the newest is chosen.
+    A caller who may not publish gets none, and the reason."""
+    if refused := _refused(profile):
+        return gr.Dropdown(choices=[], value=None, info=refused)
     ids = publishable_runs()
     return gr.Dropdown(choices=ids, value=chosen if chosen in ids else (ids[0] if ids else None))
+
+
+def _refused(profile: gr.OAuthProfile | None) -> str | None:
+    """Why the caller may not publish (or download what publishing builds), if they may not."""
+    try:
+        access.require(access.identify(profile), Action.PUBLISH)
+    except AccessError as err:
+        return _warn(err)
+    return None
 
 
 def _missing(run_id: str | None, repo_id: str, what: str = "model repository") -> str | None:
@@ -92,10 +105,11 @@ def _download(zip_path: Path) -> Any:
     return gr.DownloadButton(f"Download {zip_path.name}", value=str(zip_path), visible=True)
 
 
-def build_model(run_id: str | None, repo_id: str, base_model: str) -> tuple[Any, ...]:
+def build_model(run_id: str | None, repo_id: str, base_model: str,
+                profile: gr.OAuthProfile | None = None) -> tuple[Any, ...]:
     """Build the model repository: the message, the card preview, the file list, the loss curve, the zip."""
     nothing = ("", "", None, gr.DownloadButton(visible=False))
-    if problem := _missing(run_id, repo_id):
+    if problem := _refused(profile) or _missing(run_id, repo_id):
         return problem, *nothing
     try:
         folder = publish.build_model_repo(run_id, repo_id.strip(), base_model=base_model.strip() or None)
@@ -107,9 +121,9 @@ def build_model(run_id: str | None, repo_id: str, base_model: str) -> tuple[Any,
 
 
 def push_model(run_id: str | None, repo_id: str, private: bool, commit_message: str, base_model: str,
-               oauth_token: gr.OAuthToken | None) -> str:
+               oauth_token: gr.OAuthToken | None, profile: gr.OAuthProfile | None = None) -> str:
     """Build the model repository and upload it (creating the repository if needed)."""
-    if problem := _missing(run_id, repo_id):
+    if problem := _refused(profile) or _missing(run_id, repo_id):
         return problem
     try:
         result = publish.publish_model(run_id, repo_id.strip(), private=private,
@@ -121,10 +135,10 @@ def push_model(run_id: str | None, repo_id: str, private: bool, commit_message: 
 
 
 def build_space(run_id: str | None, space_id: str, repo_id: str, bundle_adapter: bool,
-                base_model: str) -> tuple[Any, ...]:
+                base_model: str, profile: gr.OAuthProfile | None = None) -> tuple[Any, ...]:
     """Build the demo Space: the message, its file list and its zip."""
-    nothing = ("", gr.DownloadButton(visible=False))
-    if problem := _missing(run_id, space_id, "Space"):
+    nothing = (gr.DownloadButton(visible=False),)
+    if problem := _refused(profile) or _missing(run_id, space_id, "Space"):
         return problem, *nothing
     try:
         folder = publish.build_space_repo(run_id, space_id.strip(), adapter_repo_id=repo_id.strip() or None,
@@ -137,9 +151,10 @@ def build_space(run_id: str | None, space_id: str, repo_id: str, bundle_adapter:
 
 
 def push_space(run_id: str | None, space_id: str, repo_id: str, bundle_adapter: bool, private: bool,
-               commit_message: str, base_model: str, oauth_token: gr.OAuthToken | None) -> str:
+               commit_message: str, base_model: str, oauth_token: gr.OAuthToken | None,
+               profile: gr.OAuthProfile | None = None) -> str:
     """Build the demo Space and upload it as a Gradio Space."""
-    if problem := _missing(run_id, space_id, "Space"):
+    if problem := _refused(profile) or _missing(run_id, space_id, "Space"):
         return problem
     try:
         result = publish.publish_space(run_id, space_id.strip(), adapter_repo_id=repo_id.strip() or None,
@@ -165,8 +180,8 @@ class PublishTab:
 def build(demo: gr.Blocks) -> PublishTab:
     """The Publish tab's components and events; call inside ``demo``'s context (and a gr.Tab)."""
     if on_space():
-        gr.Markdown("Sign in to publish to **your** account (the Space's own token is never used).")
-        gr.LoginButton(elem_id="publish-login")
+        gr.Markdown("Publishing is for this Space's owner, signed in (the button at the top of the page): it "
+                    "publishes with **your** sign-in; the Space's own token is never used.")
     else:
         gr.Markdown("Publishing uses the token in `HF_TOKEN`, or the login of `hf auth login` on the machine that "
                     "runs this app. It needs write access.")

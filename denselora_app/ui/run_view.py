@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..runs import Run, RunFacts, RunState, Status
+from ..runs import JobRecord, Run, RunFacts, RunKind, RunState, Status, format_rate
 from . import charts
 
 LOG_LINES = 30
@@ -32,16 +32,23 @@ def header_markdown(facts: RunFacts) -> str:
     if facts.problem:
         return f"**Run** `{facts.run_id}` · state: **damaged** · {facts.problem}"
     cfg = facts.config
-    return (f"**Run** `{facts.run_id}` · state: **{facts.state}** · "
-            f"{cfg.method} r={cfg.r} · model `{cfg.model}`")
+    where = f" · on Jobs: {facts.job.flavor} · [the job]({facts.job.url})" if facts.job else ""
+    what = "Learning-rate search" if facts.kind is RunKind.LR_SEARCH else "Run"
+    return (f"**{what}** `{facts.run_id}` · state: **{facts.state}** · "
+            f"{cfg.method} r={cfg.r} · model `{cfg.model}`{where}")
 
 
-def progress_html(status: Status) -> str:
-    """A bar with 'step i/N', elapsed and ETA; before the first step it says what the worker is doing."""
+def progress_html(status: Status, job: JobRecord | None = None) -> str:
+    """A bar with 'step i/N', elapsed and ETA; before the first step it says what the worker (or the ``job`` on
+    Hugging Face Jobs) is doing."""
     state = status.state
     step, total = status.step, status.max_steps or 0
     percent = 100.0 * step / total if total else 0.0
-    if state is RunState.QUEUED or (state is RunState.RUNNING and not total):
+    if job is not None and state is RunState.QUEUED:
+        text = f"Waiting for Hugging Face Jobs to start the job on {job.flavor}"
+    elif job is not None and state is RunState.RUNNING and not total:
+        text = "Preparing on Hugging Face Jobs: installing DenseLoRA Studio, then loading the data and the model"
+    elif state is RunState.QUEUED or (state is RunState.RUNNING and not total):
         text = "Preparing: loading the data and the model (the first use of the default model converts it, ~1 min)"
     elif state is RunState.RUNNING and status.elapsed_seconds is None:
         text = f"step {step}/{total} · the first step is running"
@@ -67,14 +74,56 @@ def outcome_markdown(run: Run, facts: RunFacts) -> str:
     if state is RunState.FAILED:
         return (f"**Training failed** ({status.error_kind or 'error'}): {status.error or ''}\n\n"
                 f"**Fix:** {status.fix or 'read the log below.'}")
+    if facts.kind is RunKind.LR_SEARCH:
+        return search_outcome_markdown(run, status)
     note = f"\n\n{status.note}" if status.note else ""
     if facts.has_adapter:
         where = f"**Your adapter is in** `{run.adapter_dir}`"
         if state is RunState.STOPPED:
             return (f"Run stopped; the adapter trained so far was saved. {where}\n\n"
-                    f"Continue training with `python -m denselora_app resume {run.id}`{note}")
+                    f"Continue training with **Resume** in the Runs tab, or `python -m denselora_app resume "
+                    f"{run.id}`{note}")
         return f"Run {state}. {where}{note}"
+    if facts.job is not None and state is RunState.COMPLETED:
+        return (f"Run completed on Hugging Face Jobs. Its adapter is in `{facts.job.repo_id}` (private) and comes "
+                f"into `{run.adapter_dir}` when the studio next reads the job.{note}")
     return f"Run {state}; it saved no adapter.{note}"
+
+
+def search_outcome_markdown(run: Run, status: Status) -> str:
+    """An ended search: its chosen rate and how to use it, and each finished trial."""
+    search = run.lr_search()
+    table = "| rate | loss (last steps) | diverged |\n|---:|---:|---|\n" + "".join(
+        f"| {'**' + format_rate(t.lr) + '**' if t.lr == search.chosen else format_rate(t.lr)} "
+        f"| {'-' if t.final_loss is None else f'{t.final_loss:.4f}'} | {t.reason or 'no'} |\n"
+        for t in search.trials)
+    note = status.note or ""
+    if search.chosen is None:
+        return f"{note}\n\n{table}" if search.trials else note
+    rate = format_rate(search.chosen)
+    return (f"**Best learning rate: {rate}**: {search.rule}. **Use this rate** puts it in the form; from the command "
+            f"line: `python -m denselora_app train {run.path / 'config.yaml'} --set learning_rate={rate}`\n\n"
+            f"{table}\n{note}")
+
+
+@dataclass
+class SearchCharts:
+    """A learning-rate search as the live view draws it."""
+
+    trials: pd.DataFrame | None  # one loss curve per rate (x: the step within the trial); None before any point
+    colors: dict[str, str]  # each rate's curve color, lowest rate blue to highest red
+    chosen: pd.DataFrame | None  # the chosen trial's recorded losses; None until a rate is chosen
+
+
+def search_charts(run: Run) -> SearchCharts | None:
+    """The search's charts; None for a training run (or a search whose lr_search.json cannot be read)."""
+    search = run.lr_search()
+    if search is None or search.problem:
+        return None
+    chosen = search.chosen_trial
+    return SearchCharts(trials=charts.shown(charts.trial_frame(run.metrics(), search.rates), "loss"),
+                        colors=charts.rate_colors(search.rates),
+                        chosen=charts.shown(charts.curve_frame(chosen.losses), "loss") if chosen else None)
 
 
 @dataclass
@@ -94,7 +143,7 @@ def run_charts(rows: list[dict[str, Any]]) -> RunCharts:
 
 
 TABLE_COLUMNS = ["Run", "State", "Method", "Rank", "Trainable %", "Train loss", "Validation loss", "Steps",
-                 "Duration", "Started"]
+                 "Duration", "Started", "Trained on"]
 
 
 def table_row(facts: RunFacts) -> list[Any]:
@@ -104,7 +153,7 @@ def table_row(facts: RunFacts) -> list[Any]:
     return [
         facts.run_id,
         "damaged" if facts.problem else str(facts.state),
-        cfg.method if cfg else "-",
+        (f"{cfg.method} · lr search" if facts.kind is RunKind.LR_SEARCH else cfg.method) if cfg else "-",
         cfg.r if cfg else "-",
         f"{facts.trainable_percent:.4f}" if facts.trainable_percent else "-",
         f"{facts.final_train_loss:.4f}" if facts.final_train_loss is not None else "-",
@@ -112,4 +161,5 @@ def table_row(facts: RunFacts) -> list[Any]:
         f"{facts.steps}/{status.max_steps or '?'}",
         duration(facts.duration_seconds),
         dt.datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M") if created else "-",
+        f"Jobs {facts.job.flavor}" if facts.job else "this machine",
     ]

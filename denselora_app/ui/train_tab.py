@@ -15,10 +15,13 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from .. import access, jobs, rules
 from .. import config as C
-from ..config import ConfigError, RunConfig, field_help
+from ..access import AccessError, Action
+from ..config import ConfigError, RunConfig, StudioError, field_help
+from ..hosting import space_id
 from ..rules import DEVICE_KINDS
-from ..runs import RunError, get_run, list_runs, request_stop
+from ..runs import RunError, format_rate, get_run
 from . import charts, forms, loaders, run_view
 
 log = logging.getLogger(__name__)
@@ -31,20 +34,32 @@ PREVIEW_FIELDS = ("model", "trust_remote_code", "data", "data_format", "cutoff_l
 PREVIEW_OUTPUTS = 7  # data message, detected format, preview box, rows, examples, histogram, report
 TRAINED = "trained"
 CELL_CHARS = 300
+ON_THIS_MACHINE, ON_JOBS = "this machine", "jobs"  # where a run trains ("Train on")
 
 
 def _warn(message: Any) -> str:
     return f"⚠️ {message}"
 
 
+def _owner(profile: gr.OAuthProfile | None) -> access.Caller:
+    """The caller, who must be allowed to train here (access.py): everything in this tab's form reads the server's
+    files or models, writes runs or presets, or spends compute. AccessError otherwise."""
+    who = access.identify(profile)
+    access.require(who, Action.TRAIN)
+    return who
+
+
 # ---- model ---------------------------------------------------------------------------------------------------------
 
 
-def check_model(model: str, trust_remote_code: bool, target_modules: list[str]) -> tuple[str, Any]:
+def check_model(model: str, trust_remote_code: bool, target_modules: list[str],
+                profile: gr.OAuthProfile | None = None) -> tuple[str, Any]:
     """Resolve the model spec: its summary line, and the target-module choices from its own Linear layers."""
     try:
+        _owner(profile)
+        access.check_model(model)
         info = loaders.model_info(model, trust_remote_code)
-    except loaders.model_errors() as err:
+    except (AccessError, *loaders.model_errors()) as err:
         return _warn(err), gr.skip()
     names = list(info.linear_names)
     # Keep what the user chose where the model has it; otherwise the paper's targets, otherwise the first layer.
@@ -56,16 +71,18 @@ def check_model(model: str, trust_remote_code: bool, target_modules: list[str]) 
     return text, gr.CheckboxGroup(choices=names, value=kept)
 
 
-def parameter_line(**settings: Any) -> tuple[str, str]:
+def parameter_line(profile: gr.OAuthProfile | None = None, **settings: Any) -> tuple[str, str]:
     """'Trainable parameters: N (x%) - LoRA at this rank: M (y%)', and the memory planner's line for the current
     form on its device (with the changes that would make the run fit, when it does not)."""
     try:
+        _owner(profile)
         cfg = forms.config_from_settings(settings)
+        access.check_model(cfg.model)
         model_config = loaders.model_config(cfg.model, cfg.trust_remote_code)
         from ..methods import count_parameters
 
         counts = count_parameters(model_config, cfg)
-    except ConfigError as err:
+    except (ConfigError, AccessError) as err:
         return _warn(err), ""
     except loaders.model_errors() as err:
         return _warn(f"Cannot count parameters: {err}"), ""
@@ -108,7 +125,8 @@ def _no_preview(message: str) -> tuple[Any, ...]:
 
 
 def preview_data(
-    *, model: str, trust_remote_code: bool, data: str, data_format: str, cutoff_len: int, train_on_inputs: bool
+    profile: gr.OAuthProfile | None = None, *, model: str, trust_remote_code: bool, data: str, data_format: str,
+    cutoff_len: int, train_on_inputs: bool
 ) -> tuple[Any, ...]:
     """What the data looks like to the model before any training.
 
@@ -119,9 +137,11 @@ def preview_data(
     from ..data import DataError, render_preview
 
     try:
+        who = _owner(profile)
         cfg = RunConfig(model=model, data=data, data_format=data_format, cutoff_len=cutoff_len,
                         train_on_inputs=train_on_inputs, trust_remote_code=trust_remote_code)
-    except ConfigError as err:
+        access.check_config(who, cfg)
+    except (ConfigError, AccessError) as err:
         return _no_preview(_warn(err))
     if not cfg.data:
         return _no_preview(_warn("Choose training data: upload a file, type a path or a Hub dataset name."))
@@ -157,8 +177,9 @@ def preview_data(
     )
 
 
-def upload_data(file: str | None, **settings: Any) -> tuple[Any, ...]:
-    """Store an uploaded file under runs/uploads/ and preview it; the data box then points at the stored copy.
+def upload_data(file: str | None, profile: gr.OAuthProfile | None = None, **settings: Any) -> tuple[Any, ...]:
+    """Store an uploaded file in the caller's uploads (runs/uploads/, on a Space runs/uploads/<user>/) and preview
+    it; the data box then points at the stored copy. Only a file gradio received as an upload is taken.
 
     The upload area is emptied again (first output), ready for another file: the data box shows which one is used.
     """
@@ -167,22 +188,26 @@ def upload_data(file: str | None, **settings: Any) -> tuple[Any, ...]:
     if not file:
         return gr.skip(), gr.skip(), *_no_preview("")
     try:
-        stored = str(loaders.store_upload(file))
-    except DataError as err:
+        who = _owner(profile)
+        access.check_uploaded(file)
+        stored = str(loaders.store_upload(file, who))
+    except (DataError, AccessError) as err:
         return None, gr.skip(), *_no_preview(_warn(err))
-    return None, stored, *preview_data(**{**settings, "data": stored})
+    return None, stored, *preview_data(profile, **{**settings, "data": stored})
 
 
 # ---- presets and the command ---------------------------------------------------------------------------------------
 
 
-def load_preset(name: str | None, target_choices: list[str]) -> tuple[Any, ...]:
+def load_preset(name: str | None, target_choices: list[str],
+                profile: gr.OAuthProfile | None = None) -> tuple[Any, ...]:
     """Fill every control from a preset file, then a message and the preview of the preset's data."""
     if not name:
         return *[gr.skip()] * len(forms.FIELDS), _warn("Choose a preset first."), *[gr.skip()] * PREVIEW_OUTPUTS
     try:
+        _owner(profile)
         cfg = forms.load_preset(name)
-    except ConfigError as err:
+    except (ConfigError, AccessError) as err:
         return *[gr.skip()] * len(forms.FIELDS), _warn(err), *[gr.skip()] * PREVIEW_OUTPUTS
     values: list[Any] = []
     for field in forms.FIELDS:
@@ -190,85 +215,159 @@ def load_preset(name: str | None, target_choices: list[str]) -> tuple[Any, ...]:
         if field == "target_modules":  # the preset may name layers the checked model did not list
             value = gr.CheckboxGroup(choices=list(dict.fromkeys([*target_choices, *value])), value=value)
         values.append(value)
-    preview = preview_data(**{field: getattr(cfg, field) for field in PREVIEW_FIELDS})
+    preview = preview_data(profile, **{field: getattr(cfg, field) for field in PREVIEW_FIELDS})
     return *values, f"Loaded preset `{name}`.", *preview
 
 
-def preset_choices() -> Any:
-    """The preset files as they are now (a page built earlier would only know the ones there at start-up)."""
+def preset_choices(profile: gr.OAuthProfile | None = None) -> Any:
+    """The preset files as they are now (a page built earlier would only know the ones there at start-up); a
+    visitor's list is left as it is."""
+    if not access.allowed(access.identify(profile), Action.TRAIN):
+        return gr.skip()
     return gr.Dropdown(choices=forms.list_presets())
 
 
-def save_preset(preset_name: str, **settings: Any) -> tuple[str, Any]:
+def save_preset(preset_name: str, profile: gr.OAuthProfile | None = None, **settings: Any) -> tuple[str, Any]:
+    """Save the form as a preset in the user's presets folder (forms.save_preset: never over a shipped one)."""
     try:
+        _owner(profile)
         path = forms.save_preset(forms.config_from_settings(settings), preset_name)
-    except (ConfigError, OSError) as err:
+    except (ConfigError, AccessError, OSError) as err:
         return _warn(err), gr.skip()
     return f"Saved `{path}`.", gr.Dropdown(choices=forms.list_presets(), value=path.name)
 
 
-def show_command(preset: str | None, **settings: Any) -> str:
+def show_command(preset: str | None, profile: gr.OAuthProfile | None = None, **settings: Any) -> str:
     try:
+        _owner(profile)
         return forms.cli_command(forms.config_from_settings(settings), preset or None)
-    except ConfigError as err:
+    except (ConfigError, AccessError) as err:
         return _warn(err)
 
 
 # ---- start, stop and the live view ---------------------------------------------------------------------------------
 
 
-def start_training(**settings: Any) -> tuple[str, str | None, Any]:
+def _token(oauth_token: gr.OAuthToken | None) -> str | None:
+    return oauth_token.token if oauth_token is not None else None
+
+
+def start_training(profile: gr.OAuthProfile | None = None, oauth_token: gr.OAuthToken | None = None, *,
+                   train_on: str = ON_THIS_MACHINE, jobs_flavor: str = rules.JOBS_DEFAULT_FLAVOR,
+                   jobs_source: str = "", jobs_repo: str = "", jobs_timeout: str = rules.JOBS_DEFAULT_TIMEOUT,
+                   **settings: Any) -> tuple[str, str | None, Any]:
     """Start the run the form describes, through the engine's launch (the same checks as the CLI: model, adapter,
-    data, device). Returns the message, the run id to watch (unchanged when refused) and the live-view timer."""
-    from ..launch import LaunchError, launch
+    data, device), on this machine or on Hugging Face Jobs (with the signed-in user's token, else HF_TOKEN or the
+    login). Returns the message, the run id to watch (unchanged when refused) and the live-view timer."""
+    from ..launch import launch
 
     try:
+        who = _owner(profile)
         cfg = forms.config_from_settings(settings)
-        run = launch(cfg, load_config=loaders.model_config, load_tokenizer=loaders.tokenizer)
-    except (ConfigError, LaunchError) as err:
+        access.check_config(who, cfg)
+        target = jobs.JobsTarget(jobs_flavor, jobs_source.strip() or None, jobs_repo.strip() or None,
+                                 jobs_timeout) if train_on == ON_JOBS else None
+        run = launch(cfg, jobs=target, token=_token(oauth_token), load_config=loaders.model_config,
+                     load_tokenizer=loaders.tokenizer)
+    except StudioError as err:  # ConfigError, AccessError, LaunchError, JobsError
         return _warn(f"Not started. {err}"), gr.skip(), gr.skip()
     log.info("Started run %s", run.id)
+    if (job := run.job()) is not None:
+        return (f"Submitted run `{run.id}` to Hugging Face Jobs ({job.flavor}): [its job]({job.url}). It trains "
+                f"there and uploads its results to `{job.repo_id}` (private); this page follows it."), run.id, \
+            gr.Timer(active=True)
     return (f"Started run `{run.id}`. It trains in its own process: closing or reloading this page does not "
             "stop it."), run.id, gr.Timer(active=True)
 
 
-def stop_training(run_id: str | None) -> str:
-    if not run_id:
-        return _warn("No run to stop.")
+def stop_training(run_id: str | None, profile: gr.OAuthProfile | None = None,
+                  oauth_token: gr.OAuthToken | None = None) -> str:
+    """Stop the watched run: a graceful stop here, or cancelling its job on Hugging Face Jobs."""
+    from ..launch import stop_run
+
     try:
-        return request_stop(get_run(run_id))
-    except RunError as err:
+        _owner(profile)
+        if not run_id:
+            return _warn("No run to stop.")
+        return stop_run(get_run(run_id), token=_token(oauth_token))
+    except StudioError as err:  # RunError, AccessError, JobsError
         return _warn(err)
 
 
-def live_status(run_id: str | None) -> tuple[Any, ...]:
-    """Everything the live view shows for one run; the timer keeps ticking only while the run is active."""
-    nothing = (gr.Column(visible=False), None, None, None, None, "", "", gr.Timer(active=False))
+def find_learning_rate(profile: gr.OAuthProfile | None = None, **settings: Any) -> tuple[str, str | None, Any, Any]:
+    """Start a learning-rate search with the form's settings (the method's default spread of rates), on this
+    machine, through the same launch as Start. Returns the message, the run id to watch, the live-view timer and
+    a cleared trials chart (a chart keeps the series it was first drawn with; another search has other rates)."""
+    from ..launch import launch
+    from ..lr_finder import plan_search
+
+    try:
+        who = _owner(profile)
+        cfg = forms.config_from_settings(settings)
+        access.check_config(who, cfg)
+        plan = plan_search(cfg)
+        run = launch(cfg, search=plan, load_config=loaders.model_config, load_tokenizer=loaders.tokenizer)
+    except StudioError as err:  # ConfigError, AccessError, LaunchError
+        return _warn(f"Not started. {err}"), gr.skip(), gr.skip(), gr.skip()
+    log.info("Started learning-rate search %s", run.id)
+    rates = ", ".join(format_rate(rate) for rate in plan.rates)
+    return (f"Started learning-rate search `{run.id}`: {len(plan.rates)} trials of {plan.steps} steps on this "
+            f"machine, at {rates}. When it ends, **Use this rate** puts the best one in the form."), run.id, \
+        gr.Timer(active=True), None
+
+
+def use_found_rate(run_id: str | None, profile: gr.OAuthProfile | None = None) -> tuple[Any, str]:
+    """"Use this rate": the watched search's chosen rate into the form's learning-rate field, and a message."""
+    try:
+        who = _owner(profile)
+        run = get_run(run_id or "")
+        access.require(who, Action.VIEW, run)
+    except StudioError as err:  # RunError, AccessError
+        return gr.skip(), _warn(err)
+    search = run.lr_search()
+    if search is None or search.chosen is None:
+        return gr.skip(), _warn(f"Run `{run.id}` has no chosen learning rate.")
+    return search.chosen, f"Learning rate set to {format_rate(search.chosen)}, found by `{run.id}`."
+
+
+def live_status(run_id: str | None, profile: gr.OAuthProfile | None = None,
+                oauth_token: gr.OAuthToken | None = None) -> tuple[Any, ...]:
+    """Everything the live view shows for one run (one the caller may see); the timer keeps ticking only while the
+    run is active."""
+    nothing = (gr.Column(visible=False), None, None, None, None, "", "", gr.Timer(active=False),
+               gr.LinePlot(visible=False), gr.Row(visible=False), None)
     if not run_id:
         return "No run yet: set things up above and press **Start training**.", "", *nothing
     try:
         run = get_run(run_id)
-    except RunError as err:
+        access.require(access.identify(profile), Action.VIEW, run)
+    except (RunError, AccessError) as err:
         return _warn(err), "", *nothing
+    problem = jobs.refresh(run, _token(oauth_token))  # a run on Hugging Face Jobs: what its job says now
     facts = run.facts()
     shown = run_view.run_charts(run.metrics())
+    search = run_view.search_charts(run)  # a learning-rate search: one curve per trial instead of the loss chart
     return (
-        run_view.header_markdown(facts),
-        run_view.progress_html(facts.status),
+        run_view.header_markdown(facts) + (f"\n\n{_warn(problem)}" if problem else ""),
+        run_view.progress_html(facts.status, facts.job),
         gr.Column(visible=True),
-        shown.loss,
+        gr.LinePlot(shown.loss, visible=search is None),
         shown.learning_rate,
         shown.grad_norm,
         shown.tokens_per_second,
         run_view.outcome_markdown(run, facts),
         run.own_log_tail(run_view.LOG_LINES),
         gr.Timer(active=facts.state.active),
+        gr.LinePlot(search.trials, color_map=search.colors, visible=True) if search else gr.LinePlot(visible=False),
+        gr.Row(visible=search is not None and search.chosen is not None),
+        search.chosen if search else None,
     )
 
 
-def restore_run() -> str | None:
-    """The run a freshly loaded page watches: the one training now, else the most recent."""
-    runs = list_runs()
+def restore_run(profile: gr.OAuthProfile | None = None) -> str | None:
+    """The run a freshly loaded page watches: of those the caller may see, the one training now, else the most
+    recent."""
+    runs = access.visible_runs(access.identify(profile))
     active = next((r for r in runs if r.status().active), None)
     chosen = active or (runs[0] if runs else None)
     return chosen.id if chosen else None
@@ -291,10 +390,15 @@ def has_final_adapter(run_id: str | None) -> bool:
         return False
 
 
-def chat_offer(run_id: str | None) -> Any:
-    """The "Chat with this adapter" button: shown once the watched run has ended with its final adapter, hidden
-    while it trains, when it failed, or when there is no run."""
-    return gr.Button(visible=has_final_adapter(run_id))
+def chat_offer(run_id: str | None, profile: gr.OAuthProfile | None = None) -> Any:
+    """The "Chat with this adapter" button: shown once the watched run has ended with its final adapter (and the
+    caller may chat with it), hidden while it trains, when it failed, or when there is no run."""
+    try:
+        shown = has_final_adapter(run_id) and access.allowed(access.identify(profile), Action.CHAT,
+                                                             get_run(run_id or ""))
+    except RunError:
+        shown = False
+    return gr.Button(visible=shown)
 
 
 # ---- layout --------------------------------------------------------------------------------------------------------
@@ -306,6 +410,7 @@ class TrainTab:
     stop_event: Any
     run_state: Any = None  # the id of the run the live view watches
     chat_button: Any = None  # "Chat with this adapter" (app.py switches to the Chat tab with it)
+    search_event: Any = None  # "Find learning rate" started a search
 
 
 def build(demo: gr.Blocks) -> TrainTab:
@@ -379,6 +484,9 @@ def build(demo: gr.Blocks) -> TrainTab:
         number("alpha", "Alpha")
         controls["dropout"] = gr.Slider(0, 0.9, value=cfg.dropout, step=0.01, label="Dropout",
                                         info=field_help("dropout"), elem_id="cfg-dropout")
+        controls["dropout_placement"] = gr.Dropdown(list(C.DROPOUT_PLACEMENTS), value=cfg.dropout_placement,
+                                                    label="Dropout placement", info=field_help("dropout_placement"),
+                                                    elem_id="cfg-dropout_placement")
         controls["activation"] = gr.Dropdown(list(C.ACTIVATIONS), value=cfg.activation, label="Activation",
                                              info=field_help("activation"), elem_id="cfg-activation")
         controls["quantization"] = gr.Dropdown(list(zip(QUANTIZATION_LABELS, C.QUANTIZATIONS, strict=True)),
@@ -434,8 +542,28 @@ def build(demo: gr.Blocks) -> TrainTab:
     assert set(controls) == set(forms.FIELDS), "every RunConfig field needs exactly one control"
     controls = {name: controls[name] for name in forms.FIELDS}  # RunConfig order, for load_preset's outputs
 
+    with gr.Row(equal_height=False):
+        train_on = gr.Radio([("This machine", ON_THIS_MACHINE), ("Hugging Face Jobs", ON_JOBS)],
+                            value=ON_THIS_MACHINE, label="Train on", scale=1, elem_id="train-on",
+                            info="Hugging Face Jobs rents a GPU by the minute, billed to your Hugging Face account.")
+        with gr.Row(visible=False, scale=3) as jobs_row:
+            jobs_inputs = {
+                "jobs_flavor": gr.Dropdown([(jobs.flavor_label(f), f) for f in rules.JOBS_GPU_FLAVORS],
+                                           value=rules.JOBS_DEFAULT_FLAVOR, label="GPU", elem_id="jobs-flavor"),
+                "jobs_source": gr.Textbox("", label="Install the studio from", placeholder=space_id() or "OWNER/SPACE",
+                                          info="A Hub repository holding DenseLoRA Studio, or a git URL"
+                                               + ("; empty: this Space" if space_id() else ""),
+                                          elem_id="jobs-source"),
+                "jobs_repo": gr.Textbox("", label="Results repository (private)", placeholder="YOUR_NAME/RUN_ID",
+                                        elem_id="jobs-repo"),
+                "jobs_timeout": gr.Textbox(rules.JOBS_DEFAULT_TIMEOUT, label="Time limit", info="e.g. 90m, 6h",
+                                           elem_id="jobs-timeout"),
+            }
+    train_on.change(lambda where: gr.Row(visible=where == ON_JOBS), inputs=[train_on], outputs=[jobs_row],
+                    api_visibility="private", show_progress="hidden")
     with gr.Row():
         start_button = gr.Button("Start training", variant="primary", elem_id="start")
+        find_button = gr.Button("Find learning rate", elem_id="find-lr")
         stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
     start_message = gr.Markdown(elem_id="start-message")
 
@@ -448,6 +576,9 @@ def build(demo: gr.Blocks) -> TrainTab:
         with gr.Row():
             loss_plot = gr.LinePlot(x="step", y="loss", color="series", color_map=charts.LOSS_COLORS,
                                     title="Loss (train and validation)", height=280, elem_id="loss-plot")
+            trials_plot = gr.LinePlot(x="step", y="loss", color="rate", x_title="step of the trial", height=280,
+                                      title="Loss of each trial (color: learning rate)", visible=False,
+                                      elem_id="trials-plot")
             lr_plot = gr.LinePlot(x="step", y="learning_rate", title="Learning rate", height=280, elem_id="lr-plot")
         with gr.Row():
             grad_plot = gr.LinePlot(x="step", y="grad_norm", title="Gradient norm", height=220, elem_id="grad-plot")
@@ -457,10 +588,15 @@ def build(demo: gr.Blocks) -> TrainTab:
             outcome = gr.Markdown(elem_id="run-outcome")
             chat_button = gr.Button("Chat with this adapter", variant="primary", visible=False, scale=0,
                                     min_width=260, elem_id="chat-with-run")
+        with gr.Row(visible=False, equal_height=True) as chosen_row:  # a search that chose a rate
+            chosen_plot = gr.LinePlot(x="step", y="loss", title="The chosen rate's trial", x_title="step of the trial",
+                                      height=220, elem_id="chosen-plot")
+            use_rate_button = gr.Button("Use this rate", variant="primary", scale=0, min_width=200,
+                                        elem_id="use-rate")
         log_box = gr.Textbox(label="Log (last lines)", lines=8, max_lines=12, interactive=False, autoscroll=True,
                              elem_id="run-log")
     live_outputs = [run_header, progress, run_box, loss_plot, lr_plot, grad_plot, speed_plot, outcome, log_box,
-                    timer]
+                    timer, trials_plot, chosen_row, chosen_plot]
 
     # ---- events
     preview_inputs = {name: controls[name] for name in PREVIEW_FIELDS}
@@ -519,10 +655,16 @@ def build(demo: gr.Blocks) -> TrainTab:
     command_button.click(show_command, inputs=[preset_choice], inputs_kwargs=controls, outputs=[command],
                          api_name="show_command")
 
-    start_event = start_button.click(start_training, inputs_kwargs=controls,
+    start_event = start_button.click(start_training, inputs_kwargs={**controls, "train_on": train_on, **jobs_inputs},
                                      outputs=[start_message, run_state, timer], api_name="start")
     start_event.then(live_status, inputs=[run_state], outputs=live_outputs, api_visibility="private",
                      api_name="live_status_after_start", show_progress="hidden")
+    search_event = find_button.click(find_learning_rate, inputs_kwargs=controls,
+                                     outputs=[start_message, run_state, timer, trials_plot], api_name="find_lr")
+    search_event.then(live_status, inputs=[run_state], outputs=live_outputs, api_visibility="private",
+                      api_name="live_status_after_search", show_progress="hidden")
+    use_rate_button.click(use_found_rate, inputs=[run_state], outputs=[controls["learning_rate"], start_message],
+                          api_name="use_rate")
     stop_event = stop_button.click(stop_training, inputs=[run_state], outputs=[start_message], api_name="stop")
     timer.tick(live_status, inputs=[run_state], outputs=live_outputs, api_name="status", show_progress="hidden")
     # "Chat with this adapter" follows the watched run: a new run (start, page load) and every tick of the live view,
@@ -530,4 +672,5 @@ def build(demo: gr.Blocks) -> TrainTab:
     gr.on([run_state.change, timer.tick], chat_offer, inputs=[run_state], outputs=[chat_button],
           api_name="chat_offer", show_progress="hidden")
 
-    return TrainTab(start_event=start_event, stop_event=stop_event, run_state=run_state, chat_button=chat_button)
+    return TrainTab(start_event=start_event, stop_event=stop_event, run_state=run_state, chat_button=chat_button,
+                    search_event=search_event)

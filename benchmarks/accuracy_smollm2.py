@@ -1,0 +1,406 @@
+"""Accuracy of DenseLoRA against LoRA on the embedded 30-layer SmolLM2-135M-Instruct, through the studio itself.
+
+Each trial is an ordinary studio run (``launch`` + ``worker.execute``: the Trainer, the data pipeline and the
+defaults a user gets) followed by the studio's own evaluation (``evaluate.evaluate`` in generate mode: the question
+and its labelled options in the prompt, greedy decoding, the label extracted by pattern, as in the paper's
+commonsense protocol).
+
+The task needs generalisation, not recall. Five families of four-option questions are made from templates:
+the largest of four numbers, a two-digit sum, the next number of an arithmetic sequence, the odd word out of four,
+and which word belongs to a named category. Training questions use one half of every category's words and their
+own random numbers; validation and test questions use the other half of the words, and no test or validation
+question appears in training. Before training the model answers "answer4" to nearly everything (near chance).
+
+Arms: DenseLoRA r16, LoRA r16, and LoRA at the rank whose trainable parameter count is closest to DenseLoRA r16's
+(on SmolLM2's five projections that is r1), all on q/k/v/up/down with alpha = 2r. Each arm's learning rate is
+chosen by the validation accuracy of a sweep with the first seed; the chosen rate then runs with every seed and is
+scored on the test questions.
+
+A finished trial is written to ``--trials-dir`` as one JSON file and skipped when the benchmark runs again with
+the same settings, so the full table can be built over several sittings (about 3 s per step here: the CPU setting
+is a few hours on 2 cores).
+
+    python benchmarks/accuracy_smollm2.py                # CPU setting (resumable)
+    python benchmarks/accuracy_smollm2.py --mode gpu     # more rows, steps and test questions, on one GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import random
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from benchlib import TARGET_MODULES, machine_description, machine_line, main_for, markdown_table
+from denselora_app.config import EMBEDDED_MODEL, RunConfig
+from denselora_app.evaluate import Question, choice_prompt
+
+log = logging.getLogger("benchmarks.accuracy_smollm2")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Settings of each mode; every key can be overridden by the flag of the same name (--steps etc.).
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(device="cpu", train_rows=40, val_per_family=1, test_per_family=1, steps=2, batch=4, seeds=1,
+                  sweep=1, warmup=1),
+    "cpu": dict(device="cpu", train_rows=1200, val_per_family=10, test_per_family=30, steps=200, batch=8, seeds=3,
+                sweep=3, warmup=10),
+    "gpu": dict(device="cuda", train_rows=4000, val_per_family=20, test_per_family=100, steps=600, batch=16, seeds=3,
+                sweep=4, warmup=30),
+}
+# Learning rates to sweep per method, most promising first (a sweep of n uses the first n). DenseLoRA's shared
+# matrices see every layer's gradient and its M are r x r, so its rates sit higher than LoRA's.
+RATES: dict[str, list[float]] = {
+    "denselora": [3e-3, 1e-3, 1e-2, 3e-4],
+    "lora": [3e-4, 1e-4, 1e-3, 3e-5],
+    "lora-matched": [1e-3, 3e-4, 3e-3, 1e-4],
+}
+
+CATEGORIES: dict[str, list[str]] = {
+    "animal": "dog cat horse lion tiger rabbit sheep goat wolf bear mouse camel zebra monkey eagle shark whale frog "
+              "snake duck".split(),
+    "fruit": "apple banana cherry grape lemon mango orange peach pear plum melon kiwi apricot lime papaya fig "
+             "coconut pineapple".split(),
+    "colour": "red blue green yellow purple black white brown pink grey violet gold".split(),
+    "tool": "hammer saw drill wrench screwdriver chisel shovel rake axe pliers".split(),
+    "vehicle": "car bus truck train bicycle boat plane tractor scooter van taxi ship".split(),
+    "body part": "arm leg hand foot head nose ear eye knee elbow shoulder finger".split(),
+    "instrument": "piano guitar violin drum flute trumpet harp cello saxophone clarinet".split(),
+    "country": "France Spain Italy Germany Brazil Japan China India Egypt Kenya Peru Canada".split(),
+}
+
+
+# ---- the task ---------------------------------------------------------------------------------------------------
+
+
+Item = tuple[str, list[str], int]  # question, four options, index of the right one
+
+
+def _shuffled(rng: random.Random, right: Any, others: Sequence[Any]) -> tuple[list[str], int]:
+    options = [right, *others]
+    rng.shuffle(options)
+    return [str(o) for o in options], options.index(right)
+
+
+def largest(rng: random.Random, words: dict[str, list[str]]) -> Item:
+    numbers = rng.sample(range(10, 1000), 4)
+    return "Which of these numbers is the largest?", [str(n) for n in numbers], numbers.index(max(numbers))
+
+
+def two_digit_sum(rng: random.Random, words: dict[str, list[str]]) -> Item:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    options, answer = _shuffled(rng, a + b, rng.sample([a + b + 1, a + b - 1, a + b + 10, a + b - 10], 3))
+    return f"What is {a} + {b}?", options, answer
+
+
+def next_in_sequence(rng: random.Random, words: dict[str, list[str]]) -> Item:
+    start, step = rng.randint(1, 60), rng.randint(2, 12)
+    shown = ", ".join(str(start + i * step) for i in range(4))
+    following = start + 4 * step
+    options, answer = _shuffled(rng, following, [following + 1, following - 1, following + step])
+    return f"Which number comes next: {shown}, ...?", options, answer
+
+
+def odd_one_out(rng: random.Random, words: dict[str, list[str]]) -> Item:
+    same, other = rng.sample(sorted(words), 2)
+    options, answer = _shuffled(rng, rng.choice(words[other]), rng.sample(words[same], 3))
+    return "Which word does not belong with the others?", options, answer
+
+
+def category_member(rng: random.Random, words: dict[str, list[str]]) -> Item:
+    category = rng.choice(sorted(words))
+    others = [rng.choice(words[c]) for c in rng.sample([c for c in sorted(words) if c != category], 3)]
+    options, answer = _shuffled(rng, rng.choice(words[category]), others)
+    article = "an" if category[0] in "aeiou" else "a"
+    return f"Which of these is {article} {category}?", options, answer
+
+
+FAMILIES: dict[str, Callable[[random.Random, dict[str, list[str]]], Item]] = {
+    "largest": largest, "sum": two_digit_sum, "sequence": next_in_sequence, "odd-one-out": odd_one_out,
+    "category": category_member,
+}
+
+
+def split_words(seed: int) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Each category's words in two halves: one for training questions, one for validation and test questions."""
+    rng = random.Random(seed)
+    train, held_out = {}, {}
+    for category, words in CATEGORIES.items():
+        shuffled = rng.sample(words, len(words))
+        half = len(shuffled) // 2
+        train[category], held_out[category] = sorted(shuffled[:half]), sorted(shuffled[half:])
+    return train, held_out
+
+
+def reply(answer: int) -> str:
+    """The training target, in the paper's wording."""
+    return f"the correct answer is answer{answer + 1}"
+
+
+def make_task(folder: Path, train_rows: int, val_per_family: int, test_per_family: int, seed: int = 0) -> dict:
+    """Write train.jsonl (messages), val.jsonl and test.jsonl (the studio's multiple-choice format, plus each
+    question's family) to ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train_words, held_out_words = split_words(seed)
+    rng = random.Random(seed + 1)
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+
+    def fresh(family: str, words: dict[str, list[str]]) -> Item:
+        while True:  # numbers and word draws repeat now and then; no question is asked twice
+            question, options, answer = FAMILIES[family](rng, words)
+            key = (question, tuple(sorted(options)))
+            if key not in seen:
+                seen.add(key)
+                return question, options, answer
+
+    held = {name: [(f, fresh(f, held_out_words)) for f in FAMILIES for _ in range(count)]
+            for name, count in (("val", val_per_family), ("test", test_per_family))}
+    families = list(FAMILIES)
+    train = [fresh(families[n % len(families)], train_words) for n in range(train_rows)]
+    rng.shuffle(train)
+    with open(folder / "train.jsonl", "w", encoding="utf-8") as fh:
+        for question, options, answer in train:
+            prompt = choice_prompt(Question(question, tuple(options), answer, "answer", ""))
+            fh.write(json.dumps({"messages": [{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": reply(answer)}]}) + "\n")
+    for name, items in held.items():
+        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as fh:
+            for family, (question, options, answer) in items:
+                fh.write(json.dumps({"question": question, "choices": options, "answer": answer,
+                                     "family": family}) + "\n")
+    return {"train": len(train), **{name: len(items) for name, items in held.items()}}
+
+
+# ---- trials -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str  # a key of RATES
+    method: str
+    r: int
+
+    def config(self, args: argparse.Namespace, data: Path, lr: float, seed: int) -> RunConfig:
+        return RunConfig(
+            model=args.model, data=str(data), data_format="messages", method=self.method, r=self.r,
+            alpha=2.0 * self.r, dropout=0.0, target_modules=list(TARGET_MODULES), learning_rate=lr,
+            max_steps=args.steps, batch_size=args.batch, grad_accum=1, warmup_steps=args.warmup,
+            lr_scheduler="linear", cutoff_len=256, seed=seed, save_steps=max(args.steps, 1), save_total_limit=1,
+            logging_steps=1, device=args.device, dtype="auto", run_name=f"{self.name}-lr{lr:g}-seed{seed}",
+        )
+
+
+def settings_key(args: argparse.Namespace) -> str:
+    """What a stored trial must have been run with to be reused."""
+    keys = ("model", "train_rows", "val_per_family", "test_per_family", "steps", "batch", "warmup", "data_seed")
+    text = json.dumps({k: str(getattr(args, k)) for k in keys}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def matched_lora_rank(model: str, target: int) -> int:
+    """The LoRA rank whose trainable parameter count is closest to ``target``."""
+    from denselora_app import models
+    from denselora_app.methods import count_parameters
+
+    config = models.load_config(model)
+    counts = {r: count_parameters(config, RunConfig(model=model, method="lora", r=r,
+                                                    target_modules=list(TARGET_MODULES))).trainable
+              for r in (1, 2, 4, 8)}
+    return min(counts, key=lambda r: abs(counts[r] - target))
+
+
+def _scores(result: Any, questions: Path) -> dict[str, Any]:
+    """Accuracy overall and per family of one evaluate() result (items are in the file's order)."""
+    families = [json.loads(line)["family"] for line in questions.read_text().splitlines()]
+    per_family: dict[str, list[bool]] = {}
+    for family, item in zip(families, result.items, strict=True):
+        per_family.setdefault(family, []).append(item.correct)
+    return {"accuracy": result.accuracy, "unanswered": result.unanswered,
+            "per_family": {f: sum(v) / len(v) for f, v in per_family.items()}}
+
+
+def run_trial(args: argparse.Namespace, arm: Arm, lr: float, seed: int, data: Path, engine: Any,
+              with_base: bool = False) -> dict[str, Any]:
+    """Train one adapter through the studio and score it on the validation and test questions (and the base model
+    on the test questions, ``with_base``); the trial's record."""
+    from denselora_app.evaluate import evaluate
+    from denselora_app.launch import launch
+    from denselora_app.worker import execute
+
+    root = args.work_dir / "runs"
+    run = launch(arm.config(args, data / "train.jsonl", lr, seed), background=False, share_device=True, root=root)
+    started = time.time()
+    state = execute(run)
+    trained = time.time() - started
+    facts = run.facts()
+    losses = [row["loss"] for row in run.metrics() if "loss" in row and "eval_loss" not in row]
+    tenth = max(len(losses) // 10, 1)
+    record: dict[str, Any] = {
+        "arm": arm.name, "method": arm.method, "r": arm.r, "lr": lr, "seed": seed, "state": str(state),
+        "trainable": facts.trainable_parameters, "total": facts.total_parameters, "steps": len(losses),
+        "final_loss": statistics.fmean(losses[-tenth:]),
+        # Flattened: the last tenth's mean loss against the tenth before it.
+        "previous_loss": statistics.fmean(losses[-2 * tenth:-tenth]) if len(losses) >= 2 * tenth else None,
+        "train_seconds": trained,
+    }
+    started = time.time()
+    for split in ("val", "test"):
+        questions = data / f"{split}.jsonl"
+        table = evaluate(str(run.adapter_dir), questions, engine=engine, save=False,
+                         with_base=with_base and split == "test")
+        record[split] = _scores(table.results[-1], questions)
+        if len(table.results) > 1:
+            record["base"] = _scores(table.results[0], questions)
+    record["eval_seconds"] = time.time() - started
+    shutil.rmtree(run.path)  # the record is what is kept; adapters of every trial would fill the disk
+    return record
+
+
+# ---- the benchmark ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="the base model (default: the embedded SmolLM2)")
+    for key, value in PRESETS["cpu"].items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--arms", nargs="+", default=list(RATES), choices=list(RATES))
+    parser.add_argument("--rates", nargs="+", type=float, help="sweep these rates for every arm instead")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--trials-dir", type=Path, help="where finished trials are kept (default: per mode, under "
+                                                        "benchmarks/results/)")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/denselora-accuracy"),
+                        help="run folders and the task's files while trials run")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    for key, value in PRESETS[args.mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.trials_dir = args.trials_dir or RESULTS / f"accuracy_smollm2_{args.mode}_trials"
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from denselora_app.chat import ChatEngine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = args.work_dir / "task"
+    sizes = make_task(data, args.train_rows, args.val_per_family, args.test_per_family, args.data_seed)
+    key = settings_key(args)
+    args.trials_dir.mkdir(parents=True, exist_ok=True)
+    engine = ChatEngine(device=args.device, runs_root=args.work_dir / "runs")
+    denselora = Arm("denselora", "denselora", 16)
+    arms = {"denselora": denselora, "lora": Arm("lora", "lora", 16)}
+    if "lora-matched" in args.arms:
+        arms["lora-matched"] = Arm("lora-matched", "lora", matched_lora_rank(args.model, _trainable(args.model,
+                                                                                                  denselora)))
+    started = time.time()
+
+    def trial(arm: Arm, lr: float, seed: int) -> dict[str, Any]:
+        name = f"{arm.name}-r{arm.r}-lr{lr:g}-seed{seed}"
+        record = stored(args, name, key)
+        if record is None:
+            log.info("Trial %s", name)
+            record = run_trial(args, arm, lr, seed, data, engine, with_base=stored(args, "base", key) is None)
+            if "base" in record:
+                store(args, "base", key, record.pop("base"))
+            store(args, name, key, record)
+        return record
+
+    results: dict[str, Any] = {}
+    for name in args.arms:
+        arm = arms[name]
+        rates = args.rates or RATES[name][: args.sweep]
+        sweep = [trial(arm, lr, args.data_seed) for lr in rates]
+        best = max(sweep, key=lambda t: (t["val"]["accuracy"], -t["final_loss"]))
+        seeds = [best] + [trial(arm, best["lr"], args.data_seed + s) for s in range(1, args.seeds)]
+        accuracies = [t["test"]["accuracy"] for t in seeds]
+        results[name] = {
+            "method": arm.method, "r": arm.r, "trainable": best["trainable"], "lr": best["lr"],
+            "sweep": [{k: t[k] for k in ("lr", "final_loss")} | {"val": t["val"]["accuracy"]} for t in sweep],
+            "seeds": seeds, "mean": statistics.fmean(accuracies),
+            "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+        }
+    return {"mode": args.mode, "settings": {k: getattr(args, k) for k in PRESETS["cpu"]} | {"model": args.model},
+            "task": sizes, "families": list(FAMILIES), "base": stored(args, "base", key), "arms": results,
+            "seconds_this_sitting": time.time() - started,
+            "trial_seconds": sum(t["train_seconds"] + t["eval_seconds"] for r in results.values() for t in r["seeds"]),
+            "machine": machine_description(torch.device(args.device))}
+
+
+def _trainable(model: str, arm: Arm) -> int:
+    from denselora_app import models
+    from denselora_app.methods import count_parameters
+
+    config = models.load_config(model)
+    return count_parameters(config, RunConfig(model=model, method=arm.method, r=arm.r,
+                                              target_modules=list(TARGET_MODULES))).trainable
+
+
+def stored(args: argparse.Namespace, name: str, key: str) -> Any:
+    path = args.trials_dir / f"{name}.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record["result"] if record.get("settings") == key else None
+
+
+def store(args: argparse.Namespace, name: str, key: str, result: Any) -> Any:
+    path = args.trials_dir / f"{name}.json"
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps({"settings": key, "result": result}, indent=1, default=str))
+    partial.replace(path)  # a trial interrupted while writing is run again, never half-read
+    return result
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    lines = [
+        f"Command: `{results['command']}`",
+        f"Machine: {machine_line(results['machine'])}",
+        f"Model: {s['model']}; task: {results['task']['train']} training questions, {results['task']['val']} "
+        f"validation and {results['task']['test']} test questions ({', '.join(results['families'])}); "
+        f"{s['steps']} steps of batch {s['batch']}, warmup {s['warmup']}, linear decay; trial time "
+        f"{results['trial_seconds'] / 3600:.1f} h in all.",
+        "",
+        f"Base model (no adapter): {results['base']['accuracy']:.1%} on the test questions.",
+        "",
+    ]
+    rows = []
+    for name, arm in results["arms"].items():
+        seeds = ", ".join(f"{t['test']['accuracy']:.1%}" for t in arm["seeds"])
+        losses = ", ".join(f"{t['final_loss']:.3f}" for t in arm["seeds"])
+        rows.append([f"{name} r{arm['r']}", f"{arm['trainable']:,}", f"{arm['lr']:g}",
+                     f"{arm['mean']:.1%} ± {arm['std']:.1%}", seeds, losses])
+    lines.append(markdown_table(["arm", "trainable", "chosen lr", "test accuracy (mean ± std)", "per seed",
+                                 "final train loss per seed"], rows))
+    lines += ["", "Learning-rate sweep (first seed; validation accuracy, final train loss):", ""]
+    rows = [[name, f"{t['lr']:g}", f"{t['val']:.1%}", f"{t['final_loss']:.3f}"]
+            for name, arm in results["arms"].items() for t in arm["sweep"]]
+    lines.append(markdown_table(["arm", "lr", "validation accuracy", "final train loss"], rows))
+    lines += ["", "Test accuracy per question family (mean over seeds):", ""]
+    families = results["families"]
+    rows = [[name] + [f"{statistics.fmean(t['test']['per_family'].get(f, 0.0) for t in arm['seeds']):.0%}"
+                      for f in families] for name, arm in results["arms"].items()]
+    rows.append(["base"] + [f"{results['base']['per_family'].get(f, 0.0):.0%}" for f in families])
+    lines.append(markdown_table(["arm", *families], rows))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    main_for(__file__, "accuracy_smollm2", parse_args, run, render_markdown, argv, variant="mode")
+
+
+if __name__ == "__main__":
+    main()
