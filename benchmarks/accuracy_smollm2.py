@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional, Sequence
 from benchlib import TARGET_MODULES, machine_description, machine_line, main_for, markdown_table
 from denselora_app.config import EMBEDDED_MODEL, RunConfig
 from denselora_app.evaluate import Question, choice_prompt
+from denselora_app.methods import MEASURED_ACCURACY
 
 log = logging.getLogger("benchmarks.accuracy_smollm2")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -280,6 +281,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/denselora-accuracy"),
                         help="run folders and the task's files while trials run")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--write-headline", type=Path, nargs="?", const=MEASURED_ACCURACY, metavar="PATH",
+                        help="also write the table's headline, which the Train tab shows next to Method (default "
+                             "path: the one the app reads)")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.mode].items():
         if getattr(args, key) is None:
@@ -332,11 +336,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seeds": seeds, "mean": statistics.fmean(accuracies),
             "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
         }
+    if args.write_headline:
+        write_headline(args.write_headline, args.model, sizes, stored(args, "base", key), arms, results)
     return {"mode": args.mode, "settings": {k: getattr(args, k) for k in PRESETS["cpu"]} | {"model": args.model},
             "task": sizes, "families": list(FAMILIES), "base": stored(args, "base", key), "arms": results,
             "seconds_this_sitting": time.time() - started,
             "trial_seconds": sum(t["train_seconds"] + t["eval_seconds"] for r in results.values() for t in r["seeds"]),
             "machine": machine_description(torch.device(args.device))}
+
+
+def write_headline(path: Path, model: str, sizes: dict[str, int], base: dict[str, Any], arms: dict[str, Arm],
+                   results: dict[str, Any]) -> None:
+    """The table in a few numbers, for the Train tab (methods.measured_accuracy reads it)."""
+    name = "the embedded SmolLM2-135M-Instruct (30 layers)" if model == EMBEDDED_MODEL else model
+    headline = {
+        "model": name,
+        "task": f"{sizes['test']} held-out multiple-choice questions after training on {sizes['train']}",
+        "seeds": min(len(r["seeds"]) for r in results.values()),
+        "base": base["accuracy"],
+        "arms": [{"label": f"{'DenseLoRA' if arms[n].method == 'denselora' else 'LoRA'} r{arms[n].r} "
+                           f"({r['trainable']:,} parameters)", "mean": r["mean"], "std": r["std"]}
+                 for n, r in results.items()],
+        "measured": time.strftime("%Y-%m-%d"),
+    }
+    path.write_text(json.dumps(headline, indent=1) + "\n", encoding="utf-8")
 
 
 def _trainable(model: str, arm: Arm) -> int:

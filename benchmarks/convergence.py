@@ -53,6 +53,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lr 6e-3": {"lr": 6e-3},
     "lr 1e-2": {"lr": 1e-2},
     "alpha = r (scaling 1)": {"alpha": 16},
+    "shared E, D at 4x the rate": {"shared_lr": 4.0},
+    "E and M initialised x4": {"init_scale": 4.0},
+    "E and M initialised x2, lr 6e-3": {"init_scale": 2.0, "lr": 6e-3},
 }
 
 

@@ -358,6 +358,16 @@ class MemoryPlan:
         return (f"Estimated training memory: {_gb(self.total)} ({where}) - weights {_gb(self.weights)}, adapter + "
                 f"optimizer {_gb(self.adapter)}, activations {_gb(self.activations)}, overhead {_gb(self.overhead)}")
 
+    @property
+    def total_text(self) -> str:
+        """The total for people ('21.3 GB')."""
+        return _gb(self.total)
+
+    def for_method(self, method: str, trainable: int) -> MemoryPlan:
+        """The plan of this run with another adapter method, which trains ``trainable`` parameters."""
+        return _plan(self.shape, dataclasses.replace(self.cfg, method=method), trainable, self.device, self.free,
+                     self.file_bytes)
+
     def replan(self, **settings: Any) -> MemoryPlan:
         """The plan of this run with some settings changed, on the same device with the same free memory."""
         return _plan(self.shape, dataclasses.replace(self.cfg, **settings), self.trainable, self.device, self.free,

@@ -6,7 +6,10 @@ device, so no weights are allocated). The memory a run needs is planned in ``mem
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftConfig, get_peft_model
@@ -15,7 +18,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from . import denselora  # noqa: F401  (registers DenseLoRA with PEFT)
-from .config import PAPER_TARGETS, RunConfig, StudioError
+from .config import METHODS, PAPER_TARGETS, RunConfig, StudioError
 from .denselora import DenseLoraConfig
 
 
@@ -39,8 +42,16 @@ def build_peft_config(cfg: RunConfig, method: str | None = None) -> PeftConfig:
 @dataclass
 class ParameterCount:
     total: int  # base model parameters
-    trainable: int  # of the chosen method
-    lora_trainable: int  # of LoRA at the same rank and targets, for comparison
+    method: str  # the run's method
+    by_method: dict[str, int]  # trainable parameters of every method at the run's rank and targets
+
+    @property
+    def trainable(self) -> int:
+        return self.by_method[self.method]
+
+    @property
+    def lora_trainable(self) -> int:
+        return self.by_method["lora"]
 
     @property
     def percent(self) -> float:
@@ -102,10 +113,47 @@ def count_parameters(model_config: PretrainedConfig, cfg: RunConfig, model: nn.M
     """Exact counts from the model's architecture, built on the meta device (no memory, ~0.1 s; ~1 s for an 8B
     model). ``model``: that architecture already built on meta, used for ``cfg``'s method (PEFT changes it)."""
     counts = {}
-    for method in dict.fromkeys((cfg.method, "lora")):  # LoRA again only to compare with DenseLoRA
+    for method in dict.fromkeys((cfg.method, *METHODS)):  # the others too: the Train tab compares them
         model = model or _meta_model(model_config)
         total = sum(p.numel() for p in model.parameters())
         peft_model = get_peft_model(model, build_peft_config(cfg, method))
         counts[method] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         model = None
-    return ParameterCount(total=total, trainable=counts[cfg.method], lora_trainable=counts["lora"])
+    return ParameterCount(total=total, method=cfg.method, by_method=counts)
+
+
+# ---- what the choice of method means, measured ---------------------------------------------------------------------
+
+MEASURED_ACCURACY = Path(__file__).with_name("measured_accuracy.json")  # written by benchmarks/accuracy_smollm2.py
+BENCHMARKS_DOC = "docs/benchmarks.md"
+_LABELS = {"denselora": "DenseLoRA", "lora": "LoRA"}
+
+
+def measured_accuracy() -> dict[str, Any] | None:
+    """The headline of the accuracy benchmark on the embedded 30-layer model (each arm's mean and std over its
+    seeds), as benchmarks/accuracy_smollm2.py writes it once its table is complete; None before that."""
+    try:
+        return json.loads(MEASURED_ACCURACY.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def method_comparison(counts: ParameterCount, memory: dict[str, str] | None = None, rank: int | None = None,
+                      docs: str = BENCHMARKS_DOC) -> str:
+    """What choosing DenseLoRA or LoRA means for this run: each one's trainable parameters (and planned training
+    memory, when known) at this rank, and the measured accuracy of both on the embedded model, with where the
+    measurements are described."""
+    at = f" r{rank}" if rank else ""
+    parts = []
+    for method in METHODS:
+        share = 100.0 * counts.by_method[method] / counts.total
+        planned = f", about {memory[method]} to train" if memory and method in memory else ""
+        parts.append(f"**{_LABELS[method]}{at}**: {counts.by_method[method]:,} trainable ({share:.3g}%){planned}")
+    lines = [" · ".join(parts)]
+    measured = measured_accuracy()
+    if measured:
+        arms = ", ".join(f"{arm['label']} {100 * arm['mean']:.1f}% ± {100 * arm['std']:.1f}" for arm in measured["arms"])
+        lines.append(f"Measured on {measured['model']} ({measured['task']}; {measured['seeds']} seeds, base model "
+                     f"{100 * measured['base']:.1f}%): {arms}.")
+    lines.append(f"How these were measured: {docs}.")
+    return "\n\n".join(lines)

@@ -146,8 +146,11 @@ def test_model_check_parameter_line_and_data_preview(client, app, app_model_dir,
     lines = {r: client.predict(**tiny_settings(app_model_dir, r=r), api_name="/parameter_line")[0] for r in (4, 8)}
     assert lines[4].startswith("Trainable parameters:") and "LoRA at this rank" in lines[4]
     assert lines[4] != lines[8]
-    memory = client.predict(**tiny_settings(app_model_dir), api_name="/parameter_line")[1]
+    _, memory, comparison = client.predict(**tiny_settings(app_model_dir), api_name="/parameter_line")
     assert memory.startswith("Estimated training memory")
+    # Next to Method: both methods at this rank, their planned memory, and where the measurements are described.
+    assert "**DenseLoRA r4**" in comparison and "**LoRA r4**" in comparison and comparison.count("to train") == 2
+    assert "docs/benchmarks.md" in comparison
     bad_target = client.predict(**tiny_settings(app_model_dir, target_modules=[]), api_name="/parameter_line")[0]
     assert bad_target.startswith("⚠️") and "target_modules" in bad_target
 

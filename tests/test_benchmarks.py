@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import save_tiny_model
+from denselora_app import methods
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -196,6 +197,16 @@ def test_accuracy_benchmark_writes_a_complete_table_and_reuses_finished_trials(t
         assert f"| {name} r{arm['r']} |" in markdown
     assert results["arms"]["lora-matched"]["r"] < 16  # the rank with DenseLoRA r16's parameter count
     assert results["base"]["accuracy"] is not None
+
+    # The headline the Train tab shows next to Method is the table's.
+    headline = tmp_path / "headline.json"
+    accuracy_smollm2.main([*argv, "--write-headline", str(headline)])
+    monkeypatch.setattr(methods, "MEASURED_ACCURACY", headline)
+    counts = methods.ParameterCount(total=1000, method="denselora", by_method={"denselora": 10, "lora": 40})
+    shown = methods.method_comparison(counts, {"denselora": "1.0 GB", "lora": "1.2 GB"}, rank=16)
+    for arm in results["arms"].values():
+        assert f"{100 * arm['mean']:.1f}% ± {100 * arm['std']:.1f}" in shown
+    assert "**DenseLoRA r16**: 10 trainable (1%), about 1.0 GB to train" in shown and "docs/benchmarks.md" in shown
 
     # A second sitting trains nothing: every trial is read back from its file.
     trials = sorted(p.name for p in (tmp_path / "trials").iterdir())

@@ -71,9 +71,10 @@ def check_model(model: str, trust_remote_code: bool, target_modules: list[str],
     return text, gr.CheckboxGroup(choices=names, value=kept)
 
 
-def parameter_line(profile: gr.OAuthProfile | None = None, **settings: Any) -> tuple[str, str]:
-    """'Trainable parameters: N (x%) - LoRA at this rank: M (y%)', and the memory planner's line for the current
-    form on its device (with the changes that would make the run fit, when it does not)."""
+def parameter_line(profile: gr.OAuthProfile | None = None, **settings: Any) -> tuple[str, str, str]:
+    """'Trainable parameters: N (x%) - LoRA at this rank: M (y%)', the memory planner's line for the current
+    form on its device (with the changes that would make the run fit, when it does not), and what choosing
+    DenseLoRA or LoRA means here (methods.method_comparison), shown by the Method choice."""
     try:
         _owner(profile)
         cfg = forms.config_from_settings(settings)
@@ -83,19 +84,35 @@ def parameter_line(profile: gr.OAuthProfile | None = None, **settings: Any) -> t
 
         counts = count_parameters(model_config, cfg)
     except (ConfigError, AccessError) as err:
-        return _warn(err), ""
+        return _warn(err), "", ""
     except loaders.model_errors() as err:
-        return _warn(f"Cannot count parameters: {err}"), ""
+        return _warn(f"Cannot count parameters: {err}"), "", ""
+    from ..methods import method_comparison
+
     try:
         from ..memory import plan_memory
         from ..models import resolve_device
 
         plan = plan_memory(model_config, cfg, counts, str(resolve_device(cfg.device)))
     except loaders.model_errors() as err:
-        return counts.summary(cfg.method), _warn(f"Cannot plan the memory: {err}")
+        return (counts.summary(cfg.method), _warn(f"Cannot plan the memory: {err}"),
+                method_comparison(counts, rank=cfg.r, docs=benchmarks_link()))
+    memory = {m: plan.for_method(m, n).total_text for m, n in counts.by_method.items()}
+    comparison = method_comparison(counts, memory, rank=cfg.r, docs=benchmarks_link())
     if plan.fits:
-        return counts.summary(cfg.method), plan.summary()
-    return counts.summary(cfg.method), f"{_warn(plan.summary())}\n\n{plan.advice(bullets=True)}"
+        return counts.summary(cfg.method), plan.summary(), comparison
+    return counts.summary(cfg.method), f"{_warn(plan.summary())}\n\n{plan.advice(bullets=True)}", comparison
+
+
+def benchmarks_link() -> str:
+    """Where the method measurements are described: the Space's own copy of docs/benchmarks.md on a Space, the
+    file in the studio's folder elsewhere."""
+    from ..methods import BENCHMARKS_DOC
+
+    space = space_id()
+    if space:
+        return f"[{BENCHMARKS_DOC}](https://huggingface.co/spaces/{space}/blob/main/{BENCHMARKS_DOC})"
+    return f"`{BENCHMARKS_DOC}` in the studio's folder"
 
 
 def checkpointing_for(quantization: str) -> Any:
@@ -492,6 +509,9 @@ def build(demo: gr.Blocks) -> TrainTab:
         controls["quantization"] = gr.Dropdown(list(zip(QUANTIZATION_LABELS, C.QUANTIZATIONS, strict=True)),
                                                value=cfg.quantization, label="Base model in",
                                                info=field_help("quantization"), elem_id="cfg-quantization")
+    with gr.Accordion("DenseLoRA or LoRA: this run's figures and the measured accuracy", open=True,
+                      elem_id="method-accordion"):
+        method_line = gr.Markdown(elem_id="method-comparison")
     controls["target_modules"] = gr.CheckboxGroup(
         list(dict.fromkeys([*LLAMA_LINEAR_NAMES, *cfg.target_modules])), value=cfg.target_modules,
         label="Target modules", info=field_help("target_modules") + " Check the model to list its own.",
@@ -601,7 +621,7 @@ def build(demo: gr.Blocks) -> TrainTab:
     # ---- events
     preview_inputs = {name: controls[name] for name in PREVIEW_FIELDS}
     preview_outputs = [data_message, detected, preview_box, rows_table, examples, histogram, report]
-    param_outputs = [param_line, memory_line]
+    param_outputs = [param_line, memory_line, method_line]
 
     # Everything that renders the preview runs in one queue, in the order the user asked for it, and likewise
     # everything that counts parameters: a slow earlier result (the first read of the default model's tokenizer
