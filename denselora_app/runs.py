@@ -429,6 +429,8 @@ class Run:
         if status.state is RunState.RUNNING or (status.state is RunState.QUEUED and status.pid):
             if not _alive(status.pid, status.pid_started):
                 failure = classify_failure(self.log_tail(200))
+                if self.kind is RunKind.LR_SEARCH and failure["kind"] == "killed":  # a search is never resumed
+                    failure["fix"] = "Start the search again (its finished trials are in lr_search.json)."
                 return dataclasses.replace(status, state=RunState.FAILED, error=failure["summary"],
                                            error_kind=failure["kind"], fix=failure["fix"])
         elif status.state is RunState.QUEUED and not _alive(status.launcher_pid, status.launcher_started):

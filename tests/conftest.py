@@ -110,6 +110,7 @@ def pytest_configure(config):
 # ---- the app in its own process (tests/test_app.py, tests/test_browser.py) --------------------------------------
 
 import json  # noqa: E402  (this section's imports stay with it)
+import logging  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -246,3 +247,13 @@ def wait_until(predicate, timeout: float = 180.0, interval: float = 0.5, what: s
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+def restore_logging():
+    """The CLI configures the root logger (the terminal, and train.log in the foreground); undo it after a test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -37,14 +37,7 @@ JOB_ID = "687fb701029421ae5549d998"
 JOB_URL = f"https://huggingface.co/jobs/alice/{JOB_ID}"
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """The CLI configures the root logger; undo it after each test."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")  # see conftest.restore_logging
 
 
 class FakeJobsHub(FakeHub):

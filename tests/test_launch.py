@@ -4,7 +4,6 @@ stranded. Bad input is refused before anything exists, in one paragraph, with ex
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -24,14 +23,7 @@ from denselora_app.worker import execute
 REPO = Path(__file__).parent.parent
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """The foreground CLI configures the root logger (terminal and train.log); undo it after each test."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")  # see conftest.restore_logging
 
 
 @pytest.fixture

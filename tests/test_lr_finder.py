@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from denselora_app import chat, rules
 from denselora_app.config import ConfigError, RunConfig
@@ -27,16 +27,6 @@ def tiny_config(model_dir: Path, data: Path, **overrides) -> RunConfig:
                   warmup_steps=0, cutoff_len=64, device="cpu", run_name="tiny")
     values.update(overrides)
     return RunConfig(**values)
-
-
-def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +108,9 @@ def test_stop_ends_the_search_and_keeps_the_finished_trials(app_model_dir, app_d
     cfg = tiny_config(app_model_dir, app_data_file, run_name="stopped")
     steps = 30
     run = launch(cfg, search=plan_search(cfg, rates=[1e-2, 3e-2, 1e-1, 3e-1], steps=steps))  # a background worker
-    wait_for(lambda: any(r["trial"] == 2 for r in run.metrics()), what="the second trial to start")
+    wait_until(lambda: any(r["trial"] == 2 for r in run.metrics()), what="the second trial to start")
     assert "trials finished so far are kept" in request_stop(run)
-    status = wait_for(lambda: (s := run.status()).state == "stopped" and s, what="the stop")
+    status = wait_until(lambda: (s := run.status()).state == "stopped" and s, what="the stop")
     search = run.lr_search()
     finished = len(search.trials)
     assert finished >= 1 and all(len(t.losses) == steps for t in search.trials)
@@ -169,7 +159,7 @@ def test_the_app_finds_shows_and_applies_a_rate(app_model_dir, app_data_file, ru
     assert message.startswith("Started learning-rate search"), message
     assert timer.active and cleared is None
     run = get_run(run_id)
-    wait_for(lambda: not run.status().active, timeout=180, what="the search to end")
+    wait_until(lambda: not run.status().active, timeout=180, what="the search to end")
     assert run.status().state == "completed", run.log_path.read_text()[-3000:]
     search = run.lr_search()
     assert len(search.trials) == rules.LR_SEARCH_COUNT and search.chosen is not None
@@ -195,3 +185,14 @@ def test_the_app_finds_shows_and_applies_a_rate(app_model_dir, app_data_file, ru
     table, *_ = runs_tab.runs_table()
     row = table[table["Run"] == run_id].iloc[0]
     assert row["Method"] == "denselora · lr search" and row["Train loss"] == f"{search.chosen_trial.final_loss:.4f}"
+
+
+def test_a_killed_search_says_to_start_it_again_not_to_resume(app_model_dir, app_data_file, runs_root):
+    cfg = tiny_config(app_model_dir, app_data_file, run_name="killed-search")
+    run = launch(cfg, background=False, search=plan_search(cfg, rates=RATES[:2], steps=STEPS))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run.update_status(state="running", pid=dead.pid, pid_started=None)
+    status = run.status()
+    assert status.state == "failed" and status.error_kind == "killed"
+    assert status.fix.startswith("Start the search again") and "resume" not in status.fix.lower()
