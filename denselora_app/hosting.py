@@ -14,20 +14,20 @@ from typing import Any, TypeVar
 T = TypeVar("T", bound=Callable[..., Any])
 
 
-def on_space() -> bool:
-    """True when running as a Hugging Face Space (the Hub sets SPACE_ID in every Space's environment)."""
-    return bool(os.environ.get("SPACE_ID"))
-
-
 def space_id() -> str | None:
-    """This Space's repository id ('owner/name'), or None off a Space."""
+    """This Space's repository id ('owner/name'), or None off a Space (the Hub sets SPACE_ID in every Space)."""
     return os.environ.get("SPACE_ID", "").strip() or None
+
+
+def on_space() -> bool:
+    """True when running as a Hugging Face Space."""
+    return space_id() is not None
 
 
 def space_owner() -> str | None:
     """The user or organisation that owns this Space: the namespace of SPACE_ID ('owner/name'; the Hub also sets
     SPACE_AUTHOR_NAME to it); None off a Space."""
-    space = os.environ.get("SPACE_ID", "").strip()
+    space = space_id()
     if not space:
         return None
     return space.partition("/")[0] if "/" in space else os.environ.get("SPACE_AUTHOR_NAME") or space
