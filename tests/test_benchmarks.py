@@ -15,6 +15,7 @@ from denselora_app import methods
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import accuracy_smollm2  # noqa: E402
+import convergence  # noqa: E402
 import fidelity  # noqa: E402
 import gpu_8b  # noqa: E402
 import gpu_throughput  # noqa: E402
@@ -226,3 +227,18 @@ def test_accuracy_task_holds_out_test_words_and_questions(tmp_path):
         if row["family"] in ("category", "odd-one-out"):
             assert not any(c in words for c in row["choices"] for words in train_words.values())
         assert not any(row["question"] in prompt and all(c in prompt for c in row["choices"]) for prompt in train)
+
+
+def test_convergence_study_writes_every_variant_and_reuses_finished_trials(tmp_path):
+    argv = ["--seeds", "2", "--steps", "3", "--variants", "baseline", "lr 6e-3", "shared E, D at 4x the rate",
+            "--trials-dir", str(tmp_path / "trials"), "--cache-dir", str(tmp_path / "cache"), "--out-dir",
+            str(tmp_path), "--fidelity-args", *FIDELITY_ARGS[:-3], "--threads", "0"]
+    convergence.main(argv)
+    results = json.loads((tmp_path / "convergence_cpu.json").read_text())
+    assert list(results["variants"]) == ["baseline", "lr 6e-3", "shared E, D at 4x the rate"]
+    for variant in results["variants"].values():
+        assert len(variant["runs"]) == 2 and all(len(r["loss_every_50"]) == 1 for r in variant["runs"])
+    assert "| shared E, D at 4x the rate | " in (tmp_path / "convergence_cpu.md").read_text()
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "trials").iterdir()}
+    convergence.main(argv)  # a second sitting trains nothing
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "trials").iterdir()} == stamps
