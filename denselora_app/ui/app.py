@@ -28,7 +28,8 @@ def build_app() -> gr.Blocks:
         if on_space():
             space_notice(demo)
         if (lost_on_restart := storage_notice()) is not None:
-            gr.Markdown(f"⚠️ {lost_on_restart}", elem_classes="dl-warning", elem_id="storage-notice")
+            with gr.Row(elem_classes="dl-warning"):
+                gr.Markdown(f"⚠️ {lost_on_restart}", elem_id="storage-notice")
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train = train_tab.build(demo)
