@@ -12,7 +12,9 @@ own random numbers; validation and test questions use the other half of the word
 question appears in training. Before training the model answers "answer4" to nearly everything (near chance).
 
 Arms: DenseLoRA r16, LoRA r16, and LoRA at the rank whose trainable parameter count is closest to DenseLoRA r16's
-(on SmolLM2's five projections that is r1), all on q/k/v/up/down with alpha = 2r. Each arm's learning rate is
+(on SmolLM2's five projections that is r1), all on q/k/v/up/down with alpha = 2r; and DenseLoRA r16 with its shared
+encoders and decoders at 4x the learning rate (``shared_lr_scale: 4``, the change convergence.py found most
+effective on the 4-layer model). Each arm's learning rate is
 chosen by the validation accuracy of a sweep with the first seed; the chosen rate then runs with every seed and is
 scored on the test questions.
 
@@ -59,6 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # matrices see every layer's gradient and its M are r x r, so its rates sit higher than LoRA's.
 RATES: dict[str, list[float]] = {
     "denselora": [3e-3, 1e-3, 1e-2, 3e-4],
+    "denselora-shared4": [3e-3, 1e-3, 1e-2, 3e-4],  # the shared E and D at 4x the rate (convergence.py)
     "lora": [3e-4, 1e-4, 1e-3, 3e-5],
     "lora-matched": [1e-3, 3e-4, 3e-3, 1e-4],
 }
@@ -186,9 +189,16 @@ class Arm:
     name: str  # a key of RATES
     method: str
     r: int
+    settings: tuple[tuple[str, Any], ...] = ()  # other RunConfig values of this arm
+
+    @property
+    def label(self) -> str:
+        settings = "".join(f", {key} {value:g}" for key, value in self.settings)
+        return f"{'DenseLoRA' if self.method == 'denselora' else 'LoRA'} r{self.r}{settings}"
 
     def config(self, args: argparse.Namespace, data: Path, lr: float, seed: int) -> RunConfig:
         return RunConfig(
+            **dict(self.settings),
             model=args.model, data=str(data), data_format="messages", method=self.method, r=self.r,
             alpha=2.0 * self.r, dropout=0.0, target_modules=list(TARGET_MODULES), learning_rate=lr,
             max_steps=args.steps, batch_size=args.batch, grad_accum=1, warmup_steps=args.warmup,
@@ -305,7 +315,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.trials_dir.mkdir(parents=True, exist_ok=True)
     engine = ChatEngine(device=args.device, runs_root=args.work_dir / "runs")
     denselora = Arm("denselora", "denselora", 16)
-    arms = {"denselora": denselora, "lora": Arm("lora", "lora", 16)}
+    arms = {"denselora": denselora, "lora": Arm("lora", "lora", 16),
+            "denselora-shared4": Arm("denselora-shared4", "denselora", 16, (("shared_lr_scale", 4.0),))}
     if "lora-matched" in args.arms:
         arms["lora-matched"] = Arm("lora-matched", "lora", matched_lora_rank(args.model, _trainable(args.model,
                                                                                                   denselora)))
@@ -331,7 +342,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seeds = [best] + [trial(arm, best["lr"], args.data_seed + s) for s in range(1, args.seeds)]
         accuracies = [t["test"]["accuracy"] for t in seeds]
         results[name] = {
-            "method": arm.method, "r": arm.r, "trainable": best["trainable"], "lr": best["lr"],
+            "label": arm.label, "method": arm.method, "r": arm.r, "trainable": best["trainable"], "lr": best["lr"],
             "sweep": [{k: t[k] for k in ("lr", "final_loss")} | {"val": t["val"]["accuracy"]} for t in sweep],
             "seeds": seeds, "mean": statistics.fmean(accuracies),
             "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
@@ -354,8 +365,7 @@ def write_headline(path: Path, model: str, sizes: dict[str, int], base: dict[str
         "task": f"{sizes['test']} held-out multiple-choice questions after training on {sizes['train']}",
         "seeds": min(len(r["seeds"]) for r in results.values()),
         "base": base["accuracy"],
-        "arms": [{"label": f"{'DenseLoRA' if arms[n].method == 'denselora' else 'LoRA'} r{arms[n].r} "
-                           f"({r['trainable']:,} parameters)", "mean": r["mean"], "std": r["std"]}
+        "arms": [{"label": f"{arms[n].label} ({r['trainable']:,} parameters)", "mean": r["mean"], "std": r["std"]}
                  for n, r in results.items()],
         "measured": time.strftime("%Y-%m-%d"),
     }
@@ -404,17 +414,17 @@ def render_markdown(results: dict[str, Any]) -> str:
     for name, arm in results["arms"].items():
         seeds = ", ".join(f"{t['test']['accuracy']:.1%}" for t in arm["seeds"])
         losses = ", ".join(f"{t['final_loss']:.3f}" for t in arm["seeds"])
-        rows.append([f"{name} r{arm['r']}", f"{arm['trainable']:,}", f"{arm['lr']:g}",
+        rows.append([arm["label"], f"{arm['trainable']:,}", f"{arm['lr']:g}",
                      f"{arm['mean']:.1%} ± {arm['std']:.1%}", seeds, losses])
     lines.append(markdown_table(["arm", "trainable", "chosen lr", "test accuracy (mean ± std)", "per seed",
                                  "final train loss per seed"], rows))
     lines += ["", "Learning-rate sweep (first seed; validation accuracy, final train loss):", ""]
-    rows = [[name, f"{t['lr']:g}", f"{t['val']:.1%}", f"{t['final_loss']:.3f}"]
+    rows = [[arm["label"], f"{t['lr']:g}", f"{t['val']:.1%}", f"{t['final_loss']:.3f}"]
             for name, arm in results["arms"].items() for t in arm["sweep"]]
     lines.append(markdown_table(["arm", "lr", "validation accuracy", "final train loss"], rows))
     lines += ["", "Test accuracy per question family (mean over seeds):", ""]
     families = results["families"]
-    rows = [[name] + [f"{statistics.fmean(t['test']['per_family'].get(f, 0.0) for t in arm['seeds']):.0%}"
+    rows = [[arm["label"]] + [f"{statistics.fmean(t['test']['per_family'].get(f, 0.0) for t in arm['seeds']):.0%}"
                       for f in families] for name, arm in results["arms"].items()]
     rows.append(["base"] + [f"{results['base']['per_family'].get(f, 0.0):.0%}" for f in families])
     lines.append(markdown_table(["arm", *families], rows))

@@ -63,6 +63,9 @@ class RunConfig:
                  "each activation, as the authors' released code does).", choices=DROPOUT_PLACEMENTS)
     target_modules: list[str] = _field(PAPER_TARGETS, "Linear layer names to adapt (name suffixes, e.g. q_proj).")
     activation: str = _field("gelu", "DenseLoRA nonlinearity (ablations: silu, identity).", choices=ACTIVATIONS)
+    shared_lr_scale: float = _field(
+        1.0, "DenseLoRA: the learning rate of the shared encoders and decoders, as a multiple of learning_rate (each "
+             "layer's M keeps learning_rate). Ignored by LoRA.", min_exclusive=0)
     # --- optimisation
     learning_rate: float = _field(3e-4, "Peak learning rate.", min_exclusive=0)
     num_epochs: float = _field(2.0, "Passes over the training rows (ignored when max_steps > 0).", min_exclusive=0)

@@ -95,6 +95,7 @@ class Setup:
     trainable: int
     collator: Callable
     sampling: str  # the Trainer's train_sampling_strategy
+    shared_lr_scale: float = 1.0  # DenseLoRA's shared E and D train at this multiple of the rate (LoRA: 1)
 
 
 def prepare(run: Run, cfg: RunConfig, state: PartialState, rows: int | None = None) -> Setup:
@@ -131,7 +132,8 @@ def prepare(run: Run, cfg: RunConfig, state: PartialState, rows: int | None = No
              100 * trainable / base_parameters, f"{base_parameters:,}")
     collator, sampling = collator_for(cfg, tokenizer, peft_model)
     return Setup(tokenizer=tokenizer, data=data, model=peft_model, device=device, base_parameters=base_parameters,
-                 trainable=trainable, collator=collator, sampling=sampling)
+                 trainable=trainable, collator=collator, sampling=sampling,
+                 shared_lr_scale=cfg.shared_lr_scale if cfg.method == "denselora" else 1.0)
 
 
 def training_arguments(cfg: RunConfig, setup: Setup, *, output_dir: Path | str, show_progress: bool,
@@ -183,6 +185,7 @@ def make_trainer(setup: Setup, args: TrainingArguments, callbacks: list[TrainerC
         data_collator=setup.collator,
         callbacks=callbacks,
     )
+    trainer.shared_lr_scale = setup.shared_lr_scale
     if not show_progress:  # the callbacks log a readable line instead of the Trainer's raw dictionaries
         trainer.remove_callback(PrinterCallback)
     return trainer
@@ -259,6 +262,14 @@ class StudioTrainer(Trainer):
     counting every token with a warning at every step. Every token of such a batch is real, so all are counted.
     """
 
+    shared_lr_scale: float = 1.0  # DenseLoRA's shared E and D train at this multiple of the learning rate
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        if self.shared_lr_scale != 1.0:
+            scale_shared_rate(optimizer, self.model if model is None else model, self.shared_lr_scale)
+        return optimizer
+
     def _track_num_input_tokens(self, inputs):
         if (self.args.include_num_input_tokens_seen == "non_padding" and "attention_mask" not in inputs
                 and "position_ids" in inputs and "input_ids" in inputs):
@@ -266,6 +277,22 @@ class StudioTrainer(Trainer):
             self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
             return
         super()._track_num_input_tokens(inputs)
+
+
+SHARED_WEIGHTS = ("denselora_encoder.", "denselora_decoder.")  # DenseLoRA's shared E and D, by parameter name
+
+
+def scale_shared_rate(optimizer: torch.optim.Optimizer, model: torch.nn.Module, scale: float) -> None:
+    """Move DenseLoRA's shared encoders and decoders into parameter groups of their own at ``scale`` times their
+    group's rate (before the scheduler is made, which then schedules every group alike)."""
+    shared = {id(p) for name, p in model.named_parameters() if any(s in name for s in SHARED_WEIGHTS)}
+    for group in list(optimizer.param_groups):
+        mine = [p for p in group["params"] if id(p) in shared]
+        if mine:
+            group["params"] = [p for p in group["params"] if id(p) not in shared]
+            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": mine,
+                                       "lr": group["lr"] * scale})
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
 
 
 def _finished(checkpoint: Path) -> bool:

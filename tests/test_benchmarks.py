@@ -190,12 +190,12 @@ def test_accuracy_benchmark_writes_a_complete_table_and_reuses_finished_trials(t
     accuracy_smollm2.main(argv)
     results = json.loads((tmp_path / "accuracy_smollm2_smoke.json").read_text())
     markdown = (tmp_path / "accuracy_smollm2_smoke.md").read_text()
-    assert set(results["arms"]) == {"denselora", "lora", "lora-matched"}
+    assert set(results["arms"]) == {"denselora", "lora", "lora-matched", "denselora-shared4"}
     for name, arm in results["arms"].items():
         assert len(arm["seeds"]) == 2 and len(arm["sweep"]) == 1
         assert 0.0 <= arm["mean"] <= 1.0 and arm["trainable"] > 0
         assert set(arm["seeds"][0]["test"]["per_family"]) == set(accuracy_smollm2.FAMILIES)
-        assert f"| {name} r{arm['r']} |" in markdown
+        assert f"| {arm['label']} |" in markdown
     assert results["arms"]["lora-matched"]["r"] < 16  # the rank with DenseLoRA r16's parameter count
     assert results["base"]["accuracy"] is not None
 

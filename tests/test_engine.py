@@ -165,3 +165,34 @@ def test_torchrun_two_cpu_processes_train_one_identical_adapter(app_model_dir, a
     assert run.status().state == "completed"
     assert (run.adapter_dir / "adapter_model.safetensors").exists()
     assert "Adapter weights identical on all 2 ranks" in run.log_path.read_text()
+
+
+@pytest.mark.parametrize(("method", "scale", "shared_rate"), [("denselora", 4.0, 4e-3), ("denselora", 1.0, 1e-3),
+                                                              ("lora", 4.0, None)])
+def test_shared_matrices_train_at_their_own_rate(tmp_path, method, scale, shared_rate):
+    from peft import get_peft_model
+    from transformers import TrainingArguments
+
+    from denselora_app.methods import build_peft_config
+    from denselora_app.train import StudioTrainer
+
+    cfg = RunConfig(method=method, r=4, target_modules=["q_proj", "v_proj"], shared_lr_scale=scale)
+    assert RunConfig.from_dict(cfg.to_dict()).shared_lr_scale == scale  # saved in config.yaml, read back
+    model = get_peft_model(tiny_llama(), build_peft_config(cfg))
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, lr_scheduler_type="linear", max_steps=10,
+                             warmup_steps=2, use_cpu=True, report_to="none")
+    trainer = StudioTrainer(model=model, args=args)
+    trainer.shared_lr_scale = scale if method == "denselora" else 1.0  # as train.prepare sets it
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    rate = {id(p): group["initial_lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(rate) == {id(p) for p in trainable.values()}  # every trainable weight, once
+    for name, p in trainable.items():
+        shared = "denselora_encoder" in name or "denselora_decoder" in name
+        assert rate[id(p)] == (shared_rate if shared else 1e-3), name
+    for _ in range(3):  # the schedule keeps the ratio
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    rates = sorted({group["lr"] for group in trainer.optimizer.param_groups})
+    assert len(rates) == (2 if shared_rate and scale != 1.0 else 1)
+    assert rates[-1] == pytest.approx(rates[0] * (scale if len(rates) == 2 else 1.0))
