@@ -56,6 +56,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "shared E, D at 4x the rate": {"shared_lr": 4.0},
     "E and M initialised x4": {"init_scale": 4.0},
     "E and M initialised x2, lr 6e-3": {"init_scale": 2.0, "lr": 6e-3},
+    "E and M initialised x8": {"init_scale": 8.0},
+    "E and M initialised x4, shared E, D at 4x the rate": {"init_scale": 4.0, "shared_lr": 4.0},
 }
 
 
@@ -103,14 +105,12 @@ def trial(args: argparse.Namespace, variant: dict[str, Any], seed: int, base: to
     config = DenseLoraConfig(r=16, lora_alpha=variant.get("alpha", 32), target_modules=fidelity.TARGET_MODULES,
                              lora_dropout=variant.get("dropout", 0.0),
                              dropout_placement=variant.get("placement", "input"),
-                             activation=variant.get("activation", "gelu"))
+                             activation=variant.get("activation", "gelu"), init_scale=variant.get("init_scale", 1.0))
     model = get_peft_model(copy.deepcopy(base), config)
     shared, dense = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (dense if "denselora_M" in name else shared).append(param)
-            if "denselora_M" in name or "denselora_encoder" in name:
-                param.data.mul_(variant.get("init_scale", 1.0))
     lr = variant.get("lr", BASE_LR)
     groups = [{"params": shared, "lr": lr * variant.get("shared_lr", 1.0)},
               {"params": dense, "lr": lr * variant.get("dense_lr", 1.0)}]

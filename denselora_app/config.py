@@ -63,6 +63,9 @@ class RunConfig:
                  "each activation, as the authors' released code does).", choices=DROPOUT_PLACEMENTS)
     target_modules: list[str] = _field(PAPER_TARGETS, "Linear layer names to adapt (name suffixes, e.g. q_proj).")
     activation: str = _field("gelu", "DenseLoRA nonlinearity (ablations: silu, identity).", choices=ACTIVATIONS)
+    init_scale: float = _field(
+        1.0, "DenseLoRA: multiplier on the initial E and M (1: the paper's Kaiming-uniform); D starts at zero, so a "
+             "fresh adapter is a no-op at any scale. Ignored by LoRA.", min_exclusive=0)
     shared_lr_scale: float = _field(
         1.0, "DenseLoRA: the learning rate of the shared encoders and decoders, as a multiple of learning_rate (each "
              "layer's M keeps learning_rate). Ignored by LoRA.", min_exclusive=0)

@@ -33,7 +33,8 @@ def build_peft_config(cfg: RunConfig, method: str | None = None) -> PeftConfig:
         task_type="CAUSAL_LM",
     )
     if method == "denselora":
-        return DenseLoraConfig(activation=cfg.activation, dropout_placement=cfg.dropout_placement, **common)
+        return DenseLoraConfig(activation=cfg.activation, dropout_placement=cfg.dropout_placement,
+                               init_scale=cfg.init_scale, **common)
     if method == "lora":
         return LoraConfig(**common)
     raise ValueError(f"Unknown method '{method}': use 'denselora' or 'lora'.")

@@ -294,10 +294,33 @@ def test_dropout_placement_is_saved_with_the_adapter_and_comes_from_the_run_conf
     assert older.base_model.model.model.layers[1].self_attn.v_proj.dropout_placement["default"] == "input"
 
 
+def test_init_scale_multiplies_the_initial_encoder_and_dense_matrices_and_keeps_a_no_op(input_ids, tmp_path):
+    from denselora_app.config import RunConfig
+    from denselora_app.methods import build_peft_config
+
+    def fresh(scale):
+        torch.manual_seed(0)
+        cfg = RunConfig(r=4, init_scale=scale, target_modules=["q_proj", "v_proj"])
+        return get_peft_model(tiny_llama(), build_peft_config(cfg))
+
+    plain, scaled = fresh(1.0), fresh(4.0)
+    weights = dict(plain.named_parameters())
+    for name, param in scaled.named_parameters():
+        if "denselora_encoder" in name or "denselora_M" in name:
+            torch.testing.assert_close(param, 4.0 * weights[name])
+        elif "denselora_decoder" in name:
+            assert not param.any()  # D starts at zero
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(input_ids=input_ids).logits, tiny_llama()(input_ids=input_ids).logits)
+    scaled.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_scale"] == 4.0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         (dict(r=0), "rank r must be a positive integer, got r=0"),
+        (dict(init_scale=0), "init_scale must be positive"),
         (dict(dropout_placement="hidden"), "dropout_placement must be one of"),
         (dict(lora_alpha=0), "lora_alpha must be positive, got lora_alpha=0"),
         (dict(lora_alpha=-2.0), "lora_alpha must be positive"),

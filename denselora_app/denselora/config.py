@@ -53,6 +53,11 @@ class DenseLoraConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Name of the layer list, used with layers_to_transform (e.g. 'layers')."}
     )
+    init_scale: float = field(
+        default=1.0,
+        metadata={"help": "Multiplier on the Kaiming-uniform initial E and M (1: the paper's, PyTorch's nn.Linear "
+                          "default). D starts at zero whatever the scale, so a fresh adapter is still a no-op."},
+    )
     init_weights: bool = field(
         default=True,
         metadata={"help": "Kaiming-uniform E and M, zero D: a fresh adapter is an exact no-op. False: random D too."},
@@ -75,6 +80,8 @@ class DenseLoraConfig(PeftConfig):
             raise ValueError(f"DenseLoRA lora_alpha must be positive, got lora_alpha={self.lora_alpha!r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"DenseLoRA lora_dropout must be in [0, 1), got lora_dropout={self.lora_dropout!r}.")
+        if not self.init_scale > 0:
+            raise ValueError(f"DenseLoRA init_scale must be positive, got init_scale={self.init_scale!r}.")
         if self.dropout_placement not in DROPOUT_PLACEMENTS:
             raise ValueError(f"DenseLoRA dropout_placement must be one of {list(DROPOUT_PLACEMENTS)}, got "
                              f"dropout_placement={self.dropout_placement!r}.")

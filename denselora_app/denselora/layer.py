@@ -72,6 +72,7 @@ class DenseLoraLayer(BaseTunerLayer):
         activation: str,
         init_weights: bool,
         dropout_placement: str = "input",
+        init_scale: float = 1.0,
     ) -> None:
         self.r[adapter_name] = r
         self.scaling[adapter_name] = lora_alpha / r
@@ -81,6 +82,8 @@ class DenseLoraLayer(BaseTunerLayer):
         self.dropout_placement[adapter_name] = dropout_placement
         dense = nn.Linear(r, r, bias=False)
         nn.init.kaiming_uniform_(dense.weight, a=math.sqrt(5))
+        with torch.no_grad():
+            dense.weight.mul_(init_scale)
         self.denselora_M[adapter_name] = dense
         self.shared[adapter_name] = (encoder, decoder)
         self._move_adapter_to_device_of_base_layer(adapter_name)

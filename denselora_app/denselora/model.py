@@ -73,6 +73,7 @@ class DenseLoraModel(BaseTuner):
             dropout_placement=config.dropout_placement,
             activation=config.activation,
             init_weights=config.init_weights,
+            init_scale=config.init_scale,
         )
         if isinstance(target, DenseLoraLayer):
             target.update_layer(adapter_name, **layer_kwargs)
@@ -120,6 +121,8 @@ class DenseLoraModel(BaseTuner):
             encoder = nn.Linear(in_features, config.r, **kwargs)
             decoder = nn.Linear(config.r, out_features, **kwargs)
             nn.init.kaiming_uniform_(encoder.weight, a=5**0.5)
+            with torch.no_grad():
+                encoder.weight.mul_(config.init_scale)
             if config.init_weights:
                 nn.init.zeros_(decoder.weight)  # zero decoder: a fresh adapter is an exact no-op
             else:

@@ -506,6 +506,7 @@ def build(demo: gr.Blocks) -> TrainTab:
                                                     elem_id="cfg-dropout_placement")
         controls["activation"] = gr.Dropdown(list(C.ACTIVATIONS), value=cfg.activation, label="Activation",
                                              info=field_help("activation"), elem_id="cfg-activation")
+        number("init_scale", "Init scale of E, M")
         number("shared_lr_scale", "Shared E, D rate x")
         controls["quantization"] = gr.Dropdown(list(zip(QUANTIZATION_LABELS, C.QUANTIZATIONS, strict=True)),
                                                value=cfg.quantization, label="Base model in",
