@@ -84,6 +84,12 @@ def allowed(who: Caller, action: Action, run: Run | None = None) -> bool:
     return False
 
 
+def seen_by_anyone(run: Run) -> bool:
+    """Whether every caller, signed in or not, may see ``run``: what a display shared by all callers (the chat's
+    training notice) may name. Off a Space every run; on one, the public runs."""
+    return allowed(identify(None), Action.VIEW, run)
+
+
 def require(who: Caller, action: Action, run: Run | None = None) -> None:
     """AccessError, saying what to do instead, unless ``who`` may do ``action`` (to ``run``)."""
     if allowed(who, action, run):

@@ -43,7 +43,7 @@ from transformers import (
 )
 
 from . import denselora  # noqa: F401  (registers DenseLoRA with PEFT, so its adapters load)
-from . import models
+from . import access, models
 from .config import ConfigError, StudioError
 from .data import RowError, plain_chat_segments, render_chat
 from .rules import QUANTIZATIONS, hub_id
@@ -224,11 +224,13 @@ def _hub_ref(repo_id: str, root: Path | None) -> AdapterRef:
 
 
 def training_notice(device: torch.device, root: Path | None = None) -> str | None:
-    """A sentence naming the run training on ``device`` right now, or None when it is free."""
+    """A sentence saying a run is training on ``device`` right now, or None when it is free. It names the run only
+    when every caller may see it: on a Space every visitor reads this notice."""
     busy = run_holding(str(device), root)
     if busy is None:
         return None
-    return (f"Run {busy.id} is training on {device}: chat shares the device with it, so replies are slower "
+    run = f"Run {busy.id}" if access.seen_by_anyone(busy) else "A run"
+    return (f"{run} is training on {device}: chat shares the device with it, so replies are slower "
             "and both need memory.")
 
 

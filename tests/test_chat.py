@@ -167,6 +167,13 @@ def test_a_run_training_on_the_same_device_is_announced(workspace, tmp_path, mon
     selected = engine.select(str(workspace / "dense_a"))
     assert busy.id in selected.notice and busy.id in engine.training_notice()
 
+    # On a Space every visitor reads the notice: it names the run only once the owner made it public.
+    monkeypatch.setenv("SPACE_ID", "alice/denselora-studio")
+    assert engine.training_notice().startswith("A run is training on cpu") and busy.id not in engine.training_notice()
+    busy.set_public(True)
+    assert engine.training_notice().startswith(f"Run {busy.id} is training on cpu")
+    monkeypatch.delenv("SPACE_ID")
+
     class Starved:
         available = 1024
     monkeypatch.setattr(chat.psutil, "virtual_memory", lambda: Starved())

@@ -10,6 +10,7 @@ import gradio as gr
 from .. import access
 from ..hosting import on_space, space_owner, storage_notice
 from . import chat_tab, evaluate_tab, publish_tab, runs_tab, train_tab
+from .messages import warn
 
 TITLE = "DenseLoRA Studio"
 CSS = """
@@ -29,7 +30,7 @@ def build_app() -> gr.Blocks:
             space_notice(demo)
         if (lost_on_restart := storage_notice()) is not None:
             with gr.Row(elem_classes="dl-warning"):
-                gr.Markdown(f"⚠️ {lost_on_restart}", elem_id="storage-notice")
+                gr.Markdown(warn(lost_on_restart), elem_id="storage-notice")
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Train", id="train", elem_id="tab-train"):
                 train = train_tab.build(demo)

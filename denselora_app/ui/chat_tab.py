@@ -19,6 +19,7 @@ import gradio as gr
 from .. import access
 from ..access import AccessError, Action
 from ..hosting import on_gpu, on_zerogpu
+from .messages import refusal, warn
 
 if TYPE_CHECKING:
     from ..chat import AdapterRef, ChatEngine, GenerationSettings, LoadedAdapter
@@ -59,10 +60,6 @@ def engine() -> ChatEngine:
         return _engine
 
 
-def _warn(message: Any) -> str:
-    return f"⚠️ {message}"
-
-
 # ---- which adapter -------------------------------------------------------------------------------------------------
 
 
@@ -74,7 +71,7 @@ def adapter_choices() -> list[tuple[str, str]]:
 def training_line() -> str:
     """A warning when a run is training on the chat's device (replies are slower, memory is shared), else ""."""
     notice = engine().training_notice()
-    return _warn(notice) if notice else ""
+    return warn(notice) if notice else ""
 
 
 def _kept(chosen: str | None, choices: list[tuple[str, str]]) -> bool:
@@ -131,7 +128,7 @@ def select_run(run_id: str | None, profile: gr.OAuthProfile | None = None) -> tu
     ref = next((r for r in refs if r.checkpoint is None and r.run_dir and Path(r.run_dir).name == run_id), None)
     if ref is None:
         public = "" if who.owner else " that is public on this Space"
-        return gr.Dropdown(choices=choices), training_line(), _warn(f"Run {run_id} has no final adapter{public}.")
+        return gr.Dropdown(choices=choices), training_line(), warn(f"Run {run_id} has no final adapter{public}.")
     return _select(ref, choices)
 
 
@@ -141,18 +138,18 @@ def describe(loaded: LoadedAdapter) -> str:
     line = (f"**{ref.label}** · {ref.method} adapter of `{ref.base_model}` · trainable "
             f"{loaded.trainable_percent:.4f}% of the base ({loaded.adapter_parameters:,} parameters) · "
             f"{loaded.dtype} on {loaded.device}" + (" · compiled decoding" if loaded.compiled else ""))
-    return f"{line}\n\n{_warn(loaded.notice)}" if loaded.notice else line
+    return f"{line}\n\n{warn(loaded.notice)}" if loaded.notice else line
 
 
 def load_adapter(adapter: str | None, profile: gr.OAuthProfile | None = None) -> str:
     """Load the adapter (and its base, unless the engine holds it already) and describe it; a visitor only a public
     run's final adapter."""
     if not adapter or not adapter.strip():
-        return _warn(CHOOSE)
+        return warn(CHOOSE)
     try:
         access.require_chat(access.identify(profile), adapter)
     except AccessError as err:
-        return _warn(err)
+        return warn(err)
     return _load(adapter, *engine_settings())
 
 
@@ -177,7 +174,7 @@ def _load(adapter: str, quantization: str | None, compiled: bool) -> str:
     try:
         return describe(engine_with(quantization, compiled).select(adapter))
     except chat_module().ChatError as err:
-        return _warn(err)
+        return warn(err)
 
 
 _load = on_gpu(_load, steps=lambda *_: 0)  # loading only: the load allowance
@@ -188,19 +185,10 @@ BASE_PRECISIONS = [(AS_TRAINED, AS_TRAINED), ("full precision", "none"), ("4-bit
 _LABELS = {value: label for label, value in BASE_PRECISIONS}
 
 
-def _settings_refused(profile: gr.OAuthProfile | None) -> str | None:
-    """Why the caller may not change the engine's settings (they reload the one model every visitor chats with)."""
-    try:
-        access.require(access.identify(profile), Action.CHAT_SETTINGS)
-    except AccessError as err:
-        return _warn(err)
-    return None
-
-
 def set_base_precision(precision: str, adapter: str | None, profile: gr.OAuthProfile | None = None) -> str:
     """Load base models in ``precision`` from now on ('as trained': as each adapter's run did); the selected
     adapter is loaded again on a base loaded that way."""
-    if refused := _settings_refused(profile):
+    if refused := refusal(profile, Action.CHAT_SETTINGS):
         return refused
     engine().quantization = None if precision == AS_TRAINED else precision
     if engine().selected is None or not adapter or not adapter.strip():
@@ -211,7 +199,7 @@ def set_base_precision(precision: str, adapter: str | None, profile: gr.OAuthPro
 
 def set_compiled_decoding(compiled: bool, adapter: str | None, profile: gr.OAuthProfile | None = None) -> str:
     """Decode through torch.compile from now on (or not); the selected adapter is compiled for at once."""
-    if refused := _settings_refused(profile):
+    if refused := refusal(profile, Action.CHAT_SETTINGS):
         return refused
     engine().compile_decoding, engine().compile_failure = compiled, None
     if engine().selected is None or not adapter or not adapter.strip():
@@ -259,7 +247,7 @@ def send(
     core = chat_module()
     history, base_history = list(history or []), list(base_history or [])
     if not message or not message.strip():
-        yield gr.skip(), gr.skip(), gr.skip(), _warn("Type a message first.")
+        yield gr.skip(), gr.skip(), gr.skip(), warn("Type a message first.")
         return
     try:
         settings = core.GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
@@ -269,7 +257,7 @@ def send(
             raise core.ChatError(CHOOSE)
         access.require_chat(access.identify(profile), adapter)
     except (core.ChatError, AccessError) as err:
-        yield gr.skip(), gr.skip(), gr.skip(), _warn(err)
+        yield gr.skip(), gr.skip(), gr.skip(), warn(err)
         return
     session = _session(request)
     stop = _stops[session] = threading.Event()  # this answer's own: stop_chat from the same session sets it
@@ -303,7 +291,7 @@ def _answer(adapter: str, quantization: str | None, compiled: bool, message: str
         # Cheap when the adapter is loaded already; it also picks it again if another tab switched the engine.
         status = describe(engine_with(quantization, compiled).select(adapter))
     except core.ChatError as err:
-        yield gr.skip(), gr.skip(), gr.skip(), _warn(err)
+        yield gr.skip(), gr.skip(), gr.skip(), warn(err)
         return
 
     def with_reply(past: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
@@ -323,7 +311,7 @@ def _answer(adapter: str, quantization: str | None, compiled: bool, message: str
                 chat = with_reply(history, text)
                 yield gr.skip(), chat, gr.skip(), gr.skip()
     except core.ChatError as err:
-        yield gr.skip(), chat, base_chat, f"{status}\n\n{_warn(err)}"
+        yield gr.skip(), chat, base_chat, f"{status}\n\n{warn(err)}"
         return
     yield gr.skip(), chat, base_chat, f"{status}\n\n{_stats_line()}"
 

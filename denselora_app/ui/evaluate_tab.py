@@ -15,6 +15,7 @@ from .. import access
 from ..access import AccessError, Action
 from ..hosting import GPU_MAX_SECONDS, GPU_MAX_STEPS, on_gpu, on_zerogpu
 from . import chat_tab
+from .messages import refusal, warn
 
 if TYPE_CHECKING:
     from ..evaluate import EvalTable
@@ -25,17 +26,11 @@ FORMATS = {"accuracy": "{:.1%}", "loss": "{:.4f}", "perplexity": "{:.2f}", "trai
 MODES = ("generate", "loglik")  # evaluate.MODES, named here so that building the tab imports no torch
 
 
-def _warn(message: Any) -> str:
-    return f"⚠️ {message}"
-
-
 def refresh_adapters(chosen: list[str] | None, profile: gr.OAuthProfile | None = None) -> Any:
     """Every run's adapter and checkpoints, keeping the ones chosen that still exist; with none, the newest run's
     final adapter is chosen. A caller who may not evaluate gets none, and the reason."""
-    try:
-        access.require(access.identify(profile), Action.EVALUATE)
-    except AccessError as err:
-        return gr.Dropdown(choices=[], value=[], multiselect=True, info=_warn(err))
+    if refused := refusal(profile, Action.EVALUATE):
+        return gr.Dropdown(choices=[], value=[], multiselect=True, info=refused)
     refs = chat_tab.chat_module().available_adapters()
     locations = [ref.location for ref in refs]
     kept = [c for c in chosen or [] if c in locations]
@@ -72,16 +67,16 @@ def run_evaluation(adapters: list[str] | None, data_file: str | None, loss_file:
         access.check_uploaded(data_file)
         access.check_uploaded(loss_file)
     except AccessError as err:
-        return _warn(err), None, None
+        return warn(err), None, None
     chat_tab.chat_module()  # first: it imports the engine's modules in a safe order
     from ..evaluate import gpu_steps
 
     if not adapters:
-        return _warn("Choose at least one run's adapter or checkpoint to evaluate."), None, None
+        return warn("Choose at least one run's adapter or checkpoint to evaluate."), None, None
     limit = None if limit is None else int(limit)
     if on_zerogpu() and gpu_steps(len(adapters), data_file or None, loss_data=loss_file or None, mode=mode,
                                   limit=limit) > GPU_MAX_STEPS:
-        return _warn(f"This evaluation is more than one ZeroGPU call can do (at most {GPU_MAX_SECONDS} s of GPU "
+        return warn(f"This evaluation is more than one ZeroGPU call can do (at most {GPU_MAX_SECONDS} s of GPU "
                      "time): set a Limit (fewer questions and examples), evaluate fewer adapters at once, or use "
                      "loglik mode (one model step per question instead of a generated reply)."), None, None
     return _evaluate(adapters, data_file or None, loss_file or None, mode, limit, *chat_tab.engine_settings(),
@@ -99,7 +94,7 @@ def _evaluate(adapters: list[str], data_file: str | None, loss_file: str | None,
         table = evaluate(adapters, data_file, loss_data=loss_file, mode=mode, limit=limit,
                          engine=chat_tab.engine_with(quantization, compiled), progress=progress)
     except (EvalError, chat.ChatError) as err:
-        return _warn(err), None, None
+        return warn(err), None, None
     # A base result read back from a run's eval.json carries no per-question items.
     reused = any(r.trainable_percent is None and r.accuracy is not None and not r.items for r in table.results)
     message = (f"Evaluated {len(adapters)} adapter(s) on **{table.dataset}** ({table.mode}). Results of runs are "

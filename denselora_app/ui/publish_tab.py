@@ -16,20 +16,17 @@ from typing import Any
 
 import gradio as gr
 
-from .. import access, publish
-from ..access import AccessError, Action
+from .. import publish
+from ..access import Action
 from ..config import ConfigError
 from ..hosting import on_space
 from ..publish import PublishError, RepoFolder
 from ..runs import list_runs
+from .messages import refusal, warn
 
 # The card's loss-curve image is a file of the repository, which the page cannot load: it is shown beside the card.
 _CURVE_LINK = re.compile(r"!\[[^\]]*\]\(" + re.escape(publish.LOSS_CURVE) + r"\)\n?")
 _FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.S)
-
-
-def _warn(message: Any) -> str:
-    return f"⚠️ {message}"
 
 
 def publishable_runs() -> list[str]:
@@ -41,27 +38,18 @@ def publishable_runs() -> list[str]:
 def refresh_runs(chosen: str | None, profile: gr.OAuthProfile | None = None) -> Any:
     """The runs with a final adapter, keeping the one chosen if it still has one; otherwise the newest is chosen.
     A caller who may not publish gets none, and the reason."""
-    if refused := _refused(profile):
+    if refused := refusal(profile, Action.PUBLISH):
         return gr.Dropdown(choices=[], value=None, info=refused)
     ids = publishable_runs()
     return gr.Dropdown(choices=ids, value=chosen if chosen in ids else (ids[0] if ids else None))
 
 
-def _refused(profile: gr.OAuthProfile | None) -> str | None:
-    """Why the caller may not publish (or download what publishing builds), if they may not."""
-    try:
-        access.require(access.identify(profile), Action.PUBLISH)
-    except AccessError as err:
-        return _warn(err)
-    return None
-
-
 def _missing(run_id: str | None, repo_id: str, what: str = "model repository") -> str | None:
     """What to fill in first, if anything."""
     if not run_id:
-        return _warn("Choose a run first.")
+        return warn("Choose a run first.")
     if not repo_id.strip():
-        return _warn(f"Give the {what} id, as NAMESPACE/NAME (your user name or an organization).")
+        return warn(f"Give the {what} id, as NAMESPACE/NAME (your user name or an organization).")
     return None
 
 
@@ -109,12 +97,12 @@ def build_model(run_id: str | None, repo_id: str, base_model: str,
                 profile: gr.OAuthProfile | None = None) -> tuple[Any, ...]:
     """Build the model repository: the message, the card preview, the file list, the loss curve, the zip."""
     nothing = ("", "", None, gr.DownloadButton(visible=False))
-    if problem := _refused(profile) or _missing(run_id, repo_id):
+    if problem := refusal(profile, Action.PUBLISH) or _missing(run_id, repo_id):
         return problem, *nothing
     try:
         folder = publish.build_model_repo(run_id, repo_id.strip(), base_model=base_model.strip() or None)
     except (PublishError, ConfigError) as err:
-        return _warn(err), *nothing
+        return warn(err), *nothing
     zip_path = _zip(folder)
     return (f"Built the repository in `{folder.path}`: this is exactly what **Publish to the Hub** uploads.",
             _card_preview(folder), _file_list(folder), _loss_curve(folder), _download(zip_path))
@@ -123,14 +111,14 @@ def build_model(run_id: str | None, repo_id: str, base_model: str,
 def push_model(run_id: str | None, repo_id: str, private: bool, commit_message: str, base_model: str,
                oauth_token: gr.OAuthToken | None, profile: gr.OAuthProfile | None = None) -> str:
     """Build the model repository and upload it (creating the repository if needed)."""
-    if problem := _refused(profile) or _missing(run_id, repo_id):
+    if problem := refusal(profile, Action.PUBLISH) or _missing(run_id, repo_id):
         return problem
     try:
         result = publish.publish_model(run_id, repo_id.strip(), private=private,
                                        commit_message=commit_message.strip() or None, token=_token(oauth_token),
                                        base_model=base_model.strip() or None)
     except (PublishError, ConfigError) as err:
-        return _warn(err)
+        return warn(err)
     return _published(result)
 
 
@@ -138,13 +126,13 @@ def build_space(run_id: str | None, space_id: str, repo_id: str, bundle_adapter:
                 base_model: str, profile: gr.OAuthProfile | None = None) -> tuple[Any, ...]:
     """Build the demo Space: the message, its file list and its zip."""
     nothing = (gr.DownloadButton(visible=False),)
-    if problem := _refused(profile) or _missing(run_id, space_id, "Space"):
+    if problem := refusal(profile, Action.PUBLISH) or _missing(run_id, space_id, "Space"):
         return problem, *nothing
     try:
         folder = publish.build_space_repo(run_id, space_id.strip(), adapter_repo_id=repo_id.strip() or None,
                                           bundle_adapter=bundle_adapter, base_model=base_model.strip() or None)
     except (PublishError, ConfigError) as err:
-        return _warn(err), *nothing
+        return warn(err), *nothing
     where = ("carries the adapter in `adapter/`" if "adapter/adapter_config.json" in folder.files
              else f"loads the adapter from `{repo_id.strip()}`")
     return (f"Built the Space in `{folder.path}`; it {where}.\n\n{_file_list(folder)}", _download(_zip(folder)))
@@ -154,7 +142,7 @@ def push_space(run_id: str | None, space_id: str, repo_id: str, bundle_adapter: 
                commit_message: str, base_model: str, oauth_token: gr.OAuthToken | None,
                profile: gr.OAuthProfile | None = None) -> str:
     """Build the demo Space and upload it as a Gradio Space."""
-    if problem := _refused(profile) or _missing(run_id, space_id, "Space"):
+    if problem := refusal(profile, Action.PUBLISH) or _missing(run_id, space_id, "Space"):
         return problem
     try:
         result = publish.publish_space(run_id, space_id.strip(), adapter_repo_id=repo_id.strip() or None,
@@ -162,7 +150,7 @@ def push_space(run_id: str | None, space_id: str, repo_id: str, bundle_adapter: 
                                        commit_message=commit_message.strip() or None, token=_token(oauth_token),
                                        base_model=base_model.strip() or None)
     except (PublishError, ConfigError) as err:
-        return _warn(err)
+        return warn(err)
     return _published(result)
 
 

@@ -16,6 +16,7 @@ from ..config import ConfigError
 from ..hosting import on_space
 from ..runs import RunError, delete_run, get_run
 from . import charts, loaders, run_view
+from .messages import refusal, warn
 
 
 def runs_table(opened: str | None = None, compared: list[str] | None = None,
@@ -49,7 +50,7 @@ def open_run(run_id: str | None, profile: gr.OAuthProfile | None = None) -> tupl
         run = get_run(run_id)
         access.require(access.identify(profile), Action.VIEW, run)
     except (RunError, AccessError) as err:
-        return f"⚠️ {err}", None, None, "", ""
+        return warn(err), None, None, "", ""
     facts = run.facts()
     shown = run_view.run_charts(run.metrics())
     row = dict(zip(run_view.TABLE_COLUMNS, run_view.table_row(facts), strict=True))
@@ -81,12 +82,10 @@ def compare_runs(run_ids: list[str] | None, profile: gr.OAuthProfile | None = No
 
 
 def ask_delete(run_id: str | None, profile: gr.OAuthProfile | None = None) -> tuple[Any, str]:
-    try:
-        access.require(access.identify(profile), Action.TRAIN)
-    except AccessError as err:
-        return gr.Row(visible=False), f"⚠️ {err}"
+    if refused := refusal(profile, Action.TRAIN):
+        return gr.Row(visible=False), refused
     if not run_id:
-        return gr.Row(visible=False), "⚠️ Open a run first, then delete it."
+        return gr.Row(visible=False), warn("Open a run first, then delete it.")
     return gr.Row(visible=True), f"Delete run `{run_id}` with its checkpoints and adapter? This cannot be undone."
 
 
@@ -96,7 +95,7 @@ def confirm_delete(run_id: str | None, profile: gr.OAuthProfile | None = None) -
         access.require(access.identify(profile), Action.TRAIN)
         delete_run(get_run(run_id or ""))
     except (RunError, AccessError) as err:
-        return gr.Row(visible=False), f"⚠️ {err}"
+        return gr.Row(visible=False), warn(err)
     return gr.Row(visible=False), f"Deleted run `{run_id}`."
 
 
@@ -117,9 +116,9 @@ def set_public(run_id: str | None, public: bool, profile: gr.OAuthProfile | None
         run = get_run(run_id or "")
         run.set_public(bool(public))
     except (RunError, AccessError) as err:
-        return f"⚠️ {err}"
+        return warn(err)
     except OSError as err:
-        return f"⚠️ Could not change run {run_id}: {err.strerror or err}."
+        return warn(f"Could not change run {run_id}: {err.strerror or err}.")
     if public:
         return f"Run `{run.id}` is public: visitors of this Space can see it and chat with its final adapter."
     return f"Run `{run.id}` is private again: only you see it."
@@ -134,16 +133,14 @@ def resume(run_id: str | None, profile: gr.OAuthProfile | None = None) -> str:
     the one launch function, whose refusal (nothing to resume, the device busy, ...) is shown as it is."""
     from ..launch import LaunchError, resume_run
 
-    try:
-        access.require(access.identify(profile), Action.TRAIN)
-    except AccessError as err:
-        return f"⚠️ {err}"
+    if refused := refusal(profile, Action.TRAIN):
+        return refused
     if not run_id:
-        return "⚠️ Open a run first, then resume it."
+        return warn("Open a run first, then resume it.")
     try:
         run = resume_run(get_run(run_id), load_config=loaders.model_config, load_tokenizer=loaders.tokenizer)
     except (RunError, LaunchError) as err:
-        return f"⚠️ {err}"
+        return warn(err)
     checkpoint = run.last_checkpoint()
     return (f"Resumed run `{run_id}` from {checkpoint.name if checkpoint else 'its last checkpoint'}: it trains in "
             "the background (Refresh to follow it).")

@@ -23,6 +23,7 @@ from ..hosting import space_id
 from ..rules import DEVICE_KINDS
 from ..runs import RunError, format_rate, get_run
 from . import charts, forms, loaders, run_view
+from .messages import warn
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,6 @@ PREVIEW_OUTPUTS = 7  # data message, detected format, preview box, rows, example
 TRAINED = "trained"
 CELL_CHARS = 300
 ON_THIS_MACHINE, ON_JOBS = "this machine", "jobs"  # where a run trains ("Train on")
-
-
-def _warn(message: Any) -> str:
-    return f"⚠️ {message}"
 
 
 def _owner(profile: gr.OAuthProfile | None) -> access.Caller:
@@ -60,7 +57,7 @@ def check_model(model: str, trust_remote_code: bool, target_modules: list[str],
         access.check_model(model)
         info = loaders.model_info(model, trust_remote_code)
     except (AccessError, *loaders.model_errors()) as err:
-        return _warn(err), gr.skip()
+        return warn(err), gr.skip()
     names = list(info.linear_names)
     # Keep what the user chose where the model has it; otherwise the paper's targets, otherwise the first layer.
     kept = ([n for n in target_modules or [] if n in names] or [n for n in C.PAPER_TARGETS if n in names]
@@ -84,9 +81,9 @@ def parameter_line(profile: gr.OAuthProfile | None = None, **settings: Any) -> t
 
         counts = count_parameters(model_config, cfg)
     except (ConfigError, AccessError) as err:
-        return _warn(err), "", ""
+        return warn(err), "", ""
     except loaders.model_errors() as err:
-        return _warn(f"Cannot count parameters: {err}"), "", ""
+        return warn(f"Cannot count parameters: {err}"), "", ""
     from ..methods import method_comparison
 
     try:
@@ -95,13 +92,13 @@ def parameter_line(profile: gr.OAuthProfile | None = None, **settings: Any) -> t
 
         plan = plan_memory(model_config, cfg, counts, str(resolve_device(cfg.device)))
     except loaders.model_errors() as err:
-        return (counts.summary(cfg.method), _warn(f"Cannot plan the memory: {err}"),
+        return (counts.summary(cfg.method), warn(f"Cannot plan the memory: {err}"),
                 method_comparison(counts, rank=cfg.r, docs=benchmarks_link()))
     memory = {m: plan.for_method(m, n).total_text for m, n in counts.by_method.items()}
     comparison = method_comparison(counts, memory, rank=cfg.r, docs=benchmarks_link())
     if plan.fits:
         return counts.summary(cfg.method), plan.summary(), comparison
-    return counts.summary(cfg.method), f"{_warn(plan.summary())}\n\n{plan.advice(bullets=True)}", comparison
+    return counts.summary(cfg.method), f"{warn(plan.summary())}\n\n{plan.advice(bullets=True)}", comparison
 
 
 def benchmarks_link() -> str:
@@ -159,23 +156,23 @@ def preview_data(
                         train_on_inputs=train_on_inputs, trust_remote_code=trust_remote_code)
         access.check_config(who, cfg)
     except (ConfigError, AccessError) as err:
-        return _no_preview(_warn(err))
+        return _no_preview(warn(err))
     if not cfg.data:
-        return _no_preview(_warn("Choose training data: upload a file, type a path or a Hub dataset name."))
+        return _no_preview(warn("Choose training data: upload a file, type a path or a Hub dataset name."))
     try:
         tokenizer = loaders.tokenizer(cfg.model, cfg.trust_remote_code)
     except loaders.model_errors() as err:
-        return _no_preview(_warn(f"Cannot preview the data without the model's tokenizer: {err}"))
+        return _no_preview(warn(f"Cannot preview the data without the model's tokenizer: {err}"))
     try:
         preview = render_preview(loaders.data_source(cfg), tokenizer, fmt=cfg.data_format,
                                  cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs)
     except DataError as err:
-        return _no_preview(_warn(err))
+        return _no_preview(warn(err))
     report = preview["report"]
     message = ""
     if report.dropped:
         dropped = sum(report.dropped.values())
-        message = _warn(f"{dropped} of {report.rows_read} rows will be dropped:\n\n"
+        message = warn(f"{dropped} of {report.rows_read} rows will be dropped:\n\n"
                         + "\n".join(f"- {problem}" for problem in report.problems))
     how = "detected" if cfg.data_format == "auto" else "chosen"
     detected = (f"Format: **{preview['format']}** ({how}) · columns: "
@@ -209,7 +206,7 @@ def upload_data(file: str | None, profile: gr.OAuthProfile | None = None, **sett
         access.check_uploaded(file)
         stored = str(loaders.store_upload(file, who))
     except (DataError, AccessError) as err:
-        return None, gr.skip(), *_no_preview(_warn(err))
+        return None, gr.skip(), *_no_preview(warn(err))
     return None, stored, *preview_data(profile, **{**settings, "data": stored})
 
 
@@ -220,12 +217,12 @@ def load_preset(name: str | None, target_choices: list[str],
                 profile: gr.OAuthProfile | None = None) -> tuple[Any, ...]:
     """Fill every control from a preset file, then a message and the preview of the preset's data."""
     if not name:
-        return *[gr.skip()] * len(forms.FIELDS), _warn("Choose a preset first."), *[gr.skip()] * PREVIEW_OUTPUTS
+        return *[gr.skip()] * len(forms.FIELDS), warn("Choose a preset first."), *[gr.skip()] * PREVIEW_OUTPUTS
     try:
         _owner(profile)
         cfg = forms.load_preset(name)
     except (ConfigError, AccessError) as err:
-        return *[gr.skip()] * len(forms.FIELDS), _warn(err), *[gr.skip()] * PREVIEW_OUTPUTS
+        return *[gr.skip()] * len(forms.FIELDS), warn(err), *[gr.skip()] * PREVIEW_OUTPUTS
     values: list[Any] = []
     for field in forms.FIELDS:
         value = getattr(cfg, field)
@@ -250,7 +247,7 @@ def save_preset(preset_name: str, profile: gr.OAuthProfile | None = None, **sett
         _owner(profile)
         path = forms.save_preset(forms.config_from_settings(settings), preset_name)
     except (ConfigError, AccessError, OSError) as err:
-        return _warn(err), gr.skip()
+        return warn(err), gr.skip()
     return f"Saved `{path}`.", gr.Dropdown(choices=forms.list_presets(), value=path.name)
 
 
@@ -259,7 +256,7 @@ def show_command(preset: str | None, profile: gr.OAuthProfile | None = None, **s
         _owner(profile)
         return forms.cli_command(forms.config_from_settings(settings), preset or None)
     except (ConfigError, AccessError) as err:
-        return _warn(err)
+        return warn(err)
 
 
 # ---- start, stop and the live view ---------------------------------------------------------------------------------
@@ -287,7 +284,7 @@ def start_training(profile: gr.OAuthProfile | None = None, oauth_token: gr.OAuth
         run = launch(cfg, jobs=target, token=_token(oauth_token), load_config=loaders.model_config,
                      load_tokenizer=loaders.tokenizer)
     except StudioError as err:  # ConfigError, AccessError, LaunchError, JobsError
-        return _warn(f"Not started. {err}"), gr.skip(), gr.skip()
+        return warn(f"Not started. {err}"), gr.skip(), gr.skip()
     log.info("Started run %s", run.id)
     if (job := run.job()) is not None:
         return (f"Submitted run `{run.id}` to Hugging Face Jobs ({job.flavor}): [its job]({job.url}). It trains "
@@ -305,10 +302,10 @@ def stop_training(run_id: str | None, profile: gr.OAuthProfile | None = None,
     try:
         _owner(profile)
         if not run_id:
-            return _warn("No run to stop.")
+            return warn("No run to stop.")
         return stop_run(get_run(run_id), token=_token(oauth_token))
     except StudioError as err:  # RunError, AccessError, JobsError
-        return _warn(err)
+        return warn(err)
 
 
 def find_learning_rate(profile: gr.OAuthProfile | None = None, **settings: Any) -> tuple[str, str | None, Any, Any]:
@@ -325,7 +322,7 @@ def find_learning_rate(profile: gr.OAuthProfile | None = None, **settings: Any) 
         plan = plan_search(cfg)
         run = launch(cfg, search=plan, load_config=loaders.model_config, load_tokenizer=loaders.tokenizer)
     except StudioError as err:  # ConfigError, AccessError, LaunchError
-        return _warn(f"Not started. {err}"), gr.skip(), gr.skip(), gr.skip()
+        return warn(f"Not started. {err}"), gr.skip(), gr.skip(), gr.skip()
     log.info("Started learning-rate search %s", run.id)
     rates = ", ".join(format_rate(rate) for rate in plan.rates)
     return (f"Started learning-rate search `{run.id}`: {len(plan.rates)} trials of {plan.steps} steps on this "
@@ -340,10 +337,10 @@ def use_found_rate(run_id: str | None, profile: gr.OAuthProfile | None = None) -
         run = get_run(run_id or "")
         access.require(who, Action.VIEW, run)
     except StudioError as err:  # RunError, AccessError
-        return gr.skip(), _warn(err)
+        return gr.skip(), warn(err)
     search = run.lr_search()
     if search is None or search.chosen is None:
-        return gr.skip(), _warn(f"Run `{run.id}` has no chosen learning rate.")
+        return gr.skip(), warn(f"Run `{run.id}` has no chosen learning rate.")
     return search.chosen, f"Learning rate set to {format_rate(search.chosen)}, found by `{run.id}`."
 
 
@@ -359,13 +356,13 @@ def live_status(run_id: str | None, profile: gr.OAuthProfile | None = None,
         run = get_run(run_id)
         access.require(access.identify(profile), Action.VIEW, run)
     except (RunError, AccessError) as err:
-        return _warn(err), "", *nothing
+        return warn(err), "", *nothing
     problem = jobs.refresh(run, _token(oauth_token))  # a run on Hugging Face Jobs: what its job says now
     facts = run.facts()
     shown = run_view.run_charts(run.metrics())
     search = run_view.search_charts(run)  # a learning-rate search: one curve per trial instead of the loss chart
     return (
-        run_view.header_markdown(facts) + (f"\n\n{_warn(problem)}" if problem else ""),
+        run_view.header_markdown(facts) + (f"\n\n{warn(problem)}" if problem else ""),
         run_view.progress_html(facts.status, facts.job),
         gr.Column(visible=True),
         gr.LinePlot(shown.loss, visible=search is None),
