@@ -12,15 +12,15 @@ own random numbers; validation and test questions use the other half of the word
 question appears in training. Before training the model answers "answer4" to nearly everything (near chance).
 
 Arms: DenseLoRA r16, LoRA r16, and LoRA at the rank whose trainable parameter count is closest to DenseLoRA r16's
-(on SmolLM2's five projections that is r1), all on q/k/v/up/down with alpha = 2r; and DenseLoRA r16 with its shared
-encoders and decoders at 4x the learning rate (``shared_lr_scale: 4``, the change convergence.py found most
-effective on the 4-layer model). Each arm's learning rate is
-chosen by the validation accuracy of a sweep with the first seed; the chosen rate then runs with every seed and is
-scored on the test questions.
+(on SmolLM2's five projections that is r1), all on q/k/v/up/down with alpha = 2r. ``--arms denselora-shared4`` adds
+DenseLoRA r16 with its shared encoders and decoders at 4x the learning rate (``shared_lr_scale: 4``, the change
+convergence.py found most effective on the 4-layer model). Each arm's learning rate is chosen by the validation
+accuracy of a sweep with the first seed (every arm's sweep runs before any arm's other seeds); the chosen rate then
+runs with every seed and is scored on the test questions.
 
 A finished trial is written to ``--trials-dir`` as one JSON file and skipped when the benchmark runs again with
-the same settings, so the full table can be built over several sittings (about 3 s per step here: the CPU setting
-is a few hours on 2 cores).
+the same settings, so the full table can be built over several sittings (about 5 s per step of 8 ~110-token rows
+on these 2 cores: a trial with its scoring takes about 20 minutes, the CPU setting's 15 trials about 5 hours).
 
     python benchmarks/accuracy_smollm2.py                # CPU setting (resumable)
     python benchmarks/accuracy_smollm2.py --mode gpu     # more rows, steps and test questions, on one GPU
@@ -65,6 +65,9 @@ RATES: dict[str, list[float]] = {
     "lora": [3e-4, 1e-4, 1e-3, 3e-5],
     "lora-matched": [1e-3, 3e-4, 3e-3, 1e-4],
 }
+
+# The issue's three arms; denselora-shared4 (a DenseLoRA training option) runs when asked for with --arms.
+DEFAULT_ARMS = ["denselora", "lora", "lora-matched"]
 
 CATEGORIES: dict[str, list[str]] = {
     "animal": "dog cat horse lion tiger rabbit sheep goat wolf bear mouse camel zebra monkey eagle shark whale frog "
@@ -283,7 +286,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     for key, value in PRESETS["cpu"].items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
     parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--arms", nargs="+", default=list(RATES), choices=list(RATES))
+    parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(RATES))
     parser.add_argument("--rates", nargs="+", type=float, help="sweep these rates for every arm instead")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--trials-dir", type=Path, help="where finished trials are kept (default: per mode, under "
@@ -333,11 +336,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             store(args, name, key, record)
         return record
 
+    # Every arm's sweep before any arm's other seeds: a table built over several sittings shows all arms early.
+    sweeps = {name: [trial(arms[name], lr, args.data_seed) for lr in args.rates or RATES[name][: args.sweep]]
+              for name in args.arms}
     results: dict[str, Any] = {}
-    for name in args.arms:
+    for name, sweep in sweeps.items():
         arm = arms[name]
-        rates = args.rates or RATES[name][: args.sweep]
-        sweep = [trial(arm, lr, args.data_seed) for lr in rates]
         best = max(sweep, key=lambda t: (t["val"]["accuracy"], -t["final_loss"]))
         seeds = [best] + [trial(arm, best["lr"], args.data_seed + s) for s in range(1, args.seeds)]
         accuracies = [t["test"]["accuracy"] for t in seeds]
