@@ -2,8 +2,12 @@
 
 Each trial is an ordinary studio run (``launch`` + ``worker.execute``: the Trainer, the data pipeline and the
 defaults a user gets) followed by the studio's own evaluation (``evaluate.evaluate`` in generate mode: the question
-and its labelled options in the prompt, greedy decoding, the label extracted by pattern, as in the paper's
-commonsense protocol).
+and its labelled options in the prompt, greedy decoding, the answer extracted by pattern, as in the paper's
+commonsense protocol). Training replies name the right option's text ("the correct answer is melon"); the paper's
+replies name its label ("the correct answer is answer3"), which ``--reply label`` trains instead: on this 135M model
+no arm, LoRA r16 included, learnt to pick a label within the CPU setting's 200 steps, while LoRA r16 naming the
+option reached 73% in 120 steps (docs/benchmarks.md). The evaluation reads a label by pattern, else the one
+option a reply names as whole words.
 
 The task needs generalisation, not recall. Five families of four-option questions are made from templates:
 the largest of four numbers, a two-digit sum, the next number of an arithmetic sequence, the odd word out of four,
@@ -145,14 +149,23 @@ def split_words(seed: int) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     return train, held_out
 
 
-def reply(answer: int) -> str:
-    """The training target, in the paper's wording."""
-    return f"the correct answer is answer{answer + 1}"
+REPLIES = ("option", "label")  # what a training reply names: the right option's text, or its label (the paper's)
 
 
-def make_task(folder: Path, train_rows: int, val_per_family: int, test_per_family: int, seed: int = 0) -> dict:
-    """Write train.jsonl (messages), val.jsonl and test.jsonl (the studio's multiple-choice format, plus each
-    question's family) to ``folder``."""
+def reply(options: list[str], answer: int, names: str) -> str:
+    """The training target in the paper's wording, naming the option's text or its label ("answer2").
+
+    The evaluation reads either: a label by pattern, else the one option the reply names as whole words. On this
+    135M model label replies stay at chance for every arm within the CPU setting's 200 steps (LoRA r16 included:
+    docs/benchmarks.md), so the CPU setting names the option's text.
+    """
+    return f"the correct answer is {options[answer] if names == 'option' else f'answer{answer + 1}'}"
+
+
+def make_task(folder: Path, train_rows: int, val_per_family: int, test_per_family: int, seed: int = 0,
+              replies: str = "option") -> dict:
+    """Write train.jsonl (messages whose replies name the option's text or its label: ``reply``), val.jsonl and
+    test.jsonl (the studio's multiple-choice format, plus each question's family) to ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     train_words, held_out_words = split_words(seed)
     rng = random.Random(seed + 1)
@@ -175,7 +188,7 @@ def make_task(folder: Path, train_rows: int, val_per_family: int, test_per_famil
         for question, options, answer in train:
             prompt = choice_prompt(Question(question, tuple(options), answer, "answer", ""))
             fh.write(json.dumps({"messages": [{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": reply(answer)}]}) + "\n")
+                                              {"role": "assistant", "content": reply(options, answer, replies)}]}) + "\n")
     for name, items in held.items():
         with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as fh:
             for family, (question, options, answer) in items:
@@ -212,7 +225,8 @@ class Arm:
 
 def settings_key(args: argparse.Namespace) -> str:
     """What a stored trial must have been run with to be reused."""
-    keys = ("model", "train_rows", "val_per_family", "test_per_family", "steps", "batch", "warmup", "data_seed")
+    keys = ("model", "train_rows", "val_per_family", "test_per_family", "steps", "batch", "warmup", "data_seed",
+            "reply")
     text = json.dumps({k: str(getattr(args, k)) for k in keys}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -286,6 +300,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     for key, value in PRESETS["cpu"].items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
     parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--reply", choices=REPLIES, default="option",
+                        help="what a training reply names: the right option's text, or its label as in the paper")
     parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(RATES))
     parser.add_argument("--rates", nargs="+", type=float, help="sweep these rates for every arm instead")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -301,7 +317,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     for key, value in PRESETS[args.mode].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.trials_dir = args.trials_dir or RESULTS / f"accuracy_smollm2_{args.mode}_trials"
+    suffix = "" if args.reply == "option" else f"_{args.reply}"
+    args.trials_dir = args.trials_dir or RESULTS / f"accuracy_smollm2_{args.mode}{suffix}_trials"
     return args
 
 
@@ -313,7 +330,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = args.work_dir / "task"
-    sizes = make_task(data, args.train_rows, args.val_per_family, args.test_per_family, args.data_seed)
+    sizes = make_task(data, args.train_rows, args.val_per_family, args.test_per_family, args.data_seed,
+                      args.reply)
     key = settings_key(args)
     args.trials_dir.mkdir(parents=True, exist_ok=True)
     engine = ChatEngine(device=args.device, runs_root=args.work_dir / "runs")
@@ -336,9 +354,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             store(args, name, key, record)
         return record
 
-    # Every arm's sweep before any arm's other seeds: a table built over several sittings shows all arms early.
-    sweeps = {name: [trial(arms[name], lr, args.data_seed) for lr in args.rates or RATES[name][: args.sweep]]
-              for name in args.arms}
+    # Every arm's sweep before any arm's other seeds, the arms taking turns: a table built over several sittings
+    # shows every arm early.
+    rates = {name: args.rates or RATES[name][: args.sweep] for name in args.arms}
+    for n in range(max(len(r) for r in rates.values())):
+        for name in args.arms:
+            if n < len(rates[name]):
+                trial(arms[name], rates[name][n], args.data_seed)
+    sweeps = {name: [trial(arms[name], lr, args.data_seed) for lr in rates[name]] for name in args.arms}
     results: dict[str, Any] = {}
     for name, sweep in sweeps.items():
         arm = arms[name]

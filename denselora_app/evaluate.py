@@ -198,7 +198,9 @@ def extract_choice(reply: str, q: Question, *, strict: bool = False) -> int | No
         match = re.search(rf"\b{q.style}\s*([1-{n}])(?!\d)", reply, re.I)
         index = int(match[1]) - 1 if match else None
     if index is None and not strict:
-        named = [i for i, choice in enumerate(q.choices) if choice.casefold() in reply.casefold()]
+        # Whole words only: "145" names neither 14 nor 45.
+        named = [i for i, choice in enumerate(q.choices)
+                 if re.search(rf"(?<!\w){re.escape(choice.strip())}(?!\w)", reply, re.I)]
         index = named[0] if len(named) == 1 else None
     return index
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -231,6 +232,15 @@ def test_accuracy_task_holds_out_test_words_and_questions(tmp_path):
         if row["family"] in ("category", "odd-one-out"):
             assert not any(c in words for c in row["choices"] for words in train_words.values())
         assert not any(row["question"] in prompt and all(c in prompt for c in row["choices"]) for prompt in train)
+
+    # Replies name the right option's text by default ("largest" shows it is the right one), or its label.
+    rows = [json.loads(line)["messages"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    largest = [(re.findall(r"^Answer\d: (\d+)$", user["content"], re.M), reply["content"]) for user, reply in rows
+               if "largest" in user["content"]]
+    assert largest and all(reply == f"the correct answer is {max(options, key=int)}" for options, reply in largest)
+    accuracy_smollm2.make_task(tmp_path / "label", train_rows=10, val_per_family=1, test_per_family=1, replies="label")
+    replies = [json.loads(line)["messages"][1]["content"] for line in (tmp_path / "label" / "train.jsonl").open()]
+    assert all(re.fullmatch(r"the correct answer is answer[1-4]", reply) for reply in replies)
 
 
 def test_convergence_study_writes_every_variant_and_reuses_finished_trials(tmp_path):

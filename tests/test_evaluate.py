@@ -72,6 +72,9 @@ def test_a_reply_naming_one_choice_counts_unless_strict():
     assert extract_choice("It is Choice Y, clearly.", q, strict=True) is None
     assert extract_choice("choice x or choice y", q) is None  # two named: ambiguous, wrong
     assert extract_choice("answer1, though choice y sounds right", q) == 0  # a label beats a named choice
+    numbers = Question("Which is the largest?", ("45", "145", "14", "450"), 1, "answer", "x")
+    assert extract_choice("the correct answer is 145", numbers) == 1  # not also 45 or 14
+    assert extract_choice("the correct answer is 450.", numbers) == 3
 
 
 def test_answer_forms_and_styles():
