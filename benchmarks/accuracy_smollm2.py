@@ -187,8 +187,9 @@ def make_task(folder: Path, train_rows: int, val_per_family: int, test_per_famil
     with open(folder / "train.jsonl", "w", encoding="utf-8") as fh:
         for question, options, answer in train:
             prompt = choice_prompt(Question(question, tuple(options), answer, "answer", ""))
+            target = reply(options, answer, replies)
             fh.write(json.dumps({"messages": [{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": reply(options, answer, replies)}]}) + "\n")
+                                              {"role": "assistant", "content": target}]}) + "\n")
     for name, items in held.items():
         with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as fh:
             for family, (question, options, answer) in items:

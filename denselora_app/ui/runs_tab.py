@@ -177,7 +177,8 @@ def build(demo: gr.Blocks) -> RunsTab:
                 delete_button = gr.Button("Delete run…", variant="stop", size="sm", scale=0, elem_id="delete-run")
                 # Off a Space everyone is the owner and the mark means nothing: the box is not there.
                 public_box = gr.Checkbox(False, label="Public on this Space", visible=False, render=on_space(),
-                                         info="Visitors see this run as you do (charts, config, data report, log) and chat with its final adapter",
+                                         info="Visitors see this run as you do (charts, config, data report, "
+                                              "log) and chat with its final adapter",
                                          elem_id="run-public")
             with gr.Row(visible=False) as confirm_row:
                 confirm_button = gr.Button("Yes, delete it", variant="stop", size="sm", elem_id="confirm-delete")
