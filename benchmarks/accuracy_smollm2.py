@@ -358,11 +358,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Every arm's sweep before any arm's other seeds, the arms taking turns: a table built over several sittings
     # shows every arm early.
     rates = {name: args.rates or RATES[name][: args.sweep] for name in args.arms}
+    sweeps: dict[str, list[dict[str, Any]]] = {name: [] for name in args.arms}
     for n in range(max(len(r) for r in rates.values())):
         for name in args.arms:
             if n < len(rates[name]):
-                trial(arms[name], rates[name][n], args.data_seed)
-    sweeps = {name: [trial(arms[name], lr, args.data_seed) for lr in rates[name]] for name in args.arms}
+                sweeps[name].append(trial(arms[name], rates[name][n], args.data_seed))
     results: dict[str, Any] = {}
     for name, sweep in sweeps.items():
         arm = arms[name]
