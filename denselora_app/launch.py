@@ -33,6 +33,7 @@ from .runs import (
     Run,
     RunState,
     check_resumable,
+    checkpoint_step,
     create_run,
     process_start_time,
     request_stop,
@@ -229,8 +230,10 @@ def resume_run(run: Run, *, background: bool = True, share_device: bool = False,
     root = run.path.parent
     with _device_lock(root):
         _claim(checked.device, root, share_device, exclude=run)
-        check_resumable(run)  # another process may have resumed it meanwhile
-        run.update_status(state=RunState.QUEUED, device=checked.device, launcher_pid=os.getpid(),
+        checkpoint = check_resumable(run)  # another process may have resumed it meanwhile
+        # The step is the checkpoint's until the worker trains on: the steps after it are trained again.
+        run.update_status(state=RunState.QUEUED, step=checkpoint_step(checkpoint), device=checked.device,
+                          launcher_pid=os.getpid(),
                           launcher_started=process_start_time(os.getpid()), pid=None, pid_started=None,
                           error=None, error_kind=None, fix=None, note=None, finished_at=None)
     if background:

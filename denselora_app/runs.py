@@ -33,7 +33,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -288,7 +287,8 @@ def checkpoint_complete(folder: Path) -> bool:
         return False
 
 
-def _checkpoint_step(folder: Path) -> int | None:
+def checkpoint_step(folder: Path) -> int | None:
+    """The step a checkpoint folder was saved at, or None for a folder that is not one."""
     step = folder.name.removeprefix("checkpoint-")
     return int(step) if folder.name.startswith("checkpoint-") and step.isdigit() else None
 
@@ -528,7 +528,7 @@ class Run:
             folders = list(self.checkpoints_dir.iterdir())
         except OSError:
             return []
-        return sorted(step for p in folders if (step := _checkpoint_step(p)) is not None and checkpoint_complete(p))
+        return sorted(step for p in folders if (step := checkpoint_step(p)) is not None and checkpoint_complete(p))
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints_dir / f"checkpoint-{step}"
@@ -542,7 +542,7 @@ class Run:
         removed = []
         complete = set(self.checkpoints())
         for folder in self.checkpoints_dir.glob("checkpoint-*"):
-            if folder.is_dir() and _checkpoint_step(folder) not in complete:
+            if folder.is_dir() and checkpoint_step(folder) not in complete:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder.name)
         return removed
@@ -744,12 +744,8 @@ def request_stop(run: Run) -> str:
         how = {RunState.DAMAGED: f"it is damaged ({status.problem}); delete it",
                RunState.FAILED: "resume it, or delete it"}.get(status.state, "resume or delete it")
         raise RunError(f"Run {run.id} is not training (state: {status.state}); nothing to stop. You can {how}.")
+    # The file alone is the request: a signal could reach a worker still starting up, before it can handle one.
     (run.path / STOP_FILE).touch()
-    if _alive(status.pid, status.pid_started):
-        try:
-            os.kill(int(status.pid), signal.SIGTERM)  # the worker turns SIGTERM into the same graceful stop
-        except ProcessLookupError:
-            pass
     if run.kind is RunKind.LR_SEARCH:
         return (f"Asked the learning-rate search {run.id} to stop after the current step: the trials finished so "
                 "far are kept, and the best rate is chosen from them.")

@@ -28,7 +28,7 @@ from .config import RunConfig
 from .data import PreparedData, data_source, prepare_data
 from .methods import build_peft_config
 from .models import load_model, load_tokenizer, resolve_device
-from .runs import ADAPTER_CONFIG, Run, RunState, mark_checkpoint_complete, write_json_atomic
+from .runs import ADAPTER_CONFIG, Run, RunState, checkpoint_step, mark_checkpoint_complete, write_json_atomic
 from .steplines import metrics_line
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcom
 
     setup = prepare(run, cfg, state)
     if resume and state.is_main_process:
-        run.truncate_metrics(after_step=int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
+        run.truncate_metrics(after_step=checkpoint_step(checkpoint) if checkpoint else 0)
     args = training_arguments(cfg, setup, output_dir=run.checkpoints_dir, show_progress=show_progress)
     callback = RunCallback(run, trainable=setup.trainable, total=setup.base_parameters, echo=not show_progress)
     trainer = make_trainer(setup, args, [callback, CheckpointMarker()], show_progress=show_progress)

@@ -2,18 +2,21 @@
 
 Started by ``runs.start_worker`` (through ``launch.py``) in its own session with stdout/stderr in the run's
 train.log. It owns the run's status from 'running' to a final state and turns SIGTERM into a graceful stop.
-The foreground CLI calls ``execute`` in its own process instead.
+The foreground CLI calls ``execute`` in its own process instead; SIGTERM stops it gracefully too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 from .runs import LOG_FORMAT, STOP_FILE, Run, RunKind, RunState, classify_failure, process_start_time
@@ -24,9 +27,29 @@ log = logging.getLogger(__name__)
 TRACEBACK = "denselora_traceback"
 
 
+@contextlib.contextmanager
+def sigterm_stops(run: Run) -> Iterator[None]:
+    """While training, SIGTERM (a container or Space stopping, a Jobs cancel, ``kill``) becomes a graceful stop:
+    a checkpoint and the adapter at the step reached. A handler may only do something tiny: the training loop polls
+    for the STOP file after every step. Outside the main thread, where no handler can be set, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: (run.path / STOP_FILE).touch())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def execute(run: Run, resume: bool = False, show_progress: bool = False) -> RunState:
     """Train the run (or, for a learning-rate search, run its trials) and record how it ended in status.json (on the
-    main process). Returns the final state."""
+    main process). Returns the final state. The worker and the foreground CLI both train through this."""
+    with sigterm_stops(run):
+        return _execute(run, resume, show_progress)
+
+
+def _execute(run: Run, resume: bool, show_progress: bool) -> RunState:
     from .train import process_state, train  # heavy imports, only once a run really starts
 
     main = process_state(run.config().device).is_main_process
@@ -80,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format=LOG_FORMAT)
     quiet_libraries()
     run = Run(args.run_dir.resolve())
-    # A signal handler may only do something tiny: the training loop polls for this file after every step.
-    signal.signal(signal.SIGTERM, lambda *_: (run.path / STOP_FILE).touch())
     try:
         execute(run, resume=args.resume)
     except BaseException:  # noqa: BLE001  (already logged and recorded by execute)

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from denselora_app.config import RunConfig
 from denselora_app.launch import launch
-from denselora_app.runs import Run, check_resumable, request_stop
+from denselora_app.runs import Run, check_resumable, list_runs, request_stop
 from denselora_app.ui import run_view, runs_tab
-from test_engine import wait_for
+from test_engine import REPO, wait_for
 
 
 @pytest.fixture
@@ -22,11 +24,16 @@ def runs_root(tmp_path, monkeypatch) -> Path:
     return tmp_path / "runs"
 
 
+def endless(model_dir: Path, data: Path, save_steps: int) -> RunConfig:
+    """A run that only a stop or a signal ends."""
+    return RunConfig(model=str(model_dir), data=str(data), r=4, alpha=8, dropout=0.0, learning_rate=3e-2,
+                     max_steps=100000, batch_size=2, grad_accum=1, warmup_steps=0, save_steps=save_steps,
+                     cutoff_len=64, device="cpu", run_name="restart")
+
+
 def start_endless(model_dir: Path, data: Path, save_steps: int) -> Run:
-    """A run training in its own worker process, as the app starts it, that only a stop or a signal ends."""
-    return launch(RunConfig(model=str(model_dir), data=str(data), r=4, alpha=8, dropout=0.0, learning_rate=3e-2,
-                            max_steps=100000, batch_size=2, grad_accum=1, warmup_steps=0, save_steps=save_steps,
-                            cutoff_len=64, device="cpu", run_name="restart"))
+    """An endless run training in its own worker process, as the app starts it."""
+    return launch(endless(model_dir, data, save_steps))
 
 
 def test_a_worker_killed_mid_training_is_resumed_from_its_checkpoint_in_the_runs_tab(app_model_dir, app_data_file,
@@ -65,3 +72,30 @@ def test_sigterm_alone_stops_with_a_checkpoint_at_the_step_reached(app_model_dir
 def test_the_runs_tab_says_why_a_run_cannot_be_resumed(app_model_dir, app_data_file, runs_root):
     assert runs_tab.resume(None).startswith("⚠️ Open a run first")
     assert "No run 'nope'" in runs_tab.resume("nope")
+
+
+def test_stop_right_after_start_ends_stopped_not_killed(app_model_dir, app_data_file, runs_root):
+    """A Stop click while the worker is still starting up (before its SIGTERM handler exists) must not kill it."""
+    run = start_endless(app_model_dir, app_data_file, save_steps=1000)
+    assert "still preparing" in request_stop(run)
+    status = wait_for(lambda: not (s := run.status()).active and s, what="the run to end")
+    assert status.state == "stopped" and "nothing was trained" in status.note
+
+
+def test_sigterm_stops_a_foreground_cli_run_gracefully(app_model_dir, app_data_file, runs_root, tmp_path):
+    """`python -m denselora_app train` in a container that is stopped (or a Jobs cancel) keeps what it trained."""
+    config = tmp_path / "endless.yaml"
+    endless(app_model_dir, app_data_file, save_steps=1000).to_yaml(config)
+    proc = subprocess.Popen([sys.executable, "-m", "denselora_app", "train", str(config)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        run = wait_for(lambda: (found := list_runs(runs_root)) and found[0], what="the run folder")
+        wait_for(lambda: run.raw_status().step >= 3, what="training to start")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert f"Run {run.id} stopped. Your adapter is in" in out
+    status = run.status()
+    assert status.state == "stopped" and check_resumable(run).name == f"checkpoint-{status.step}"
