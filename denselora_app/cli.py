@@ -231,7 +231,7 @@ def _run_line(run: Run) -> str:
     step = f"{facts.steps}/{status.max_steps or '?'}"
     loss = f"{facts.final_train_loss:.4f}" if facts.final_train_loss is not None else "-"
     val = f"{facts.final_eval_loss:.4f}" if facts.final_eval_loss is not None else "-"
-    line = f"{run.id:40} {str(facts.state):10} {cfg.method:9} {cfg.r:>4} {percent:>8} {step:>11} {loss:>8} {val:>8}"
+    line = f"{run.id:40} {facts.label:10} {cfg.method:9} {cfg.r:>4} {percent:>8} {step:>11} {loss:>8} {val:>8}"
     if status.error_kind == "never started":
         line += "  (never started: delete it)"
     if facts.job is not None:

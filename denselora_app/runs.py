@@ -106,10 +106,17 @@ class Status:
     fix: str | None = None  # what to do about it
     note: str | None = None  # what an outcome means when it is not obvious (e.g. stopped before the first step)
     problem: str | None = field(default=None, metadata={"derived": True})  # why the run is damaged; never written
+    # Asked to stop, still training or preparing (it ends after the step under way); never written.
+    stopping: bool = field(default=False, metadata={"derived": True})
 
     @property
     def active(self) -> bool:
         return self.state.active
+
+    @property
+    def label(self) -> str:
+        """The state as the Runs table, the run header and ``runs`` show it: 'stopping' once a stop was asked."""
+        return "stopping" if self.stopping else str(self.state)
 
     @classmethod
     def from_json(cls, data: Any) -> Status:
@@ -124,7 +131,7 @@ class Status:
             return cls(RunState.DAMAGED, problem="status.json says 'damaged', which is never written")
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name in ("state", "problem") or f.name not in data:
+            if f.metadata.get("derived") or f.name == "state" or f.name not in data:
                 continue
             value = _typed(data[f.name], f.type)
             if value is not None:
@@ -347,6 +354,10 @@ class RunFacts:
         return RunState.DAMAGED if self.problem else self.status.state
 
     @property
+    def label(self) -> str:
+        return "damaged" if self.problem else self.status.label
+
+    @property
     def trainable_percent(self) -> float | None:
         if not self.trainable_parameters or not self.total_parameters:
             return None
@@ -440,6 +451,8 @@ class Run:
                       "first). Nothing was trained.",
                 fix=f"Delete it (python -m denselora_app delete {self.id}) and start a new run.",
             )
+        if status.active and self.stop_requested():
+            return dataclasses.replace(status, stopping=True)
         return status
 
     def update_status(self, **changes: Any) -> Status:

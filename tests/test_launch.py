@@ -18,6 +18,7 @@ from denselora_app import cli
 from denselora_app.config import RunConfig
 from denselora_app.launch import LaunchError, launch, resume_run, run_device
 from denselora_app.runs import create_run, get_run, list_runs, request_stop, run_holding
+from denselora_app.ui import run_view
 from denselora_app.worker import execute
 
 REPO = Path(__file__).parent.parent
@@ -259,12 +260,29 @@ def test_stop_before_the_first_step_says_nothing_was_trained(app_model_dir, app_
     run = launch(config(app_model_dir, app_data_file), background=False)
     message = request_stop(run)
     assert "before its first training step" in message and "nothing was trained" in message
+    # Until the training process has ended, everything that shows the run says the stop was heard.
+    assert run.status().stopping and run.facts().label == "stopping"
+    assert run_view.table_row(run.facts())[1] == "stopping" and "state: **stopping**" in run_view.header_markdown(
+        run.facts())
+    assert "Stopping: it ends as soon as the model has loaded" in run_view.progress_html(run.status())
+    cli.main(["runs"])
+    assert f"{run.id} stopping" in " ".join(capsys.readouterr().out.split())
     assert execute(run) == "stopped"
     status = run.status()
-    assert status.state == "stopped" and "nothing was trained" in status.note
+    assert status.state == "stopped" and "nothing was trained" in status.note and not status.stopping
+    assert run_view.table_row(run.facts())[1] == "stopped"
     assert not run.has_adapter() and run.checkpoints() == []
     assert cli.main(["resume", run.id]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_a_run_asked_to_stop_mid_training_says_what_it_is_finishing(app_model_dir, app_data_file, runs_root):
+    run = hold_device(runs_root, app_model_dir, app_data_file, elapsed_seconds=12.0, remaining_seconds=140.0)
+    assert "ETA" in run_view.progress_html(run.status()) and not run.status().stopping
+    assert "saves a checkpoint and its adapter after the current step" in request_stop(run)
+    shown = run_view.progress_html(run.status())
+    assert "Stopping: the step under way finishes, then a checkpoint and the adapter are saved" in shown
+    assert "ETA" not in shown and run.status().state == "running"  # still holds its device until it has ended
 
 
 def test_resume_from_a_checkpoint_at_max_steps_trains_no_further(app_model_dir, app_data_file, runs_root):

@@ -34,7 +34,7 @@ def header_markdown(facts: RunFacts) -> str:
     cfg = facts.config
     where = f" · on Jobs: {facts.job.flavor} · [the job]({facts.job.url})" if facts.job else ""
     what = "Learning-rate search" if facts.kind is RunKind.LR_SEARCH else "Run"
-    return (f"**{what}** `{facts.run_id}` · state: **{facts.state}** · "
+    return (f"**{what}** `{facts.run_id}` · state: **{facts.label}** · "
             f"{cfg.method} r={cfg.r} · model `{cfg.model}`{where}")
 
 
@@ -44,7 +44,10 @@ def progress_html(status: Status, job: JobRecord | None = None) -> str:
     state = status.state
     step, total = status.step, status.max_steps or 0
     percent = 100.0 * step / total if total else 0.0
-    if job is not None and state is RunState.QUEUED:
+    if status.stopping:
+        text = ("Stopping: the step under way finishes, then a checkpoint and the adapter are saved" if total
+                else "Stopping: it ends as soon as the model has loaded, before its first step")
+    elif job is not None and state is RunState.QUEUED:
         text = f"Waiting for Hugging Face Jobs to start the job on {job.flavor}"
     elif job is not None and state is RunState.RUNNING and not total:
         text = "Preparing on Hugging Face Jobs: installing DenseLoRA Studio, then loading the data and the model"
@@ -59,7 +62,7 @@ def progress_html(status: Status, job: JobRecord | None = None) -> str:
     return (
         '<div class="dl-progress">'
         f'<div class="dl-progress-bar" style="width:{percent:.1f}%"></div></div>'
-        f'<div class="dl-progress-text">{html.escape(text)} · {html.escape(state)}</div>'
+        f'<div class="dl-progress-text">{html.escape(text)} · {html.escape(status.label)}</div>'
     )
 
 
@@ -152,7 +155,7 @@ def table_row(facts: RunFacts) -> list[Any]:
     created = status.created_at
     return [
         facts.run_id,
-        "damaged" if facts.problem else str(facts.state),
+        facts.label,
         (f"{cfg.method} · lr search" if facts.kind is RunKind.LR_SEARCH else cfg.method) if cfg else "-",
         cfg.r if cfg else "-",
         f"{facts.trainable_percent:.4f}" if facts.trainable_percent else "-",
