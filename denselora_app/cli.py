@@ -36,7 +36,8 @@ from typing import Any
 
 from .config import QUANTIZATIONS, RunConfig, StudioError
 from .rules import JOBS_DEFAULT_TIMEOUT, LR_SEARCH_COUNT, LR_SEARCH_RANGES, LR_SEARCH_STEPS
-from .runs import LOG_FORMAT, Run, RunError, RunKind, delete_run, format_rate, get_run, list_runs
+from .runs import (LOG_FORMAT, Run, RunKind, check_deletable, delete_run, format_rate, get_run,
+                   list_runs)
 
 log = logging.getLogger("denselora_app")
 
@@ -262,10 +263,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     run = get_run(args.run)
+    check_deletable(run)  # before asking: a run that trains cannot go
     facts = run.facts()
-    if facts.state.active:
-        raise RunError(f"Run {run.id} is still {facts.state}: stop it first (python -m denselora_app stop {run.id}), "
-                       "then delete it.")
     if not args.yes:
         if not sys.stdin.isatty():
             raise UserError(f"Deleting run {run.id} cannot be undone: add --yes to confirm.")

@@ -694,12 +694,20 @@ def list_runs(root: Path | None = None) -> list[Run]:
     return sorted(runs, key=lambda r: (r.raw_status().created_at or 0.0, r.id), reverse=True)
 
 
-def delete_run(run: Run) -> None:
-    """Delete the run folder; refused while it trains (stop it first). Damaged and never-started runs go too."""
+def check_deletable(run: Run) -> None:
+    """Raise RunError, saying what to do, while the run trains; damaged and never-started runs may go."""
     status = run.status()
+    if status.stopping:
+        raise RunError(f"Run {run.id} is stopping: it ends once the step under way and its checkpoint are done. "
+                       "Delete it then.")
     if status.active:
         raise RunError(f"Run {run.id} is still {status.state}: stop it first (python -m denselora_app stop "
                        f"{run.id}), then delete it.")
+
+
+def delete_run(run: Run) -> None:
+    """Delete the run folder; refused while it trains (stop it first)."""
+    check_deletable(run)
     try:
         shutil.rmtree(run.path)
     except OSError as err:

@@ -276,13 +276,16 @@ def test_stop_before_the_first_step_says_nothing_was_trained(app_model_dir, app_
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
-def test_a_run_asked_to_stop_mid_training_says_what_it_is_finishing(app_model_dir, app_data_file, runs_root):
+def test_a_run_asked_to_stop_mid_training_says_what_it_is_finishing(app_model_dir, app_data_file, runs_root,
+                                                                     capsys):
     run = hold_device(runs_root, app_model_dir, app_data_file, elapsed_seconds=12.0, remaining_seconds=140.0)
     assert "ETA" in run_view.progress_html(run.status()) and not run.status().stopping
     assert "saves a checkpoint and its adapter after the current step" in request_stop(run)
     shown = run_view.progress_html(run.status())
     assert "Stopping: the step under way finishes, then a checkpoint and the adapter are saved" in shown
     assert "ETA" not in shown and run.status().state == "running"  # still holds its device until it has ended
+    assert cli.main(["delete", run.id, "--yes"]) == 2
+    assert "is stopping: it ends once the step under way" in capsys.readouterr().err and run.path.exists()
 
 
 def test_resume_from_a_checkpoint_at_max_steps_trains_no_further(app_model_dir, app_data_file, runs_root):
