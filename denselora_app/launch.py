@@ -231,6 +231,7 @@ def resume_run(run: Run, *, background: bool = True, share_device: bool = False,
     with _device_lock(root):
         _claim(checked.device, root, share_device, exclude=run)
         checkpoint = check_resumable(run)  # another process may have resumed it meanwhile
+        run.clear_stop_request()  # a killed run's unanswered one
         # The step is the checkpoint's until the worker trains on: the steps after it are trained again.
         run.update_status(state=RunState.QUEUED, step=checkpoint_step(checkpoint), device=checked.device,
                           launcher_pid=os.getpid(),

@@ -563,6 +563,11 @@ class Run:
     def stop_requested(self) -> bool:
         return (self.path / STOP_FILE).exists()
 
+    def clear_stop_request(self) -> None:
+        """Forget an earlier stop request: when training ends, and before a resume reads 'queued' (so a stop asked
+        from then on is honoured)."""
+        (self.path / STOP_FILE).unlink(missing_ok=True)
+
     # ---- who may see it on a Space (access.py decides what the mark allows)
     def is_public(self) -> bool:
         return (self.path / PUBLIC_FILE).is_file()
@@ -736,7 +741,6 @@ def start_worker(run: Run, resume: bool = False) -> int:
 
     Called by launch.py, which has checked the run and its device first.
     """
-    (run.path / STOP_FILE).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "denselora_app.worker", str(run.path)] + (["--resume"] if resume else [])
     with open(run.log_path, "ab") as log_file:
         proc = subprocess.Popen(

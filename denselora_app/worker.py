@@ -79,7 +79,7 @@ def _execute(run: Run, resume: bool, show_progress: bool) -> RunState:
         raise
     if main:
         run.update_status(state=outcome.state, finished_at=time.time(), note=outcome.note)
-        (run.path / STOP_FILE).unlink(missing_ok=True)
+        run.clear_stop_request()
         log.info("Run %s %s.%s", run.id, outcome.state, f" {outcome.note}" if outcome.note else "")
     return outcome.state
 
