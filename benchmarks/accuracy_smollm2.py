@@ -19,12 +19,14 @@ Arms: DenseLoRA r16, LoRA r16, and LoRA at the rank whose trainable parameter co
 (on SmolLM2's five projections that is r1), all on q/k/v/up/down with alpha = 2r. ``--arms denselora-shared4`` adds
 DenseLoRA r16 with its shared encoders and decoders at 4x the learning rate (``shared_lr_scale: 4``, the change
 convergence.py found most effective on the 4-layer model). Each arm's learning rate is chosen by the validation
-accuracy of a sweep with the first seed (every arm's sweep runs before any arm's other seeds); the chosen rate then
-runs with every seed and is scored on the test questions.
+accuracy of a sweep with the first seed (every arm's sweep runs before any arm's other seeds, and goes on past its
+listed rates while its best is at an end); the chosen rate then runs with every seed and is scored on the test
+questions.
 
 A finished trial is written to ``--trials-dir`` as one JSON file and skipped when the benchmark runs again with
 the same settings, so the full table can be built over several sittings (about 5 s per step of 8 ~110-token rows
-on these 2 cores: a trial with its scoring takes about 20 minutes, the CPU setting's 15 trials about 5 hours).
+on these 2 cores: a trial with its scoring takes about 20 minutes, the CPU setting's 15 trials, and any that extend a sweep, about
+5 hours).
 
     python benchmarks/accuracy_smollm2.py                # CPU setting (resumable)
     python benchmarks/accuracy_smollm2.py --mode gpu     # more rows, steps and test questions, on one GPU
@@ -36,6 +38,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import random
 import shutil
 import statistics
@@ -55,14 +58,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Settings of each mode; every key can be overridden by the flag of the same name (--steps etc.).
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(device="cpu", train_rows=40, val_per_family=1, test_per_family=1, steps=2, batch=4, seeds=1,
-                  sweep=1, warmup=1),
+                  sweep=1, extend=0, warmup=1),
     "cpu": dict(device="cpu", train_rows=1200, val_per_family=10, test_per_family=30, steps=200, batch=8, seeds=3,
-                sweep=3, warmup=10),
+                sweep=3, extend=2, warmup=10),
     "gpu": dict(device="cuda", train_rows=4000, val_per_family=20, test_per_family=100, steps=600, batch=16, seeds=3,
-                sweep=4, warmup=30),
+                sweep=4, extend=2, warmup=30),
 }
-# Learning rates to sweep per method, most promising first (a sweep of n uses the first n). DenseLoRA's shared
-# matrices see every layer's gradient and its M are r x r, so its rates sit higher than LoRA's.
+# Learning rates to sweep per method, most promising first (a sweep of n uses the first n; ``extend`` more rates
+# beyond the best, on the same 1-3-10 grid, while the best is at an end). DenseLoRA's shared matrices see every
+# layer's gradient and its M are r x r, so its rates sit higher than LoRA's.
 RATES: dict[str, list[float]] = {
     "denselora": [3e-3, 1e-3, 1e-2, 3e-4],
     "denselora-shared4": [3e-3, 1e-3, 1e-2, 3e-4],  # the shared E and D at 4x the rate (convergence.py)
@@ -267,6 +271,9 @@ def run_trial(args: argparse.Namespace, arm: Arm, lr: float, seed: int, data: Pa
     started = time.time()
     state = execute(run)
     trained = time.time() - started
+    if state != "completed":  # stopped by a signal: a shorter trial must never enter the table
+        raise SystemExit(f"Trial {run.config().run_name} ended {state} at step {run.status().step}: not kept. "
+                         "Run the benchmark again to redo it.")
     facts = run.facts()
     losses = [row["loss"] for row in run.metrics() if "loss" in row and "eval_loss" not in row]
     tenth = max(len(losses) // 10, 1)
@@ -355,18 +362,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             store(args, name, key, record)
         return record
 
-    # Every arm's sweep before any arm's other seeds, the arms taking turns: a table built over several sittings
-    # shows every arm early.
     rates = {name: args.rates or RATES[name][: args.sweep] for name in args.arms}
-    sweeps: dict[str, list[dict[str, Any]]] = {name: [] for name in args.arms}
-    for n in range(max(len(r) for r in rates.values())):
-        for name in args.arms:
-            if n < len(rates[name]):
-                sweeps[name].append(trial(arms[name], rates[name][n], args.data_seed))
+    sweeps = sweep_rates(rates, lambda name, lr: trial(arms[name], lr, args.data_seed), args.extend)
     results: dict[str, Any] = {}
     for name, sweep in sweeps.items():
         arm = arms[name]
-        best = max(sweep, key=lambda t: (t["val"]["accuracy"], -t["final_loss"]))
+        best = best_trial(sweep)
         seeds = [best] + [trial(arm, best["lr"], args.data_seed + s) for s in range(1, args.seeds)]
         accuracies = [t["test"]["accuracy"] for t in seeds]
         results[name] = {
@@ -382,6 +383,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seconds_this_sitting": time.time() - started,
             "trial_seconds": sum(t["train_seconds"] + t["eval_seconds"] for r in results.values() for t in r["seeds"]),
             "machine": machine_description(torch.device(args.device))}
+
+
+def sweep_rates(rates: dict[str, list[float]], trial: Callable[[str, float], dict[str, Any]],
+                extend: int) -> dict[str, list[dict[str, Any]]]:
+    """Each arm's sweep with the first seed: its listed rates, then, while the best rate on validation is the
+    highest or the lowest the arm tried, the next rate beyond it (at most ``extend`` more), so no arm's chosen rate
+    is one its sweep could not see past. Every arm's sweep runs before any arm's other seeds, the arms taking turns
+    at each round: a table built over several sittings shows every arm early."""
+    sweeps: dict[str, list[dict[str, Any]]] = {name: [] for name in rates}
+    for n in range(max(len(r) for r in rates.values())):
+        for name, listed in rates.items():
+            if n < len(listed):
+                sweeps[name].append(trial(name, listed[n]))
+    for _ in range(extend):
+        for name, sweep in sweeps.items():
+            tried = sorted(t["lr"] for t in sweep)
+            best = best_trial(sweep)["lr"]
+            if len(tried) > 1 and best in (tried[0], tried[-1]):
+                sweep.append(trial(name, grid_neighbour(best, up=best == tried[-1])))
+    return sweeps
+
+
+def best_trial(sweep: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sweep's choice: the best validation accuracy, ties to the lower final train loss."""
+    return max(sweep, key=lambda t: (t["val"]["accuracy"], -t["final_loss"]))
+
+
+def grid_neighbour(lr: float, up: bool) -> float:
+    """The next rate above or below ``lr`` on the 1-3-10 grid the sweeps use: 3e-3 -> 1e-2 up, 1e-3 down."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = 3 if lr / 10**exponent > 2 else 1
+    if up:
+        mantissa, exponent = (3, exponent) if mantissa == 1 else (1, exponent + 1)
+    else:
+        mantissa, exponent = (1, exponent) if mantissa == 3 else (3, exponent - 1)
+    return float(f"{mantissa}e{exponent}")
 
 
 def write_headline(path: Path, model: str, sizes: dict[str, int], base: dict[str, Any], arms: dict[str, Arm],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -221,6 +222,26 @@ def test_accuracy_benchmark_writes_a_complete_table_and_reuses_finished_trials(t
     assert sorted(p.name for p in (tmp_path / "trials").iterdir()) == trials
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "trials").iterdir()} == stamps
     assert json.loads((tmp_path / "accuracy_smollm2_smoke.json").read_text())["arms"] == results["arms"]
+
+
+def test_a_sweep_goes_on_past_its_listed_rates_while_its_best_is_at_an_end():
+    peaks = {"high": 3e-2, "inside": 3e-3, "low": 1e-4}  # where each arm's validation accuracy is best
+    order = []
+
+    def trial(name: str, lr: float) -> dict:
+        order.append((name, lr))
+        return {"lr": lr, "val": {"accuracy": 1 / (1 + abs(math.log10(lr / peaks[name])))}, "final_loss": 0.1}
+
+    listed = {"high": [3e-3, 1e-3, 1e-2], "inside": [3e-3, 1e-3, 1e-2], "low": [1e-3, 3e-4]}
+    sweeps = accuracy_smollm2.sweep_rates(listed, trial, extend=2)
+    assert [t["lr"] for t in sweeps["high"]] == [3e-3, 1e-3, 1e-2, 3e-2, 1e-1]  # 1e-1 is worse: the peak is seen
+    assert [t["lr"] for t in sweeps["inside"]] == [3e-3, 1e-3, 1e-2]
+    assert [t["lr"] for t in sweeps["low"]] == [1e-3, 3e-4, 1e-4, 3e-5]
+    assert {accuracy_smollm2.best_trial(sweeps[name])["lr"] for name in peaks} == set(peaks.values())
+    assert set(order[:8]) == {(n, lr) for n, rates in listed.items() for lr in rates}  # listed rates first
+    assert accuracy_smollm2.sweep_rates(listed, trial, extend=0)["high"][-1]["lr"] == 1e-2
+    assert accuracy_smollm2.grid_neighbour(1e-2, up=True) == 3e-2 and accuracy_smollm2.grid_neighbour(
+        3e-4, up=False) == 1e-4
 
 
 def test_accuracy_task_holds_out_test_words_and_questions(tmp_path):
