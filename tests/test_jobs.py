@@ -383,6 +383,24 @@ def test_a_jobs_run_in_the_runs_list_and_the_live_view(studio, hub, app_data_fil
         "Validation loss": "2.2500", "Steps": "2/6", "Duration": "4:00", "Started": None, "Trained on": "Jobs l4x1"}
 
 
+def test_on_a_space_only_the_owner_follows_the_job_and_visitors_see_the_last_look(studio, hub, app_data_file,
+                                                                                   tmp_path, capsys, monkeypatch):
+    run = submitted(studio, hub, app_data_file, tmp_path, capsys)
+    monkeypatch.setenv("SPACE_ID", SOURCE)  # alice's Space; the job is on her account
+    run.set_public(True)
+    hub.stage, hub.logs = "RUNNING", log_lines(ROWS, 6)
+    alice = gr.OAuthToken(token=SECRET, scope="openid profile jobs", expires_at=2_000_000_000)
+    assert "step 2/6" in train_tab.live_status(run.id, {"preferred_username": "alice"}, alice)[1]
+    asked = hub.names().count("inspect_job")
+    hub.logs = log_lines(ROWS, 6) + ["step 3/6 | loss 1.5000 | lr 1.00e-04 | grad norm 1.0 | 1500 tok/s"]
+    for visitor in ({"preferred_username": "bob"}, None):
+        jobs._last_sync.clear()  # the next tick is due: only the caller decides who asks the job
+        header, progress = train_tab.live_status(run.id, visitor)[:2]
+        table, _, _ = runs_tab.runs_table(None, None, visitor)
+        assert "⚠️" not in header and "step 2/6" in progress and table.iloc[0]["Steps"] == "2/6"
+    assert hub.names().count("inspect_job") == asked  # a visitor's token (or none) never reads alice's job
+
+
 def test_stop_cancels_the_job_from_the_cli_and_the_train_tab(studio, hub, app_data_file, tmp_path, capsys):
     run = submitted(studio, hub, app_data_file, tmp_path, capsys)
     assert cli.main(["stop", run.id]) == 0

@@ -12,6 +12,8 @@ from typing import Any
 
 import pandas as pd
 
+from .. import access, jobs
+from ..access import Action, Caller
 from ..runs import JobRecord, Run, RunFacts, RunKind, RunState, Status, format_rate
 from . import charts
 
@@ -26,6 +28,15 @@ def duration(seconds: float | None) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def follow_job(run: Run, who: Caller, token: str | None) -> str | None:
+    """Bring a run on Hugging Face Jobs up to date (``jobs.refresh``) with the caller's token, if the caller is who
+    may train here: the job is the owner's, so a visitor's token could not read it, and visitors see what the
+    owner's last look saved. Returns why the job could not be followed, else None."""
+    if not access.allowed(who, Action.TRAIN):
+        return None
+    return jobs.refresh(run, token)
 
 
 def header_markdown(facts: RunFacts) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from .. import access, jobs
+from .. import access
 from ..access import AccessError, Action
 from ..config import ConfigError
 from ..hosting import on_space
@@ -24,9 +24,10 @@ def runs_table(opened: str | None = None, compared: list[str] | None = None,
                oauth_token: gr.OAuthToken | None = None) -> tuple[pd.DataFrame, Any, Any]:
     """The table of the runs the caller may see (newest first; a damaged one says so) and the run pickers, keeping
     picks that still exist. Runs on Hugging Face Jobs are first brought up to date (with the caller's token)."""
-    runs = access.visible_runs(access.identify(profile))
+    who = access.identify(profile)
+    runs = access.visible_runs(who)
     for run in runs:
-        jobs.refresh(run, oauth_token.token if oauth_token else None)  # a problem shows in the live view
+        run_view.follow_job(run, who, oauth_token.token if oauth_token else None)  # a problem shows in the live view
     facts = [run.facts() for run in runs]
     ids = [f.run_id for f in facts]
     table = pd.DataFrame([run_view.table_row(f) for f in facts], columns=run_view.TABLE_COLUMNS)

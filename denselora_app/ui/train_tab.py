@@ -354,10 +354,11 @@ def live_status(run_id: str | None, profile: gr.OAuthProfile | None = None,
         return "No run yet: set things up above and press **Start training**.", "", *nothing
     try:
         run = get_run(run_id)
-        access.require(access.identify(profile), Action.VIEW, run)
+        who = access.identify(profile)
+        access.require(who, Action.VIEW, run)
     except (RunError, AccessError) as err:
         return warn(err), "", *nothing
-    problem = jobs.refresh(run, _token(oauth_token))  # a run on Hugging Face Jobs: what its job says now
+    problem = run_view.follow_job(run, who, _token(oauth_token))  # a run on Hugging Face Jobs: what its job says
     facts = run.facts()
     shown = run_view.run_charts(run.metrics())
     search = run_view.search_charts(run)  # a learning-rate search: one curve per trial instead of the loss chart
