@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import QUANTIZATIONS, RunConfig, StudioError
-from .rules import JOBS_DEFAULT_TIMEOUT, LR_SEARCH_COUNT, LR_SEARCH_RANGES, LR_SEARCH_STEPS
+from .rules import JOBS_DEFAULT_TIMEOUT, LR_SEARCH_COUNT, LR_SEARCH_LONG_RUNS, LR_SEARCH_RANGES, LR_SEARCH_STEPS
 from .runs import (LOG_FORMAT, Run, RunKind, check_deletable, delete_run, format_rate, get_run,
                    list_runs)
 
@@ -203,7 +203,8 @@ def _search_report(run: Run, args: argparse.Namespace) -> str:
     sets = "".join(f" --set {assignment}" for assignment in args.set or []
                    if assignment.partition("=")[0].strip() != "learning_rate")
     lines += [f"\nChosen learning rate: {format_rate(search.chosen)} ({search.rule}).", "Train with it:",
-              f"  python -m denselora_app train {args.config}{sets} --set learning_rate={format_rate(search.chosen)}"]
+              f"  python -m denselora_app train {args.config}{sets} --set learning_rate={format_rate(search.chosen)}",
+              "", LR_SEARCH_LONG_RUNS]
     return "\n".join(lines)
 
 

@@ -45,6 +45,12 @@ PAPER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down
 LR_SEARCH_RANGES: dict[str, tuple[float, float]] = {"denselora": (3e-4, 3e-2), "lora": (3e-5, 3e-3)}
 LR_SEARCH_COUNT = 5
 LR_SEARCH_STEPS = 15
+# What the finder's choice means for a long run, shown with every result (docs/benchmarks.md, 30-layer benchmark:
+# DenseLoRA r16 did best at 1e-2 where the finder chose 3e-3, and worse at 3e-2; LoRA r16 at 1e-3 beat its 3e-4).
+LR_SEARCH_LONG_RUNS = ("Short trials favour a rate that is safe from the first step: on the embedded model's "
+                       "benchmark, 200-step runs of both DenseLoRA and LoRA did better at 3x the rate chosen this way "
+                       "(DenseLoRA worse again at 10x; docs/benchmarks.md). For a run of hundreds of steps, try 3x "
+                       "too.")
 
 
 class JobsGpu(NamedTuple):

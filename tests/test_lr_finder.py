@@ -143,6 +143,7 @@ def test_cli_find_lr_prints_the_trials_the_choice_and_the_command(app_model_dir,
     assert f"{chosen:>10}" in out and "<- chosen" in out
     assert f"Chosen learning rate: {chosen}" in out
     assert f"python -m denselora_app train {config} --set r=2 --set learning_rate={chosen}" in out
+    assert " ".join(rules.LR_SEARCH_LONG_RUNS.split()) in " ".join(out.split())  # what the choice means for long runs
     assert f"(learning-rate search: best rate {chosen})" in cli("runs").stdout
 
     bad = cli("find-lr", str(config), "--min", "1e-2", "--max", "1e-3")
@@ -166,7 +167,7 @@ def test_the_app_finds_shows_and_applies_a_rate(app_model_dir, app_data_file, ru
 
     header, _, _, loss_plot, *_, outcome, _, _, trials_plot, chosen_row, chosen_plot = train_tab.live_status(run_id)
     assert "Learning-rate search" in header and not loss_plot.visible
-    assert f"Best learning rate: {format_rate(search.chosen)}" in outcome
+    assert f"Best learning rate: {format_rate(search.chosen)}" in outcome and rules.LR_SEARCH_LONG_RUNS in outcome
     points = trials_plot.value["data"]
     assert trials_plot.visible and {p[2] for p in points} == {f"lr {format_rate(t.lr)}" for t in search.trials}
     assert set(trials_plot.color_map) == {p[2] for p in points}  # one color per rate

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from .. import access, jobs
+from .. import access, jobs, rules
 from ..access import Action, Caller
 from ..runs import JobRecord, Run, RunFacts, RunKind, RunState, Status, format_rate
 from . import charts
@@ -117,7 +117,7 @@ def search_outcome_markdown(run: Run, status: Status) -> str:
     rate = format_rate(search.chosen)
     return (f"**Best learning rate: {rate}**: {search.rule}. **Use this rate** puts it in the form; from the command "
             f"line: `python -m denselora_app train {run.path / 'config.yaml'} --set learning_rate={rate}`\n\n"
-            f"{table}\n{note}")
+            f"{rules.LR_SEARCH_LONG_RUNS}\n\n{table}\n{note}")
 
 
 @dataclass
