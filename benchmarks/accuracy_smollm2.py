@@ -25,8 +25,8 @@ questions.
 
 A finished trial is written to ``--trials-dir`` as one JSON file and skipped when the benchmark runs again with
 the same settings, so the full table can be built over several sittings (about 5 s per step of 8 ~110-token rows
-on these 2 cores: a trial with its scoring takes about 20 minutes, the CPU setting's 15 trials, and any that extend a sweep, about
-5 hours).
+on these 2 cores: a trial with its scoring takes about 20 minutes, the CPU setting's 15 trials, and any that
+extend a sweep, about 5 hours).
 
     python benchmarks/accuracy_smollm2.py                # CPU setting (resumable)
     python benchmarks/accuracy_smollm2.py --mode gpu     # more rows, steps and test questions, on one GPU

@@ -36,8 +36,7 @@ from typing import Any
 
 from .config import QUANTIZATIONS, RunConfig, StudioError
 from .rules import JOBS_DEFAULT_TIMEOUT, LR_SEARCH_COUNT, LR_SEARCH_LONG_RUNS, LR_SEARCH_RANGES, LR_SEARCH_STEPS
-from .runs import (LOG_FORMAT, Run, RunKind, check_deletable, delete_run, format_rate, get_run,
-                   list_runs)
+from .runs import LOG_FORMAT, Run, RunKind, check_deletable, delete_run, format_rate, get_run, list_runs
 
 log = logging.getLogger("denselora_app")
 

@@ -563,6 +563,10 @@ class Run:
     def stop_requested(self) -> bool:
         return (self.path / STOP_FILE).exists()
 
+    def ask_to_stop(self) -> None:
+        """Write the stop request the training loop polls for after every step (tiny: a signal handler calls it)."""
+        (self.path / STOP_FILE).touch()
+
     def clear_stop_request(self) -> None:
         """Forget an earlier stop request: when training ends, and before a resume reads 'queued' (so a stop asked
         from then on is honoured)."""
@@ -770,7 +774,7 @@ def request_stop(run: Run) -> str:
                RunState.FAILED: "resume it, or delete it"}.get(status.state, "resume or delete it")
         raise RunError(f"Run {run.id} is not training (state: {status.state}); nothing to stop. You can {how}.")
     # The file alone is the request: a signal could reach a worker still starting up, before it can handle one.
-    (run.path / STOP_FILE).touch()
+    run.ask_to_stop()
     if run.kind is RunKind.LR_SEARCH:
         return (f"Asked the learning-rate search {run.id} to stop after the current step: the trials finished so "
                 "far are kept, and the best rate is chosen from them.")

@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-from .runs import LOG_FORMAT, STOP_FILE, Run, RunKind, RunState, classify_failure, process_start_time
+from .runs import LOG_FORMAT, Run, RunKind, RunState, classify_failure, process_start_time
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +30,11 @@ TRACEBACK = "denselora_traceback"
 @contextlib.contextmanager
 def sigterm_stops(run: Run) -> Iterator[None]:
     """While training, SIGTERM (a container or Space stopping, a Jobs cancel, ``kill``) becomes a graceful stop:
-    a checkpoint and the adapter at the step reached. A handler may only do something tiny: the training loop polls
-    for the STOP file after every step. Outside the main thread, where no handler can be set, nothing changes."""
+    a checkpoint and the adapter at the step reached. Outside the main thread, where no handler can be set, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: (run.path / STOP_FILE).touch())
+    previous = signal.signal(signal.SIGTERM, lambda *_: run.ask_to_stop())
     try:
         yield
     finally:
