@@ -427,7 +427,7 @@ def write_headline(path: Path, model: str, sizes: dict[str, int], base: dict[str
     name = "the embedded SmolLM2-135M-Instruct (30 layers)" if model == EMBEDDED_MODEL else model
     headline = {
         "model": name,
-        "task": f"{sizes['test']} held-out multiple-choice questions after training on {sizes['train']}",
+        "task": f"{sizes['test']:,} held-out multiple-choice questions after training on {sizes['train']:,}",
         "seeds": min(len(r["seeds"]) for r in results.values()),
         "base": base["accuracy"],
         "arms": [{"label": f"{arms[n].label} ({r['trainable']:,} parameters)", "mean": r["mean"], "std": r["std"]}

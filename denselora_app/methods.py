@@ -153,8 +153,10 @@ def method_comparison(counts: ParameterCount, memory: dict[str, str] | None = No
     lines = [" · ".join(parts)]
     measured = measured_accuracy()
     if measured:
-        arms = ", ".join(f"{arm['label']} {100 * arm['mean']:.1f}% ± {100 * arm['std']:.1f}" for arm in measured["arms"])
-        lines.append(f"Measured on {measured['model']} ({measured['task']}; {measured['seeds']} seeds, base model "
+        arms = " · ".join(f"{arm['label']} **{100 * arm['mean']:.1f}%** ± {100 * arm['std']:.1f}"
+                          for arm in measured["arms"])
+        lines.append(f"Test accuracy on {measured['model']}, {measured['task']} (mean ± std over {measured['seeds']} "
+                     f"seeds, each method at the learning rate that did best on validation; the base model scores "
                      f"{100 * measured['base']:.1f}%): {arms}.")
     lines.append(f"How these were measured: {docs}.")
     return "\n\n".join(lines)

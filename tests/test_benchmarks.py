@@ -208,7 +208,8 @@ def test_accuracy_benchmark_writes_a_complete_table_and_reuses_finished_trials(t
     counts = methods.ParameterCount(total=1000, method="denselora", by_method={"denselora": 10, "lora": 40})
     shown = methods.method_comparison(counts, {"denselora": "1.0 GB", "lora": "1.2 GB"}, rank=16)
     for arm in results["arms"].values():
-        assert f"{100 * arm['mean']:.1f}% ± {100 * arm['std']:.1f}" in shown
+        assert (f"{arm['label']} ({arm['trainable']:,} parameters) **{100 * arm['mean']:.1f}%** ± "
+                f"{100 * arm['std']:.1f}") in shown
     assert "**DenseLoRA r16**: 10 trainable (1%), about 1.0 GB to train" in shown and "docs/benchmarks.md" in shown
 
     # Every arm's sweep (seed 0) ran before any arm's second seed, so a table left unfinished shows every arm.
