@@ -350,6 +350,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         arms["lora-matched"] = Arm("lora-matched", "lora", matched_lora_rank(args.model, _trainable(args.model,
                                                                                                   denselora)))
     started = time.time()
+    trials: dict[str, dict[str, Any]] = {}  # every trial of the table, sweeps included, by name
 
     def trial(arm: Arm, lr: float, seed: int) -> dict[str, Any]:
         name = f"{arm.name}-r{arm.r}-lr{lr:g}-seed{seed}"
@@ -360,6 +361,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if "base" in record:
                 store(args, "base", key, record.pop("base"))
             store(args, name, key, record)
+        trials[name] = record
         return record
 
     rates = {name: args.rates or RATES[name][: args.sweep] for name in args.arms}
@@ -381,7 +383,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"mode": args.mode, "settings": {k: getattr(args, k) for k in PRESETS["cpu"]} | {"model": args.model},
             "task": sizes, "families": list(FAMILIES), "base": stored(args, "base", key), "arms": results,
             "seconds_this_sitting": time.time() - started,
-            "trial_seconds": sum(t["train_seconds"] + t["eval_seconds"] for r in results.values() for t in r["seeds"]),
+            "trial_seconds": sum(t["train_seconds"] + t["eval_seconds"] for t in trials.values()),
             "machine": machine_description(torch.device(args.device))}
 
 
@@ -469,8 +471,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"Machine: {machine_line(results['machine'])}",
         f"Model: {s['model']}; task: {results['task']['train']} training questions, {results['task']['val']} "
         f"validation and {results['task']['test']} test questions ({', '.join(results['families'])}); "
-        f"{s['steps']} steps of batch {s['batch']}, warmup {s['warmup']}, linear decay; trial time "
-        f"{results['trial_seconds'] / 3600:.1f} h in all.",
+        f"{s['steps']} steps of batch {s['batch']}, warmup {s['warmup']}, linear decay; training and scoring "
+        f"time {results['trial_seconds'] / 3600:.1f} h in all, sweeps included.",
         "",
         f"Base model (no adapter): {results['base']['accuracy']:.1%} on the test questions.",
         "",
@@ -478,14 +480,15 @@ def render_markdown(results: dict[str, Any]) -> str:
     rows = []
     for name, arm in results["arms"].items():
         seeds = ", ".join(f"{t['test']['accuracy']:.1%}" for t in arm["seeds"])
-        losses = ", ".join(f"{t['final_loss']:.3f}" for t in arm["seeds"])
+        losses = ", ".join(f"{t['final_loss']:.3f}" + (f" ({t['previous_loss']:.3f})" if t["previous_loss"] else "")
+                           for t in arm["seeds"])
         rows.append([arm["label"], f"{arm['trainable']:,}", f"{arm['lr']:g}",
                      f"{arm['mean']:.1%} ± {arm['std']:.1%}", seeds, losses])
     lines.append(markdown_table(["arm", "trainable", "chosen lr", "test accuracy (mean ± std)", "per seed",
-                                 "final train loss per seed"], rows))
+                                 "final train loss per seed (mean of the last tenth of the steps; the tenth before)"], rows))
     lines += ["", "Learning-rate sweep (first seed; validation accuracy, final train loss):", ""]
     rows = [[arm["label"], f"{t['lr']:g}", f"{t['val']:.1%}", f"{t['final_loss']:.3f}"]
-            for name, arm in results["arms"].items() for t in arm["sweep"]]
+            for name, arm in results["arms"].items() for t in sorted(arm["sweep"], key=lambda t: t["lr"])]
     lines.append(markdown_table(["arm", "lr", "validation accuracy", "final train loss"], rows))
     lines += ["", "Test accuracy per question family (mean over seeds):", ""]
     families = results["families"]
