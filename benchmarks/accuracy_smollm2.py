@@ -485,7 +485,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         rows.append([arm["label"], f"{arm['trainable']:,}", f"{arm['lr']:g}",
                      f"{arm['mean']:.1%} ± {arm['std']:.1%}", seeds, losses])
     lines.append(markdown_table(["arm", "trainable", "chosen lr", "test accuracy (mean ± std)", "per seed",
-                                 "final train loss per seed (mean of the last tenth of the steps; the tenth before)"], rows))
+                                 "final train loss per seed (mean of the last tenth of the steps; the tenth before)"],
+                                rows))
     lines += ["", "Learning-rate sweep (first seed; validation accuracy, final train loss):", ""]
     rows = [[arm["label"], f"{t['lr']:g}", f"{t['val']:.1%}", f"{t['final_loss']:.3f}"]
             for name, arm in results["arms"].items() for t in sorted(arm["sweep"], key=lambda t: t["lr"])]
