@@ -48,9 +48,9 @@ LR_SEARCH_STEPS = 15
 # What the finder's choice means for a long run, shown with every result (docs/benchmarks.md, 30-layer benchmark:
 # DenseLoRA r16 did best at 1e-2 where the finder chose 3e-3, and worse at 3e-2; LoRA r16 at 1e-3 beat its 3e-4).
 LR_SEARCH_LONG_RUNS = ("Short trials favour a rate that is safe from the first step: on the embedded model's "
-                       "benchmark, 200-step runs of both DenseLoRA and LoRA did better at 3x the rate chosen this way "
-                       "(DenseLoRA worse again at 10x; docs/benchmarks.md). For a run of hundreds of steps, try 3x "
-                       "too.")
+                       "benchmark, 200-step runs of both DenseLoRA and LoRA did best on validation at 3x the rate "
+                       "chosen this way, and worse at 10x (docs/benchmarks.md). For a run of hundreds of steps, try "
+                       "3x too.")
 
 
 class JobsGpu(NamedTuple):
