@@ -47,7 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from benchlib import TARGET_MODULES, machine_description, machine_line, main_for, markdown_table
+from benchlib import (TARGET_MODULES, keep_trial, kept_trial, machine_description, machine_line, main_for,
+                      markdown_table)
 from denselora_app.config import EMBEDDED_MODEL, RunConfig
 from denselora_app.evaluate import Question, choice_prompt
 from denselora_app.methods import MEASURED_ACCURACY
@@ -449,19 +450,11 @@ def _trainable(model: str, arm: Arm) -> int:
 
 
 def stored(args: argparse.Namespace, name: str, key: str) -> Any:
-    path = args.trials_dir / f"{name}.json"
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    return record["result"] if record.get("settings") == key else None
+    return kept_trial(args.trials_dir / f"{name}.json", key)
 
 
 def store(args: argparse.Namespace, name: str, key: str, result: Any) -> Any:
-    path = args.trials_dir / f"{name}.json"
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps({"settings": key, "result": result}, indent=1, default=str))
-    partial.replace(path)  # a trial interrupted while writing is run again, never half-read
-    return result
+    return keep_trial(args.trials_dir / f"{name}.json", key, result)
 
 
 def render_markdown(results: dict[str, Any]) -> str:

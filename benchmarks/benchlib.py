@@ -94,6 +94,27 @@ def machine_line(machine: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def kept_trial(path: Path, key: str) -> Any:
+    """The result a resumable benchmark kept in ``path`` for a trial run with settings ``key``; None if it has not
+    run. A trial kept under other settings (more steps, another task size) belongs to another table and is never run
+    over: the benchmark stops before training and asks for a trials folder of this setting's own."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("settings") != key:
+        raise SystemExit(f"{path} holds this trial run with other settings ({record.get('settings')}, not {key}); "
+                         "it stays as it is. Pass --trials-dir with a folder of this setting's own.")
+    return record["result"]
+
+
+def keep_trial(path: Path, key: str, result: Any) -> Any:
+    """Keep a finished trial's result for later sittings (read back by kept_trial)."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps({"settings": key, "result": result}, indent=1, default=str))
+    partial.replace(path)  # a trial interrupted while writing is run again, never half-read
+    return result
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

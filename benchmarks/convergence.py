@@ -30,7 +30,7 @@ import torch
 from peft import get_peft_model
 
 import fidelity
-from benchlib import machine_description, machine_line, main_for, markdown_table
+from benchlib import keep_trial, kept_trial, machine_description, machine_line, main_for, markdown_table
 from denselora_app.denselora import DenseLoraConfig
 
 log = logging.getLogger("benchmarks.convergence")
@@ -144,13 +144,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runs = []
         for seed in range(args.seeds):
             path = args.trials_dir / f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}-seed{seed}.json"
-            saved = json.loads(path.read_text()) if path.is_file() else {}
-            if saved.get("settings") != key:
+            result = kept_trial(path, key)
+            if result is None:
                 log.info("%s, seed %d", name, seed)
-                saved = {"settings": key, "result": trial(args, VARIANTS[name], seed, base, kb, tokenizer,
-                                                          test_questions, device)}
-                path.write_text(json.dumps(saved, indent=1))
-            runs.append(saved["result"])
+                result = keep_trial(path, key, trial(args, VARIANTS[name], seed, base, kb, tokenizer, test_questions,
+                                                     device))
+            runs.append(result)
         accuracies = [r["accuracy"] for r in runs]
         results[name] = {"runs": runs, "converged": sum(r["final_loss"] < CONVERGED_LOSS for r in runs),
                          "mean": statistics.fmean(accuracies),

@@ -225,6 +225,20 @@ def test_accuracy_benchmark_writes_a_complete_table_and_reuses_finished_trials(t
     assert json.loads((tmp_path / "accuracy_smollm2_smoke.json").read_text())["arms"] == results["arms"]
 
 
+def test_a_trial_kept_under_other_settings_is_never_run_over(tmp_path):
+    args = accuracy_smollm2.parse_args(["--mode", "smoke", "--trials-dir", str(tmp_path)])
+    key = accuracy_smollm2.settings_key(args)
+    accuracy_smollm2.store(args, "lora-r16-lr0.001-seed0", key, {"accuracy": 0.9})
+    kept = (tmp_path / "lora-r16-lr0.001-seed0.json").read_text()
+    assert accuracy_smollm2.stored(args, "lora-r16-lr0.001-seed0", key) == {"accuracy": 0.9}
+    assert accuracy_smollm2.stored(args, "lora-r16-lr0.001-seed1", key) is None  # not run yet
+
+    longer = accuracy_smollm2.parse_args(["--mode", "smoke", "--trials-dir", str(tmp_path), "--steps", "400"])
+    with pytest.raises(SystemExit, match="--trials-dir"):  # before training, not after 20 minutes of it
+        accuracy_smollm2.stored(longer, "lora-r16-lr0.001-seed0", accuracy_smollm2.settings_key(longer))
+    assert (tmp_path / "lora-r16-lr0.001-seed0.json").read_text() == kept
+
+
 def test_a_sweep_goes_on_past_its_listed_rates_while_its_best_is_at_an_end():
     peaks = {"high": 3e-2, "inside": 3e-3, "low": 1e-4}  # where each arm's validation accuracy is best
     order = []
