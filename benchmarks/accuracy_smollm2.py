@@ -473,7 +473,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     rows = []
     for name, arm in results["arms"].items():
         seeds = ", ".join(f"{t['test']['accuracy']:.1%}" for t in arm["seeds"])
-        losses = ", ".join(f"{t['final_loss']:.3f}" + (f" ({t['previous_loss']:.3f})" if t["previous_loss"] else "")
+        losses = ", ".join(f"{t['final_loss']:.3f}"
+                           + (f" ({t['previous_loss']:.3f})" if t["previous_loss"] is not None else "")
                            for t in arm["seeds"])
         rows.append([arm["label"], f"{arm['trainable']:,}", f"{arm['lr']:g}",
                      f"{arm['mean']:.1%} ± {arm['std']:.1%}", seeds, losses])

@@ -30,7 +30,8 @@ TRACEBACK = "denselora_traceback"
 @contextlib.contextmanager
 def sigterm_stops(run: Run) -> Iterator[None]:
     """While training, SIGTERM (a container or Space stopping, a Jobs cancel, ``kill``) becomes a graceful stop:
-    a checkpoint and the adapter at the step reached. Outside the main thread, where no handler can be set, nothing changes."""
+    a checkpoint and the adapter at the step reached. Outside the main thread, where no handler can be set, nothing
+    changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -13,7 +13,7 @@ import pytest
 
 from denselora_app.config import RunConfig
 from denselora_app.launch import launch
-from denselora_app.runs import Run, check_resumable, list_runs, request_stop
+from denselora_app.runs import Run, check_resumable, checkpoint_step, list_runs, request_stop
 from denselora_app.ui import run_view, runs_tab
 from test_engine import REPO, wait_for
 
@@ -47,7 +47,7 @@ def test_a_worker_killed_mid_training_is_resumed_from_its_checkpoint_in_the_runs
     outcome = run_view.outcome_markdown(run, run.facts())
     assert "Training failed** (killed)" in outcome and "**Fix:** Resume" in outcome
     checkpoint = check_resumable(run)
-    resumed_from = int(checkpoint.name.split("-")[1])
+    resumed_from = checkpoint_step(checkpoint)
     run.ask_to_stop()  # a stop the killed worker never answered: the resumed run must not obey it
 
     assert runs_tab.resume(run.id) == (f"Resumed run `{run.id}` from {checkpoint.name}: it trains in the "
