@@ -1,10 +1,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-test run test clean
+.PHONY: install install-test run test lock clean
 
-# Re-run setup whenever what it installs changes.
-$(VENV)/.installed: scripts/setup.sh requirements.txt pyproject.toml
+# Re-run setup whenever what it installs changes. requirements.lock pins the tested set (see scripts/lock.sh).
+$(VENV)/.installed: scripts/setup.sh requirements.txt requirements.lock pyproject.toml
 	bash scripts/setup.sh
 	touch $@
 
@@ -19,8 +19,13 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(PY) app.py
 
+# In a new random order each time (pytest-randomly prints the seed; see README "Tests").
 test: install-test
 	$(PY) -m pytest
 
+# The newest releases the ranges allow, tested in a fresh .venv-lock; requirements.lock is rewritten only if they pass.
+lock:
+	bash scripts/lock.sh
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-lock .pytest_cache

@@ -4,5 +4,6 @@ import logging
 
 # peft imports bitsandbytes when it is installed; on an AVX-512 CPU bitsandbytes then asks for the optional `kernels`
 # package, which fetches a faster 4-bit kernel from the Hub at run time. The studio does without it (and offline
-# cannot have it), so that advice would only be noise on every command.
+# cannot have it). The terminal never shows other libraries' records (terminal.py); this keeps that advice out of
+# every run's log pane too, which shows any library's warnings.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -47,7 +47,8 @@ from . import access, models
 from .config import ConfigError, StudioError
 from .data import RowError, plain_chat_segments, render_chat
 from .rules import QUANTIZATIONS, hub_id
-from .runs import ADAPTER_CONFIG, RUN_ID_PATTERN, Run, RunError, get_run, list_runs, run_holding, runs_dir
+from .runs import (ADAPTER_CONFIG, Run, RunError, checkpoint_step, is_run_folder, list_runs, resolve_run,
+                   run_holding, runs_dir, runs_folder_form)
 
 log = logging.getLogger(__name__)
 
@@ -94,55 +95,57 @@ def available_adapters(root: Path | None = None) -> list[AdapterRef]:
     return refs
 
 
-def resolve_adapter(ref: str, checkpoint: int | None = None, root: Path | None = None) -> AdapterRef:
-    """What ``ref`` names: a run id, a run folder, a run's adapter or checkpoint folder, any adapter folder, or a
+def resolve_adapter(ref: str, checkpoint: int | None = None, root: Path | None = None, *,
+                    outside_root: bool = False) -> AdapterRef:
+    """What ``ref`` names: a run (runs.resolve_run: its id or its folder; one outside the runs folder ``root`` only
+    with ``outside_root``, as the CLI allows), a run's adapter or checkpoint folder, any adapter folder, or a
     Hugging Face Hub adapter id. ``checkpoint`` picks a run's checkpoint instead of its final adapter."""
     ref = str(ref).strip()
     if not ref:
         raise ChatError("No adapter given: choose a run, an adapter folder, or a Hub adapter id.")
-    run = _find_run(ref, root)
-    if run is None:
-        path = Path(ref).expanduser()
-        if path.exists():
-            run, checkpoint_of_folder = _run_of_folder(path)
-            if run is None:
-                if checkpoint is not None:
-                    raise ChatError(f"--checkpoint only applies to runs, and {ref!r} is not a run.")
-                return _folder_ref(path)
-            if checkpoint_of_folder is not None:
-                if checkpoint is not None and checkpoint != checkpoint_of_folder:
-                    raise ChatError(f"{ref!r} is checkpoint {checkpoint_of_folder}, not checkpoint {checkpoint}.")
-                checkpoint = checkpoint_of_folder
-        elif hub_id(ref, namespaced=True):
+    try:
+        run = resolve_run(ref, root, outside_root=outside_root)
+    except RunError as error:
+        refusal = error
+    else:
+        return _run_ref(run, checkpoint)
+    path = Path(ref).expanduser()
+    if path.exists():
+        run, checkpoint_of_folder = _run_of_folder(path, root, outside_root)
+        if run is None and is_run_folder(path):  # a run the resolver refused (outside the runs folder, here)
+            raise ChatError(str(refusal))
+        if run is None:
             if checkpoint is not None:
                 raise ChatError(f"--checkpoint only applies to runs, and {ref!r} is not a run.")
-            return _hub_ref(ref, root)
-        else:
-            raise ChatError(f"No run, adapter folder or Hub adapter named {ref!r}. {_known_runs(root)}")
-    return _run_ref(run, checkpoint)
+            return _folder_ref(path)
+        if checkpoint_of_folder is not None:
+            if checkpoint is not None and checkpoint != checkpoint_of_folder:
+                raise ChatError(f"{ref!r} is checkpoint {checkpoint_of_folder}, not checkpoint {checkpoint}.")
+            checkpoint = checkpoint_of_folder
+        return _run_ref(run, checkpoint)
+    # runs/<id> has the shape of a Hub id too; it names a run, so the run's refusal is the answer.
+    if hub_id(ref, namespaced=True) and runs_folder_form(ref, root) is None:
+        if checkpoint is not None:
+            raise ChatError(f"--checkpoint only applies to runs, and {ref!r} is not a run.")
+        return _hub_ref(ref, root)
+    raise ChatError(f"{refusal}. Chat and evaluation also take an adapter folder or a Hub adapter id (user/name).")
 
 
-def _find_run(ref: str, root: Path | None) -> Run | None:
-    if not RUN_ID_PATTERN.match(ref):
-        return None
+def _run_of_folder(path: Path, root: Path | None, outside_root: bool) -> tuple[Run | None, int | None]:
+    """The run whose adapter/ or checkpoints/checkpoint-N ``path`` is, with the checkpoint's step (None for the
+    adapter), when resolve_run accepts that run; else (None, None): the folder is an adapter on its own."""
+    path = path.absolute()
+    step = checkpoint_step(path) if path.parent.name == "checkpoints" else None
+    if path.name == "adapter":
+        folder = path.parent
+    elif step is not None:
+        folder = path.parent.parent
+    else:
+        return None, None
     try:
-        return get_run(ref, root)
+        return resolve_run(str(folder), root, outside_root=outside_root), step
     except RunError:
-        return None
-
-
-def _run_of_folder(path: Path) -> tuple[Run | None, int | None]:
-    """The run a folder belongs to: the run folder itself, its adapter/, or one of its checkpoints/checkpoint-N."""
-    path = path.resolve()
-    if (path / "config.yaml").exists():
-        return Run(path), None
-    if path.name == "adapter" and (path.parent / "config.yaml").exists():
-        return Run(path.parent), None
-    step = path.name.rpartition("-")[2]
-    if (path.parent.name == "checkpoints" and path.name.startswith("checkpoint-") and step.isdigit()
-            and (path.parent.parent / "config.yaml").exists()):
-        return Run(path.parent.parent), int(step)
-    return None, None
+        return None, None
 
 
 def _known_runs(root: Path | None) -> str:

@@ -13,9 +13,14 @@
     resume RUN [--background] [--share-device]    continue a stopped or failed run from its last checkpoint
     delete RUN [--yes]                            delete a run that is not training (asks first)
     chat RUN_OR_ADAPTER --prompt TEXT [--compare] [...]   stream a reply (--compare: the base's, then the adapter's)
-    eval RUN_OR_ADAPTER... [--data FILE] [--mode M] [...] accuracy, loss and perplexity: base vs adapter
+    eval (or evaluate) RUN_OR_ADAPTER... [--data FILE] [--mode M] [...]
+                                                  accuracy, loss and perplexity: base vs adapter
     publish RUN --repo-id USER/NAME [--private] [--dry-run OUT_DIR] [--message MSG] [--base-model HUB_ID]
             [--space USER/NAME [--space-dir DIR]]         upload the adapter (and a demo Space) to the Hub
+
+RUN is a run id (as ``runs`` lists it), ``runs/<id>``, or the path of a run folder, also one outside the runs
+folder (runs.resolve_run decides, the same for every command). A run's adapter/ or checkpoints/checkpoint-N folder,
+any adapter folder and a Hub adapter id (USER/NAME) are adapters too.
 
 Every command takes ``--debug``, which also prints the Python traceback of an error; without it an expected
 problem (a bad config value, missing data, a busy device, ...) is one paragraph saying what to do, with exit
@@ -29,14 +34,13 @@ import argparse
 import logging
 import os
 import sys
-import traceback
-import warnings
 from pathlib import Path
 from typing import Any
 
+from . import terminal
 from .config import QUANTIZATIONS, RunConfig, StudioError
 from .rules import JOBS_DEFAULT_TIMEOUT, LR_SEARCH_COUNT, LR_SEARCH_LONG_RUNS, LR_SEARCH_RANGES, LR_SEARCH_STEPS
-from .runs import LOG_FORMAT, Run, RunKind, check_deletable, delete_run, format_rate, get_run, list_runs
+from .runs import Run, RunKind, check_deletable, delete_run, format_rate, list_runs, resolve_run, runs_dir
 
 log = logging.getLogger("denselora_app")
 
@@ -51,24 +55,6 @@ class UserError(StudioError):
 
 def _distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-class _HideTracebacks(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        from .worker import TRACEBACK
-
-        return not getattr(record, TRACEBACK, False)
-
-
-def _setup_logging(log_file: Path | None = None, debug: bool = False) -> None:
-    """Our messages on the terminal (tracebacks only with --debug); everything in ``log_file`` when given."""
-    terminal = logging.StreamHandler(sys.stderr)
-    if not debug:
-        terminal.addFilter(_HideTracebacks())
-    handlers: list[logging.Handler] = [terminal]
-    if log_file is not None:
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=handlers, force=True)
 
 
 def _launch(cfg: RunConfig, args: argparse.Namespace, background: bool, search: Any = None) -> Run:
@@ -133,20 +119,20 @@ def _launch_on_all_ranks(cfg: RunConfig, args: argparse.Namespace) -> Run:
 def _foreground(run: Run, args: argparse.Namespace, resume: bool = False) -> int:
     from .worker import execute
 
-    _setup_logging(run.log_path, debug=args.debug)
+    terminal.log_to(run.log_path)
     log.info("Run %s: %s", run.id, run.path)
     try:
         # A progress bar for a terminal; elsewhere (a log, a Hugging Face job) a readable line per logged step.
-        state = execute(run, resume=resume, show_progress=sys.stderr.isatty())
+        state = execute(run, resume=resume, show_progress=terminal.stderr().isatty())
     except KeyboardInterrupt:
         again = ("Start a new search to try again." if run.kind is RunKind.LR_SEARCH
                  else f"Resume with: python -m denselora_app resume {run.id}")
-        print(f"\nInterrupted. {again}", file=sys.stderr)
+        print(f"\nInterrupted. {again}", file=terminal.stderr())
         return 130
     except Exception:  # noqa: BLE001  (execute logged the traceback to train.log and recorded the failure)
         status = run.status()
         print(f"\nRun {run.id} failed: {status.error}\nFix: {status.fix}\nThe full error is in {run.log_path}"
-              + ("." if args.debug else " (or run again with --debug)."), file=sys.stderr)
+              + ("." if args.debug else " (or run again with --debug)."), file=terminal.stderr())
         return 1
     status = run.status()
     if status.note:
@@ -216,7 +202,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
     for run in runs:  # runs on Hugging Face Jobs: what their jobs say now
         if problem := refresh(run, every=0):
-            print(f"warning: {problem}", file=sys.stderr)
+            print(f"warning: {problem}", file=terminal.stderr())
     print(f"{'RUN':40} {'STATE':10} {'METHOD':9} {'R':>4} {'TRAIN%':>8} {'STEP':>11} {'LOSS':>8} {'VAL':>8}")
     for run in runs:
         print(_run_line(run))
@@ -246,14 +232,14 @@ def _run_line(run: Run) -> str:
 def cmd_stop(args: argparse.Namespace) -> int:
     from .launch import stop_run
 
-    print(stop_run(get_run(args.run)))
+    print(stop_run(_run(args.run)))
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from .launch import resume_run
 
-    run = get_run(args.run)
+    run = _run(args.run)
     resume_run(run, background=args.background, share_device=args.share_device, ignore_memory=args.ignore_memory_plan)
     if args.background:
         print(f"Resuming run {run.id} in the background. Follow: tail -f {run.log_path}")
@@ -262,15 +248,17 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    run = get_run(args.run)
-    check_deletable(run)  # before asking: a run that trains cannot go
+    run = _run(args.run)
+    check_deletable(run)  # before asking: a run that trains, or a link to one, cannot go
     facts = run.facts()
     if not args.yes:
+        # A run elsewhere on the disk (copied, or another studio's) is said to be so: its path is in the question.
+        outside = "" if run.path.parent == runs_dir() else f" at {run.path}, outside the runs folder {runs_dir()},"
         if not sys.stdin.isatty():
-            raise UserError(f"Deleting run {run.id} cannot be undone: add --yes to confirm.")
+            raise UserError(f"Deleting run {run.id}{outside} cannot be undone: add --yes to confirm.")
         what = "its adapter, " if facts.has_adapter else ""
-        answer = input(f"Delete run {run.id} ({facts.state}) with {what}{len(facts.checkpoints)} checkpoint(s) and "
-                       "its logs? [y/N] ")
+        answer = input(f"Delete run {run.id} ({facts.state}){outside} with {what}{len(facts.checkpoints)} "
+                       "checkpoint(s) and its logs? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("Nothing deleted.")
             return 1
@@ -279,31 +267,35 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(ref: str) -> Run:
+    # The local user's command line: a run folder anywhere on their disk may be named, not only one in the runs folder.
+    return resolve_run(ref, outside_root=True)
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from .publish import build_model_repo, build_space_repo, publish_model, publish_space
 
     if args.space_dir and not args.space:
-        print("error: --space-dir needs --space USER/NAME, the Space's repository id.", file=sys.stderr)
-        return 2
+        raise UserError("--space-dir needs --space USER/NAME, the Space's repository id.")
     if args.dry_run and args.space and not args.space_dir:
-        print("error: --dry-run uploads nothing: add --space-dir DIR to export the Space too.", file=sys.stderr)
-        return 2
+        raise UserError("--dry-run uploads nothing: add --space-dir DIR to export the Space too.")
+    run = _run(args.run)
     if args.dry_run:
-        folder = build_model_repo(args.run, args.repo_id, args.dry_run, base_model=args.base_model)
+        folder = build_model_repo(run, args.repo_id, args.dry_run, base_model=args.base_model)
         print(f"Wrote the repository {folder.repo_id} to {folder.path} (nothing uploaded):")
         print("".join(f"  {name}\n" for name in folder.files), end="")
     else:
-        result = publish_model(args.run, args.repo_id, private=args.private, commit_message=args.message,
+        result = publish_model(run, args.repo_id, private=args.private, commit_message=args.message,
                                base_model=args.base_model)
         print(result.message)
     if args.space_dir:
         # Carry the adapter when the Space could not download it: not uploaded yet, or private.
-        space = build_space_repo(args.run, args.space, args.space_dir, adapter_repo_id=args.repo_id,
+        space = build_space_repo(run, args.space, args.space_dir, adapter_repo_id=args.repo_id,
                                  bundle_adapter=bool(args.dry_run) or args.private, base_model=args.base_model)
         print(f"Wrote the Space {space.repo_id} to {space.path}. Try it: cd {space.path} && python app.py")
     elif args.space:
         # A private adapter repository is unreadable from the Space without a secret: the Space carries it.
-        result = publish_space(args.run, args.space, adapter_repo_id=args.repo_id, bundle_adapter=args.private,
+        result = publish_space(run, args.space, adapter_repo_id=args.repo_id, bundle_adapter=args.private,
                                private=args.private, commit_message=args.message, base_model=args.base_model)
         print(f"{result.message} (the Space builds and starts in a few minutes)")
     return 0
@@ -316,13 +308,12 @@ def _print_growing(text: str, shown: str) -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .chat import ChatEngine, GenerationSettings
+    from .chat import ChatEngine, GenerationSettings, resolve_adapter
 
-    _setup_logging(debug=args.debug)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed, system_prompt=args.system)
     engine = ChatEngine(device=args.device, quantization=args.quantization, compile_decoding=args.compile)
-    loaded = engine.select(args.adapter, args.checkpoint)
+    loaded = engine.select(resolve_adapter(args.adapter, args.checkpoint, outside_root=True))
     if loaded.notice:
         log.warning(loaded.notice)
     if not args.compare:
@@ -347,16 +338,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .chat import ChatEngine, resolve_adapter
     from .evaluate import EVAL_FILE, evaluate
 
-    _setup_logging(debug=args.debug)
     try:
-        refs = [resolve_adapter(ref, args.checkpoint) for ref in args.adapter]
+        refs = [resolve_adapter(ref, args.checkpoint, outside_root=True) for ref in args.adapter]
         table = evaluate(refs, args.data, loss_data=args.loss_data, mode=args.mode, limit=args.limit,
                          strict=args.strict, engine=ChatEngine(device=args.device, quantization=args.quantization,
                                                                compile_decoding=args.compile),
                          progress=lambda fraction, what: print(f"\r{what[:70]:70} {fraction:4.0%}", end="",
-                                                               file=sys.stderr, flush=True))
+                                                               file=terminal.stderr(), flush=True))
     finally:
-        print(file=sys.stderr)  # end the progress line
+        print(file=terminal.stderr())  # end the progress line
     last = table.results[-1]
     unit = "examples" if table.mode == "loss" else "questions"
     held_out = f"; loss on {last.loss_dataset}" if last.loss_dataset not in (None, table.dataset) else ""
@@ -467,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", **compile_decoding)
     p.set_defaults(func=cmd_chat)
 
-    p = command("eval", help="accuracy, loss and perplexity of adapters and their base model")
+    p = command("eval", aliases=["evaluate"], help="accuracy, loss and perplexity of adapters and their base model")
     p.add_argument("adapter", metavar="RUN_OR_ADAPTER", nargs="+")
     p.add_argument("--data", metavar="FILE", help="a multiple-choice .jsonl, or held-out data scored by loss "
                                                   "(default: the shipped multiple-choice set on the sample facts)")
@@ -488,23 +478,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.debug:  # libraries' notices about their own future versions are not the user's business
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        return args.func(args)
-    except StudioError as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        return getattr(err, "code", 2)
-    except KeyboardInterrupt:
-        print("\nInterrupted.", file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001  (a bug: say so in one line; --debug shows where)
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: unexpected {type(err).__name__}: {err}\nThis is a bug in DenseLoRA Studio"
-              + ("." if args.debug else "; run the command again with --debug to see where it happened."),
-              file=sys.stderr)
-        return 1
+    with terminal.Terminal(debug=args.debug) as term:
+        try:
+            return args.func(args)
+        except StudioError as err:
+            log.info("Refused: %s", err, exc_info=True, extra={terminal.TRACEBACK: True})
+            print(f"error: {err}", file=term.stream)
+            return getattr(err, "code", 2)
+        except KeyboardInterrupt:
+            print("\nInterrupted.", file=term.stream)
+            return 130
+        except Exception as err:  # noqa: BLE001  (a bug: say so in one line; the log and --debug show where)
+            log.error("Unexpected error:", exc_info=True, extra={terminal.TRACEBACK: True})
+            where = "." if args.debug else f"; the traceback is in {term.log_file} (--debug shows it here)."
+            print(f"error: unexpected {type(err).__name__}: {err}\nThis is a bug in DenseLoRA Studio{where}",
+                  file=term.stream)
+            return 1

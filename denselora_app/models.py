@@ -9,7 +9,7 @@ A *spec* is one of:
 * a Hugging Face Hub model id such as ``"HuggingFaceTB/SmolLM2-360M-Instruct"``.
 
 GGUF weights are dequantized by transformers (tens of seconds), so a GGUF is converted once into a float32
-safetensors folder under :func:`cache_dir`; every later load reads that folder in about a second.
+safetensors folder under :func:`rules.cache_dir`; every later load reads that folder in about a second.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import EMBEDDED_HUB_ID, EMBEDDED_MODEL, StudioError
 from .hosting import on_space
-from .rules import DTYPES, HUB_PROBE_TIMEOUT_S, QUANTIZATIONS, HubUnreachable, cached_copy_if_offline, looks_like_path
+from .rules import (DTYPES, HUB_PROBE_TIMEOUT_S, QUANTIZATIONS, HubUnreachable, cache_dir, cached_copy_if_offline,
+                    looks_like_path)
 
 try:  # lets a GGUF be dequantized explicitly, even where the `kernels` package could keep it packed
     from transformers.utils.quantization_config import GgufConfig
@@ -87,12 +88,6 @@ class ModelLoadError(StudioError, RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Where things are
-
-
-def cache_dir() -> Path:
-    """Root of DenseLoRA Studio's cache: ``$DENSELORA_CACHE`` if set, else ``~/.cache/denselora-studio``."""
-    configured = os.environ.get("DENSELORA_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "denselora-studio"
 
 
 def embedded_gguf_path() -> Path:

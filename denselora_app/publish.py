@@ -1,8 +1,8 @@
 """Publish a run's adapter to the Hugging Face Hub, and deploy a chat demo for it on Spaces.
 
-    build_model_repo(run_id, repo_id)    the model repository's exact content, in a folder: review it, zip it,
+    build_model_repo(run, repo_id)       the model repository's exact content, in a folder: review it, zip it,
                                          upload it by hand, or push it (what ``publish --dry-run OUT_DIR`` writes)
-    build_space_repo(run_id, space_id)   the demo Space's exact content: app.py, the DenseLoRA package, README.md
+    build_space_repo(run, space_id)      the demo Space's exact content: app.py, the DenseLoRA package, README.md
     push_folder(folder)                  create the repository (exist_ok) and upload the folder in one commit
     publish_model / publish_space        build + push: what the CLI and the app's Publish tab call
 
@@ -36,7 +36,7 @@ from huggingface_hub.utils import validate_repo_id
 from .config import EMBEDDED_HUB_ID, EMBEDDED_MODEL, SAMPLE_DATA, RunConfig, StudioError
 from .rules import hub_id as hub_id_of
 from .hosting import on_space
-from .runs import Run, RunError, RunState, finite_number, get_run, read_json
+from .runs import Run, RunError, RunState, finite_number, read_json, resolve_run
 
 try:  # huggingface_hub 2.x speaks HTTP through httpx2, 1.x through httpx
     from httpx2 import TransportError
@@ -49,6 +49,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DENSELORA_PACKAGE = PACKAGE_DIR / "denselora"
 SPACE_TEMPLATE = PACKAGE_DIR / "space_template"
 SPACE_SETTINGS = "denselora_space.json"  # read by the Space's app.py
+# Copied as they are into the Space: the app, and its copy of the studio's prompt renderer.
+SPACE_FILES = ("app.py", "prompts.py")
 
 PAPER_URL = "https://arxiv.org/abs/2505.23808"
 
@@ -290,12 +292,15 @@ def _data_label(cfg: RunConfig) -> str:
 # ---- building the model repository ------------------------------------------------------------------------------
 
 
-def _get_run(run_id: str, root: Path | None) -> Run:
-    """Runs are only ever found through runs.get_run, which refuses ids that could leave the runs folder."""
-    try:
-        run = get_run(run_id, root)
-    except RunError as error:
-        raise PublishError(str(error)) from None
+def _publishable(run: Run | str, root: Path | None) -> Run:
+    """The run to publish, refused (saying why) until it has ended with its adapter. A reference (text, as the app's
+    run picker sends it) names a run in the runs folder ``root`` only (runs.resolve_run); the CLI, which also takes a
+    run folder elsewhere, resolves it itself and passes the Run."""
+    if isinstance(run, str):
+        try:
+            run = resolve_run(run, root)
+        except RunError as error:
+            raise PublishError(str(error)) from None
     status = run.status()
     if status.state is RunState.DAMAGED:
         raise PublishError(f"Run {run.id} is damaged ({status.problem}); it cannot be published.")
@@ -349,19 +354,20 @@ def _copy_adapter(run: Run, target: Path, base: BaseModel) -> bool:
 
 
 def build_model_repo(
-    run_id: str,
+    run: Run | str,
     repo_id: str,
     out_dir: Path | str | None = None,
     *,
     base_model: str | None = None,
     root: Path | None = None,
 ) -> RepoFolder:
-    """Write the model repository for ``run_id``: adapter, tokenizer files, loss_curve.png and a model card.
+    """Write the model repository for ``run`` (see _publishable): adapter, tokenizer files, loss_curve.png and a
+    model card.
 
     ``out_dir`` must be new or empty; without it the run's ``publish/model`` folder is (re)built.
     ``base_model`` names the base model's Hub id when the run trained on a local folder.
     """
-    run = _get_run(run_id, root)
+    run = _publishable(run, root)
     _check_repo_id(repo_id)
     cfg = run.config()
     base = base_model_of(cfg, base_model)
@@ -642,7 +648,7 @@ def _dataset_name(dataset: str) -> str:
 
 
 def build_space_repo(
-    run_id: str,
+    run: Run | str,
     space_id: str,
     out_dir: Path | str | None = None,
     *,
@@ -651,20 +657,22 @@ def build_space_repo(
     base_model: str | None = None,
     root: Path | None = None,
 ) -> RepoFolder:
-    """Write a Gradio chat Space for the run's adapter: app.py, the DenseLoRA package, requirements and README.
+    """Write a Gradio chat Space for the run's adapter: app.py and its prompts.py, the DenseLoRA package,
+    requirements and README.
 
     The Space loads the adapter from ``adapter_repo_id`` on the Hub, or carries it in ``adapter/`` when there is
     no repository id or ``bundle_adapter`` is set (for a private adapter repository the Space could not read, or
     an adapter not uploaded yet).
     """
-    run = _get_run(run_id, root)
+    run = _publishable(run, root)
     _check_repo_id(space_id)
     if adapter_repo_id:
         _check_repo_id(adapter_repo_id)
     cfg = run.config()
     base = base_model_of(cfg, base_model)
     target = _target(run, out_dir, "space")
-    shutil.copy2(SPACE_TEMPLATE / "app.py", target / "app.py")
+    for name in SPACE_FILES:
+        shutil.copy2(SPACE_TEMPLATE / name, target / name)
     _carry_method_package(target)
     bundle_adapter = bundle_adapter or adapter_repo_id is None
     if bundle_adapter:
@@ -757,7 +765,7 @@ def push_folder(
 
 
 def publish_model(
-    run_id: str,
+    run: Run | str,
     repo_id: str,
     *,
     private: bool = False,
@@ -768,12 +776,12 @@ def publish_model(
     api: HfApi | None = None,
 ) -> PublishResult:
     """Build the run's model repository (in ``<run>/publish/model``) and push it to ``repo_id``."""
-    folder = build_model_repo(run_id, repo_id, base_model=base_model, root=root)
+    folder = build_model_repo(run, repo_id, base_model=base_model, root=root)
     return push_folder(folder, private=private, commit_message=commit_message, token=token, api=api)
 
 
 def publish_space(
-    run_id: str,
+    run: Run | str,
     space_id: str,
     *,
     adapter_repo_id: str | None = None,
@@ -786,9 +794,10 @@ def publish_space(
     api: HfApi | None = None,
 ) -> PublishResult:
     """Build the demo Space (in ``<run>/publish/space``) and push it to ``space_id`` as a Gradio Space."""
-    if base_model_of(_get_run(run_id, root).config(), base_model).hub_id is None:
+    run = _publishable(run, root)
+    if base_model_of(run.config(), base_model).hub_id is None:
         raise PublishError("The Space must load the base model from the Hub, but this run trained on a local model: "
                            "give the base model's Hub id (base_model / --base-model).")
-    folder = build_space_repo(run_id, space_id, adapter_repo_id=adapter_repo_id, bundle_adapter=bundle_adapter,
+    folder = build_space_repo(run, space_id, adapter_repo_id=adapter_repo_id, bundle_adapter=bundle_adapter,
                               base_model=base_model, root=root)
     return push_folder(folder, private=private, commit_message=commit_message, token=token, api=api)

@@ -4,7 +4,8 @@ page read them cheaply):
 * the allowed values of every choice a user makes (methods, activations, data formats and file types, dtypes,
   Hugging Face Jobs flavors with their GPUs, ...);
 * whether a name is a local path or a Hugging Face Hub id (models, datasets, adapters);
-* what to do when the Hub does not answer (use the local Hugging Face cache, or say why not, at once).
+* what to do when the Hub does not answer (use the local Hugging Face cache, or say why not, at once);
+* where the studio keeps its cache (converted models, its own log file).
 
 The standalone ``denselora/`` package that published adapters carry keeps its own copies of the activations and
 the default target modules (it must import nothing from the studio); tests/test_rules.py asserts the copies agree.
@@ -92,6 +93,15 @@ JOBS_DEFAULT_FLAVOR = JobHardware.L4X1.value  # 24 GB with bfloat16, among the c
 # The longest a job may run before Jobs ends it (Jobs' own default is 30 minutes: too short to train). A signed-in
 # Space visitor's token must outlive it, or the job cannot upload its results at the end.
 JOBS_DEFAULT_TIMEOUT = "4h"
+
+# ---- where things are ------------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Root of DenseLoRA Studio's cache: ``$DENSELORA_CACHE`` if set, else ``~/.cache/denselora-studio``."""
+    configured = os.environ.get("DENSELORA_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "denselora-studio"
+
 
 # ---- path or Hub id ------------------------------------------------------------------------------------------------
 

@@ -16,10 +16,12 @@
         job.json         a JobRecord, for a run that trains on Hugging Face Jobs (jobs.py keeps the rest in step)
 
 This module is the only reader of that folder: everything else asks a ``Run`` for its ``status()``, ``facts()``,
-``checkpoints()`` or ``evaluation()``. Reading is tolerant and never writes: a damaged file makes that one run
-'damaged' (with the reason) and nothing else; a read-only runs folder can be listed. Status and metrics are
-written atomically (write a temp file, then rename), so readers never see half a file. The worker runs in its own
-session with its output in train.log, so the app can die or reload without stopping (or blocking) training.
+``checkpoints()`` or ``evaluation()``. What a user types to name a run (its id, ``runs/<id>``, a folder's path)
+becomes a ``Run`` only through ``resolve_run``, for every command and the app alike. Reading is tolerant and never
+writes: a damaged file makes that one run 'damaged' (with the reason) and nothing else; a read-only runs folder can
+be listed. Status and metrics are written atomically (write a temp file, then rename), so readers never see half a
+file. The worker runs in its own session with its output in train.log, so the app can die or reload without
+stopping (or blocking) training.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -682,29 +685,109 @@ def safe_name(text: str) -> str:
     return name[:64] or "run"
 
 
-def get_run(run_id: str, root: Path | None = None) -> Run:
-    root = (root or runs_dir()).resolve()
-    if not RUN_ID_PATTERN.match(run_id) or ".." in run_id:
-        raise RunError(f"'{run_id}' is not a valid run id (letters, digits, '.', '_' and '-' only).")
-    path = root / run_id
-    if not path.is_dir() or not ((path / "config.yaml").exists() or (path / "status.json").exists()):
-        raise RunError(f"No run '{run_id}' in {root}. List runs with: python -m denselora_app runs")
-    return Run(path)
+RUN_FILES = ("config.yaml", "status.json")  # a folder holding either is a run (a damaged one, maybe)
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` is a run folder: the one rule for listing runs, finding one, and what may be deleted."""
+    return path.is_dir() and any((path / name).exists() for name in RUN_FILES)
 
 
 def list_runs(root: Path | None = None) -> list[Run]:
-    """Every run folder (one with config.yaml or status.json), newest first. Reads only."""
+    """Every run folder in the runs folder, newest first. Reads only."""
     root = root or runs_dir()
     try:
-        folders = [p for p in root.iterdir() if p.is_dir() and RUN_ID_PATTERN.match(p.name)]
+        folders = [p for p in root.iterdir() if _is_run_id(p.name)]
     except OSError:
         return []
-    runs = [Run(p) for p in folders if (p / "config.yaml").exists() or (p / "status.json").exists()]
+    runs = [Run(p) for p in folders if is_run_folder(p)]
     return sorted(runs, key=lambda r: (r.raw_status().created_at or 0.0, r.id), reverse=True)
 
 
+def resolve_run(ref: str, root: Path | None = None, *, outside_root: bool = False) -> Run:
+    """The run that ``ref``, as a user typed it, names: a run id in the runs folder ``root``, or the path of a run
+    folder (relative to the current directory, ``~`` expanded; ``runs/<id>`` also names run <id> of ``root``). The
+    one place every command and the app's pickers find a run; anything else is a RunError saying what was typed and
+    what a run reference looks like.
+
+    Only with ``outside_root`` (the CLI: a local user's own disk) may the folder be elsewhere, e.g. copied from
+    another machine. Without it (the app, whose callers may be anonymous visitors of a Space) only the runs in
+    ``root`` are reached, and a path outside it is refused without being looked at, so the answer tells nothing
+    about the server's disk.
+    """
+    text = str(ref).strip()
+    root = (root or runs_dir()).resolve()
+    path = _typed_folder(text) if text else None
+    inside = path is not None and path.parent == root and _is_run_id(path.name)  # where list_runs looks
+    by_id = [root / run_id for run_id in dict.fromkeys((text, runs_folder_form(text, root)))
+             if run_id and _is_run_id(run_id)]
+    typed = [path] if path is not None and path not in by_id and (inside or outside_root) else []
+    candidates = by_id + typed
+    try:
+        if (found := next((folder for folder in candidates if is_run_folder(folder)), None)) is not None:
+            return Run(found)
+        seen = next((folder for folder in candidates if folder.exists()), None)
+    except OSError as err:  # a path the system will not look up: a name too long, a folder it may not enter
+        raise RunError(_not_a_run(text, f"it cannot be looked up ({err.strerror or err})")) from None
+    if not text:
+        why = "nothing was given"
+    elif seen is not None:
+        why = (f"the folder {seen} holds no run files ({' or '.join(RUN_FILES)})" if seen.is_dir()
+               else f"{seen} is a file, not a run folder")
+    elif path is None and outside_root:
+        why = "it cannot be a path on this system"
+    elif not candidates:  # a path outside the runs folder, without outside_root: never looked at
+        why = f"here only the runs in the runs folder {root} can be used"
+    else:
+        missing = ([f"no run of that id in {root}"] if by_id else []) + ([f"no folder {path}"] if typed else [])
+        why = "there is " + ", and ".join(missing)
+    raise RunError(_not_a_run(text, why))
+
+
+def runs_folder_form(text: str, root: Path | None = None) -> str | None:
+    """The run id in ``runs/<id>`` (or ``<name of root>/<id>``): a run of the runs folder written as its path from
+    the folder above it, as the docs and messages write it, whatever the current directory. None for other text."""
+    parts = Path(str(text).strip()).parts
+    names = {"runs", (root or runs_dir()).resolve().name}
+    return parts[1] if len(parts) == 2 and parts[0] in names and _is_run_id(parts[1]) else None
+
+
+def _is_run_id(text: str) -> bool:
+    # Never a separator or '..': a run id is only ever one folder name inside the runs folder.
+    return bool(RUN_ID_PATTERN.match(text)) and ".." not in text
+
+
+def _typed_folder(text: str) -> Path | None:
+    """The absolute folder a typed path names; None when it cannot be one here (a control character, '~user' with
+    no such user, a link loop). Everything above its last part is resolved (links, '..'), the last part is not: a
+    run folder that is a symbolic link stays one, so deleting it can refuse to follow it."""
+    if not text.isprintable():  # NUL, newlines: no folder a user means, and a message must stay one line
+        return None
+    try:
+        path = Path(text).expanduser().absolute()
+        return path.resolve() if path.name in ("", "..") else path.parent.resolve() / path.name
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
+def _not_a_run(text: str, why: str) -> str:
+    typed = repr(text[:80]) + ("..." if len(text) > 80 else "")  # one line, however long or odd the input
+    return (f"{typed} is not a run: {why}. A run is given by its run id or by the path of its folder "
+            "(e.g. runs/<id>); list the runs with: python -m denselora_app runs")
+
+
 def check_deletable(run: Run) -> None:
-    """Raise RunError, saying what to do, while the run trains; damaged and never-started runs may go."""
+    """Raise RunError, saying what to do, unless ``run.path`` is a run folder of its own that is not training;
+    damaged and never-started runs may go."""
+    if run.path.is_symlink():
+        # Deleting through the link would delete its target, wherever that is; rmtree refuses links anyway.
+        target = run.path.resolve()
+        raise RunError(f"{run.path} is a symbolic link to {target}, not a run folder of its own: nothing was "
+                       f"deleted. Remove the link alone with: rm {shlex.quote(str(run.path))} (its target stays), "
+                       f"or delete the run itself: python -m denselora_app delete {shlex.quote(str(target))}")
+    if not is_run_folder(run.path):
+        raise RunError(f"{run.path} holds no run files ({' or '.join(RUN_FILES)}), so it is not a run folder: "
+                       "nothing was deleted.")
     status = run.status()
     if status.stopping:
         raise RunError(f"Run {run.id} is stopping: it ends once the step under way and its checkpoint are done. "
@@ -715,7 +798,8 @@ def check_deletable(run: Run) -> None:
 
 
 def delete_run(run: Run) -> None:
-    """Delete the run folder; refused while it trains (stop it first)."""
+    """Delete the run folder (check_deletable first). Links inside it are removed, never followed: rmtree does not
+    leave the folder."""
     check_deletable(run)
     try:
         shutil.rmtree(run.path)

@@ -20,10 +20,13 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 from peft import get_peft_model
+from tqdm.auto import tqdm
 from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
                           TrainingArguments, set_seed)
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import has_length
 
+from . import terminal
 from .config import RunConfig
 from .data import PreparedData, data_source, prepare_data
 from .methods import build_peft_config
@@ -186,9 +189,27 @@ def make_trainer(setup: Setup, args: TrainingArguments, callbacks: list[TrainerC
         callbacks=callbacks,
     )
     trainer.shared_lr_scale = setup.shared_lr_scale
-    if not show_progress:  # the callbacks log a readable line instead of the Trainer's raw dictionaries
+    if show_progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(TerminalProgress)
+    else:  # the callbacks log a readable line instead of the Trainer's raw dictionaries
         trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+class TerminalProgress(ProgressCallback):
+    """The Trainer's progress bars, drawn on the terminal: in the CLI ``sys.stderr`` is the log file (terminal.py)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, file=terminal.stderr())
+        self.current_step = 0
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if state.is_world_process_zero and self.prediction_bar is None and has_length(eval_dataloader):
+            self.prediction_bar = tqdm(total=len(eval_dataloader), leave=self.training_bar is None,
+                                       dynamic_ncols=True, file=terminal.stderr())
+        super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
 
 def collator_for(cfg, tokenizer, model: torch.nn.Module) -> tuple[Callable, str]:

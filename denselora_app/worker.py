@@ -20,11 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .runs import LOG_FORMAT, Run, RunKind, RunState, classify_failure, process_start_time
+from .terminal import TRACEBACK
 
 log = logging.getLogger(__name__)
 
-# A log record carrying this attribute is a traceback: kept in train.log, shown in a terminal only with --debug.
-TRACEBACK = "denselora_traceback"
 
 
 @contextlib.contextmanager

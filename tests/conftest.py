@@ -1,12 +1,53 @@
-"""Shared fixtures: tiny randomly initialised models built from configs (no downloads)."""
+"""Shared fixtures: tiny randomly initialised models built from configs (no downloads), and a guard that fails any
+test leaving a trace in the process (environment, working directory, logging, torch's global settings)."""
 
 from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import denselora_app.denselora  # noqa: F401  (registers DenseLoRA with PEFT)
+
+
+# Set by pytest itself, or by libraries for themselves on first use (tokenizers after a fork, gradio on import,
+# torch.compile for its workers): not a test's doing, and the same for every test after it.
+_LIBRARY_VARIABLES = ("PYTEST_CURRENT_TEST", "TOKENIZERS_PARALLELISM", "HF_HUB_DISABLE_TELEMETRY", "_TORCHINDUCTOR_",
+                      "TORCHINDUCTOR_")
+
+
+def _process_state() -> dict[str, object]:
+    """What one test could change for every test after it."""
+    root = logging.getLogger()
+    return {
+        "environment": {k: v for k, v in os.environ.items() if not k.startswith(_LIBRARY_VARIABLES)},
+        "working directory": os.getcwd(),
+        "root logger": (list(root.handlers), root.level),
+        "warnings.showwarning": warnings.showwarning,
+        "sys.stderr": sys.stderr,
+        "torch threads": torch.get_num_threads(),
+        "torch default dtype": torch.get_default_dtype(),
+        "torch grad mode": torch.is_grad_enabled(),
+    }
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_trace():
+    """Each test restores what it changes (monkeypatch and fixtures do): the suite passes in any order."""
+    before = _process_state()
+    yield
+    after = _process_state()
+    changed = [what for what in before if before[what] != after[what]]
+    if "environment" in changed:
+        env_before, env_after = before["environment"], after["environment"]
+        keys = sorted(k for k in env_before.keys() | env_after.keys() if env_before.get(k) != env_after.get(k))
+        changed[changed.index("environment")] = f"environment ({', '.join(keys)})"
+    assert not changed, f"the test left changed: {'; '.join(changed)}"
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
@@ -84,22 +125,27 @@ def tokenizer():
     return tiny_tokenizer()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def embedded_cache_root(tmp_path_factory):
-    """A DENSELORA_CACHE folder shared by the whole test session, so the embedded default is converted at most once."""
-    return tmp_path_factory.mktemp("denselora-cache")
+    """The DENSELORA_CACHE of the whole test session (restored at its end): the embedded default is converted at most
+    once, and the studio's log file and caches never land in the user's own cache folder."""
+    root = tmp_path_factory.mktemp("denselora-cache")
+    saved = os.environ.get("DENSELORA_CACHE")
+    os.environ["DENSELORA_CACHE"] = str(root)
+    yield root
+    if saved is None:
+        del os.environ["DENSELORA_CACHE"]
+    else:
+        os.environ["DENSELORA_CACHE"] = saved
 
 
 @pytest.fixture
-def embedded_model_dir(embedded_cache_root, monkeypatch):
-    """The embedded default's converted folder (a Path), with DENSELORA_CACHE set to the session's cache.
-
-    Converting takes ~20 s, once per session."""
+def embedded_model_dir(embedded_cache_root):
+    """The embedded default's converted folder (a Path), in the session's cache. Converting takes ~20 s, once."""
     from pathlib import Path
 
     from denselora_app.models import EMBEDDED_DEFAULT, ensure_local
 
-    monkeypatch.setenv("DENSELORA_CACHE", str(embedded_cache_root))
     return Path(ensure_local(EMBEDDED_DEFAULT))
 
 
@@ -110,13 +156,10 @@ def pytest_configure(config):
 # ---- the app in its own process (tests/test_app.py, tests/test_browser.py) --------------------------------------
 
 import json  # noqa: E402  (this section's imports stay with it)
-import logging  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -251,7 +294,7 @@ def wait_until(predicate, timeout: float = 180.0, interval: float = 0.5, what: s
 
 @pytest.fixture
 def restore_logging():
-    """The CLI configures the root logger (the terminal, and train.log in the foreground); undo it after a test."""
+    """A job's entry point (jobs.py) configures the root logger for its own process; undo it after a test."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     yield

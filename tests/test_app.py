@@ -235,7 +235,7 @@ def test_start_watch_refuse_stop_and_the_runs_tab(client, app, app_model_dir, ap
 
     assert "Deleted" in client.predict(run_id, api_name="/delete_run")
     assert not (app.runs / run_id).exists()
-    assert "No run" in client.predict(run_id, api_name="/delete_run")
+    assert f"{run_id!r} is not a run: there is no run of that id" in client.predict(run_id, api_name="/delete_run")
 
 
 def test_presets_and_the_command(client, app, app_model_dir):

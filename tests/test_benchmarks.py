@@ -7,16 +7,19 @@ import math
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import save_tiny_model
+from numerics import causal_lm_terms, tolerance_for
 from denselora_app import methods
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import accuracy_smollm2  # noqa: E402
+import benchlib  # noqa: E402
 import convergence  # noqa: E402
 import fidelity  # noqa: E402
 import gpu_8b  # noqa: E402
@@ -32,7 +35,8 @@ PACKING_ARGS = ["--device", "cpu", "--model", "tiny", "--rank", "4", "--rows", "
                 "--threads", "0"]  # 0: leave this process's torch threads as they are
 FIDELITY_ARGS = ["--people", "24", "--val-people", "4", "--test-people", "4", "--hidden", "32", "--intermediate", "64",
                  "--layers", "2", "--pretrain-steps", "6", "--pretrain-batch", "4", "--adapter-steps", "2",
-                 "--adapter-batch", "4", "--seeds", "2", "--lrs", "1e-3", "3e-3"]
+                 "--adapter-batch", "4", "--seeds", "2", "--lrs", "1e-3", "3e-3",
+                 "--threads", "0"]  # 0: leave this process's torch threads as they are
 
 
 def test_speed_memory_writes_every_arm_ratio_and_target(tmp_path, capsys):
@@ -85,10 +89,18 @@ def test_packing_writes_every_arm_its_loss_curves_and_the_targets(tmp_path, caps
         assert arm["processed_tokens_per_s"] >= arm["real_tokens_per_s"]
         assert arm["label"] in markdown
         assert (arm["padding_share"] == 0) == key.endswith("/packed")  # packed batches carry no padding
+    # Float32: step s's loss carries the rounding of s forward and backward passes over a batch of rows.
+    shape = SimpleNamespace(**benchlib.MODEL_SHAPES["tiny"])
+    steps, longest = len(results["arms"]["base/padded"]["losses"]), results["data"]["max"]
+    batch = int(PACKING_ARGS[PACKING_ARGS.index("--batch") + 1])
+    rounding = tolerance_for(1.0, terms=steps * (causal_lm_terms(shape, longest, backward=True) + batch * longest),
+                             dtype=torch.float32)["rtol"]
     for kind in kinds:
         assert results["ratios"][kind]["padded/padded"] == 1
-        # Same adapter initialisation, same batches: the curves agree (fp32) far inside the tolerance.
-        assert results["loss_curves"][kind]["max_relative_difference"] < 1e-5
+        # Same adapter initialisation, same batches: the curves agree up to float32 rounding, far inside the
+        # benchmark's own tolerance.
+        check = results["loss_curves"][kind]
+        assert check["max_relative_difference"] < rounding < check["tolerance"] / 5
     assert 0 < results["data"]["padding_per_step"]["padding_fraction"] < 1
     assert results["data"]["min"] >= 4 and results["data"]["max"] <= 48
     assert results["flops_padded_over_packed"] > 1 and "Arithmetic: over the timed batches" in markdown

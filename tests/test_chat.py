@@ -142,7 +142,8 @@ def test_runs_checkpoints_and_folders_resolve(workspace):
 def test_errors_are_clear(workspace, tmp_path):
     root = workspace / "runs"
     (run_dir,) = root.iterdir()
-    with pytest.raises(ChatError, match=f"No run, adapter folder.*{run_dir.name}"):
+    with pytest.raises(ChatError, match=f"'no-such-run' is not a run: there is no run of that id in {root}.*"
+                                        "also take an adapter folder or a Hub adapter id"):
         chat.resolve_adapter("no-such-run", root=root)
     with pytest.raises(ChatError, match="no adapter_config.json.*base model"):
         chat.resolve_adapter(str(workspace / "model"), root=root)

@@ -128,7 +128,7 @@ def test_stop_ends_the_answer_and_keeps_what_was_said(adapter):
 
 def test_chat_problems_are_shown_as_messages(adapter):
     (update,) = list(chat_tab.send("hello", [], [], "no-such-run", False, **GREEDY))
-    assert update[3].startswith("⚠️") and "No run, adapter folder or Hub adapter named 'no-such-run'" in update[3]
+    assert update[3].startswith("⚠️ 'no-such-run' is not a run") and "or a Hub adapter id" in update[3]
     assert update[0] == update[1] == gr.skip()  # the message stays in its box, the history as it was
     (update,) = list(chat_tab.send("hello", [], [], adapter, False, **{**GREEDY, "top_p": 0.0}))
     assert "top_p must be in (0, 1]" in update[3]

@@ -11,7 +11,8 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import tiny_llama, tiny_llama_config, tiny_tokenizer
+from numerics import assert_close_for, causal_lm_terms
 from denselora_app import evaluate as evaluation
 from denselora_app import models
 from denselora_app.chat import ChatEngine
@@ -184,7 +185,8 @@ def test_results_are_saved_merged_and_the_base_reused(workspace, engine, monkeyp
     assert (base.model, adapter.model, table.mode) == ("base", run_dir.name, "loglik")
     for result in (base, adapter):
         assert result.total == 3 and len(result.items) == 3 and 0 <= result.accuracy <= 1
-        assert result.perplexity == pytest.approx(math.exp(result.loss)) and result.answer_tokens > 3
+        assert_close_for(result.perplexity, math.exp(result.loss), terms=1, dtype=torch.float64)  # one exp
+        assert result.answer_tokens > 3
     assert base.loss != adapter.loss and base.trainable_percent is None and 0 < adapter.trainable_percent < 100
     assert [row["model"] for row in table.rows()] == [f"base: {workspace / 'model'}", run_dir.name]
     assert run_dir.name in table.to_text()
@@ -197,7 +199,11 @@ def test_results_are_saved_merged_and_the_base_reused(workspace, engine, monkeyp
     assert generated.results[1].loss is None  # no held-out data this time
     again = evaluate(run_dir.name, loss_data=held_out, mode="loglik", limit=3, engine=engine, root=runs)
     assert scored == ["base", run_dir.name, run_dir.name]  # the base's loglik result came from eval.json
-    assert again.results[0].created_at == base.created_at and again.results[1].loss == pytest.approx(adapter.loss)
+    assert again.results[0].created_at == base.created_at
+    # Recomputed in float32: each row's chain to its log-probabilities, and the sum over the answer tokens.
+    longest = max(len(e["input_ids"]) for e in prepare_data(str(held_out), engine.tokenizer).train)
+    terms = causal_lm_terms(tiny_llama_config(), longest) + adapter.answer_tokens
+    assert_close_for(again.results[1].loss, adapter.loss, terms=terms, dtype=torch.float32)
 
     saved = Run(run_dir).evaluation()
     assert sorted(r["mode"] for r in saved["results"]) == ["generate", "loglik"]  # the newer loglik replaced one
@@ -218,8 +224,12 @@ def test_loss_on_a_data_file_is_the_training_loss(workspace, engine):
     with torch.no_grad():
         expected = fresh(input_ids=torch.tensor([example["input_ids"]]),
                          labels=torch.tensor([example["labels"]])).loss.item()
-    assert base.loss == pytest.approx(expected, rel=1e-4)
-    assert base.perplexity == pytest.approx(math.exp(expected), rel=1e-4)
+    # Float32 both ways: the chain to the log-probabilities and the mean over the answer tokens. The perplexity's
+    # relative error is the loss's absolute error.
+    terms = causal_lm_terms(fresh.config, len(example["input_ids"])) + len(example["input_ids"])
+    assert_close_for(base.loss, expected, terms=terms, dtype=torch.float32)
+    assert_close_for(base.perplexity, math.exp(expected), terms=terms, dtype=torch.float32,
+                     scale=math.exp(expected) * abs(expected))
 
 
 def test_cli_eval(workspace, monkeypatch, capsys, tmp_path):

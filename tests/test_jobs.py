@@ -26,7 +26,7 @@ from conftest import tiny_llama, tiny_tokenizer
 from denselora_app import cli, jobs, models, publish, rules
 from denselora_app.config import RunConfig
 from denselora_app.denselora import DenseLoraConfig
-from denselora_app.runs import LOG_FORMAT, get_run, list_runs, write_json_atomic
+from denselora_app.runs import LOG_FORMAT, list_runs, resolve_run, write_json_atomic
 from denselora_app.steplines import metrics_line, parse_metrics_line
 from denselora_app.ui import run_view, runs_tab, train_tab
 from test_publish import SECRET, FakeHub, http_error
@@ -272,7 +272,7 @@ def test_the_train_tab_submits_on_a_space_with_the_signed_in_users_token(studio,
     job = hub.job()
     assert job["secrets"] == {"HF_TOKEN": visitor.token} and job["flavor"] == "a10g-small"
     assert f"hf download {SOURCE} --repo-type space" in job["command"][2]  # the Space's own repository
-    assert get_run(run_id).job().repo_id == "alice/my-results"
+    assert resolve_run(run_id).job().repo_id == "alice/my-results"
     assert files_holding(studio, visitor.token) == []
 
     monkeypatch.setenv("SPACE_ID", "acme/studio")  # alice is not the owner of this one

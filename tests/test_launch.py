@@ -17,14 +17,11 @@ import torch
 from denselora_app import cli
 from denselora_app.config import RunConfig
 from denselora_app.launch import LaunchError, launch, resume_run, run_device
-from denselora_app.runs import create_run, get_run, list_runs, request_stop, run_holding
+from denselora_app.runs import create_run, list_runs, request_stop, resolve_run, run_holding
 from denselora_app.ui import run_view
 from denselora_app.worker import execute
 
 REPO = Path(__file__).parent.parent
-
-
-pytestmark = pytest.mark.usefixtures("restore_logging")  # see conftest.restore_logging
 
 
 @pytest.fixture
@@ -209,7 +206,7 @@ def test_a_foreground_run_holds_its_device_while_it_trains(app_model_dir, app_da
     def check_busy(*args, **kwargs):
         with pytest.raises(LaunchError, match=f"in use by run {run.id}"):
             launch(config(app_model_dir, app_data_file), background=False)
-        seen["status"] = get_run(run.id).status()
+        seen["status"] = resolve_run(run.id).status()
         raise KeyboardInterrupt  # stop here: what matters is what others saw meanwhile
 
     from denselora_app import train

@@ -5,15 +5,17 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import get_peft_model
-from transformers import BloomConfig, BloomForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening
+from transformers import AutoConfig, BloomConfig, BloomForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening
 from transformers import TrainingArguments
 
 from conftest import tiny_llama, tiny_tokenizer
+from numerics import assert_close_for, causal_lm_terms, tolerance_for
 from denselora_app.config import RunConfig
 from denselora_app.data import DataReport, padding_per_step, prepare_data
 from denselora_app.methods import build_peft_config
@@ -36,9 +38,10 @@ def rows(lengths=LENGTHS, seed: int = 0) -> list[dict]:
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-position next-token loss, 0 where nothing is trained (the models' own shift)."""
+    """Per-position next-token loss, 0 where nothing is trained (the models' own shift), in float32 or better."""
     targets = F.pad(labels, (0, 1), value=-100)[..., 1:]
-    return F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
 
 
 def row_losses_padded(model, batch) -> torch.Tensor:
@@ -50,17 +53,34 @@ def row_losses_packed(model, batch) -> torch.Tensor:
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
     losses = token_losses(out.logits, batch["labels"])[0]
     row = (batch["position_ids"][0] == 0).cumsum(0) - 1  # the row each token belongs to
-    return torch.zeros(int(row.max()) + 1).index_add(0, row, losses)
+    return torch.zeros(int(row.max()) + 1, dtype=losses.dtype).index_add(0, row, losses)
 
 
 def packing_config(packing: bool = True) -> RunConfig:
     return RunConfig(packing=packing, device="cpu")
 
 
+def packing_model(attention: str = "sdpa"):
+    """The tiny LLaMA in float64, its weights 10x the default initialisation's. With the default ones attention is
+    nearly uniform, and rows that saw each other differ by a few parts in 10^5, no more than float32 rounding along
+    the model may; here they differ by percents (next test), and float64 keeps the comparison sharp on any CPU."""
+    return tiny_llama(dtype=torch.float64, attn_implementation=attention, initializer_range=0.2)
+
+
+def rounding(config, attention: str, *, backward: bool = False) -> dict:
+    """What the float64 comparisons of row losses (or, ``backward``, of gradients) allow for rounding: the whole chain
+    to a row's loss in float64 and, for a gradient, back and over every token; but eager attention computes its
+    softmax in float32 (transformers' choice), 2 * longest terms a layer, which then dominates."""
+    longest = max(LENGTHS)
+    if attention == "eager":
+        return dict(terms=config.num_hidden_layers * 2 * longest * (2 if backward else 1), dtype=torch.float32)
+    return dict(terms=causal_lm_terms(config, longest, backward=backward) + (sum(LENGTHS) if backward else longest))
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_batches_give_every_row_the_loss_and_gradient_of_a_padded_batch(attention):
     tokenizer = tiny_tokenizer()
-    model = get_peft_model(tiny_llama(attn_implementation=attention), build_peft_config(RunConfig(r=4, dropout=0.0)))
+    model = get_peft_model(packing_model(attention), build_peft_config(RunConfig(r=4, dropout=0.0)))
     model.config.use_cache = False  # as the Trainer sets it
     features = rows()
     packed_collator, sampling = collator_for(packing_config(), tokenizer, model)
@@ -81,18 +101,23 @@ def test_packed_batches_give_every_row_the_loss_and_gradient_of_a_padded_batch(a
             padded_losses = losses.detach()
         else:
             packed_losses = losses.detach()
-    assert packed_losses.shape == (len(LENGTHS),)
-    torch.testing.assert_close(packed_losses, padded_losses, rtol=1e-5, atol=1e-5)
+    assert packed_losses.shape == (len(LENGTHS),) and packed_losses.dtype == torch.float64
+    assert_close_for(packed_losses, padded_losses, **rounding(model.config, attention))
     for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
-    # The model's own mean loss agrees too (the Trainer's loss).
+        assert_close_for(grads[1][name], grads[0][name], **rounding(model.config, attention, backward=True), msg=name)
+    # The model's own mean loss agrees too (the Trainer's loss), computed in float32 from the logits on: the
+    # log-softmax and the mean over every token (and eager attention's softmax).
     with torch.no_grad():
-        torch.testing.assert_close(model(**packed).loss, model(**padded).loss, rtol=1e-5, atol=1e-6)
+        loss_terms = model.config.vocab_size + sum(LENGTHS)
+        if attention == "eager":
+            loss_terms += rounding(model.config, attention)["terms"]
+        assert_close_for(model(**packed).loss, model(**padded).loss, terms=loss_terms, dtype=torch.float32)
 
 
-def test_without_restarting_positions_rows_would_see_each_other():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_without_restarting_positions_rows_would_see_each_other(attention):
     """The check above is not vacuous: the same joined rows without position ids give other losses."""
-    model = tiny_llama()
+    model = packing_model(attention)
     packed = DataCollatorWithFlattening(return_position_ids=True)(rows())
     plain = {"input_ids": packed["input_ids"], "labels": packed["labels"],
              "position_ids": torch.arange(sum(LENGTHS)).unsqueeze(0)}  # one long row
@@ -100,9 +125,11 @@ def test_without_restarting_positions_rows_would_see_each_other():
         separate = row_losses_packed(model, packed)
         seen = token_losses(model(input_ids=plain["input_ids"]).logits, plain["labels"])[0]
     row = (packed["position_ids"][0] == 0).cumsum(0) - 1
-    joined = torch.zeros(len(LENGTHS)).index_add(0, row, seen)
-    assert joined[0] == pytest.approx(separate[0].item(), abs=1e-5)  # the first row sees nothing before it
-    assert (joined[1:] - separate[1:]).abs().max() > 100 * 1e-5  # the others do, far beyond the tolerance above
+    joined = torch.zeros(len(LENGTHS), dtype=seen.dtype).index_add(0, row, seen)
+    tolerance = rounding(model.config, attention)
+    assert_close_for(joined[0], separate[0], **tolerance, scale=separate.abs().max())  # row 0 sees nothing before it
+    # Each of the others does, far beyond the tolerance above.
+    assert (joined[1:] - separate[1:]).abs().min() > 10 * tolerance_for(separate, **tolerance)["atol"]
 
 
 def test_a_model_that_cannot_pack_falls_back_to_length_grouped_batches(caplog):
@@ -162,16 +189,20 @@ def test_padding_per_step_is_the_exact_expectation_over_random_batches():
         batches = list(itertools.combinations(lengths, batch_size))
         expected_longest = sum(max(b) for b in batches) / len(batches)
         figures = padding_per_step(lengths, batch_size, grad_accum=3)
-        assert figures["real_tokens_per_step"] == pytest.approx(3 * batch_size * sum(lengths) / len(lengths))
-        assert figures["padded_tokens_per_step"] == pytest.approx(3 * batch_size * expected_longest)
-        assert figures["padding_fraction"] == pytest.approx(
-            1 - figures["real_tokens_per_step"] / figures["padded_tokens_per_step"])
+        float64 = dict(terms=len(batches), dtype=torch.float64)  # sums of at most len(batches) terms
+        assert_close_for(figures["real_tokens_per_step"], 3 * batch_size * sum(lengths) / len(lengths), **float64)
+        assert_close_for(figures["padded_tokens_per_step"], 3 * batch_size * expected_longest, **float64)
+        assert_close_for(figures["padding_fraction"],
+                         1 - figures["real_tokens_per_step"] / figures["padded_tokens_per_step"], **float64)
     assert padding_per_step(lengths, 1)["padding_fraction"] == 0  # one row per batch: nothing to pad
     assert padding_per_step([8, 8, 8], 2)["padding_fraction"] == 0
     assert padding_per_step(lengths, 50) == padding_per_step(lengths, len(lengths))  # one batch of every row
     # Fast and stable for a large dataset: the longest of k rows drawn from lengths 1..n is k (n + 1) / (k + 1).
     big = padding_per_step(list(range(1, 100_001)), 8, 4)
-    assert big["padded_tokens_per_step"] == pytest.approx(4 * 8 * 8 * 100_001 / 9, rel=1e-9)
+    expected = 4 * 8 * 8 * 100_001 / 9
+    # A float64 sum of 10^5 log-counts, up to log C(99999, 7) = 72: exp makes their rounding relative error.
+    assert_close_for(big["padded_tokens_per_step"], expected, terms=100_000, dtype=torch.float64,
+                     scale=expected * math.log(math.comb(99_999, 7)))
 
 
 def test_the_data_report_gives_the_tokens_per_step_and_the_padding(tmp_path, tokenizer):
@@ -228,4 +259,8 @@ def test_a_packed_run_follows_the_padded_runs_loss_curve(app_model_dir, tmp_path
         else:
             assert "Packing" not in caplog.text
     assert len(curves[True]) == 4
-    assert curves[True] == pytest.approx(curves[False], rel=1e-4)
+    # Float32 both ways; step s's loss carries the rounding of s steps, each a forward and backward pass over rows of
+    # up to cutoff_len tokens and the sums over the step's batch_size * grad_accum rows.
+    config = AutoConfig.from_pretrained(app_model_dir)
+    per_step = causal_lm_terms(config, cfg.cutoff_len, backward=True) + cfg.batch_size * cfg.grad_accum * cfg.cutoff_len
+    assert_close_for(curves[True], curves[False], terms=cfg.max_steps * per_step, dtype=torch.float32)

@@ -242,7 +242,7 @@ def test_publish_makes_exactly_these_hub_calls_and_never_writes_the_token(local_
                                                   "repo_type": "space", "exist_ok": True, "space_sdk": "gradio"})
     upload = space_hub.calls[2][1]
     assert upload["repo_type"] == "space" and upload["files"] == space.files
-    assert {"README.md", "app.py", "requirements.txt", "denselora_space.json", "denselora/__init__.py",
+    assert {"README.md", "app.py", "prompts.py", "requirements.txt", "denselora_space.json", "denselora/__init__.py",
             "denselora/layer.py", "denselora/model.py", "denselora/config.py"} <= set(space.files)
     assert not any(name.startswith("adapter/") for name in space.files)  # loaded from the adapter repository
     assert space.url == "https://huggingface.co/spaces/acme/tiny-chat"
@@ -317,7 +317,7 @@ def test_run_ids_that_leave_the_runs_folder_are_refused(run_id, runs_root, tmp_p
     for call in (lambda: build_model_repo(run_id, "alice/x", tmp_path / "out", root=runs_root),
                  lambda: build_space_repo(run_id, "alice/x", tmp_path / "out", root=runs_root),
                  lambda: publish_model(run_id, "alice/x", token=SECRET, root=runs_root, api=hub)):
-        with pytest.raises(PublishError, match="not a valid run id"):
+        with pytest.raises(PublishError, match="is not a run: here only the runs in the runs folder"):
             call()
     assert hub.calls == [] and not (tmp_path / "out").exists()
 
@@ -339,7 +339,8 @@ def test_cli_publish_dry_run_and_refusals(local_run, runs_root, tmp_path):
     assert settings == {"adapter": "adapter", "base_model": SMOL, "title": "tiny-chat"}  # not uploaded: carried
 
     bad = cli("../x", "--repo-id", "alice/x", "--dry-run", str(tmp_path / "evil"), runs=runs_root)
-    assert bad.returncode == 2 and "not a valid run id" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "'../x' is not a run: there is no folder" in bad.stderr \
+        and "Traceback" not in bad.stderr
     assert not (tmp_path / "evil").exists()
 
 
@@ -386,6 +387,7 @@ def test_the_exported_space_serves_a_streaming_chat_with_a_base_comparison(local
         assert "**With the adapter**" in text and "**Base model (adapter off)**" in text
         plain = client.predict("the quick brown fox", False, 8, 0.0, api_name="/chat")
         assert "Base model" not in str(plain)
+        assert isinstance(client.predict("the quick brown fox", False, 8, 0.0, "answer: yes no", api_name="/chat"), str)
     finally:
         process.terminate()
         try:

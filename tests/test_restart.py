@@ -72,7 +72,7 @@ def test_sigterm_alone_stops_with_a_checkpoint_at_the_step_reached(app_model_dir
 
 def test_the_runs_tab_says_why_a_run_cannot_be_resumed(app_model_dir, app_data_file, runs_root):
     assert runs_tab.resume(None).startswith("⚠️ Open a run first")
-    assert "No run 'nope'" in runs_tab.resume("nope")
+    assert "'nope' is not a run: there is no run of that id" in runs_tab.resume("nope")
 
 
 def test_stop_right_after_start_ends_stopped_not_killed(app_model_dir, app_data_file, runs_root):

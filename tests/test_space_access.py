@@ -27,7 +27,7 @@ from conftest import APP_DATA_ROWS, launch_app, stop_workers, wait_until
 from denselora_app import access
 from denselora_app.access import AccessError, Action
 from denselora_app.config import ConfigError, RunConfig
-from denselora_app.runs import Run, get_run
+from denselora_app.runs import Run, resolve_run
 from denselora_app.ui import forms
 from test_app import tiny_settings
 from test_chat_ui import make_chat_run, save_readable_model
@@ -84,7 +84,7 @@ def space(tmp_path_factory):
     cached_model(hub_cache, MODEL)
     runs = workdir / "runs"
     public, private = (make_chat_run(runs, MODEL, name) for name in ("public-chat", "private-chat"))
-    get_run(public, runs).set_public(True)
+    resolve_run(public, runs).set_public(True)
     theirs = runs / "uploads" / "bob" / "bobs-notes-0000.jsonl"  # another user's upload
     theirs.parent.mkdir(parents=True)
     theirs.write_text(json.dumps({"text": "bob's secret notes"}) + "\n")
@@ -263,7 +263,7 @@ def test_the_owner_saves_presets_marks_runs_public_and_builds_for_the_hub(space,
     assert "is public" in owner.predict(space.private, True, api_name="/set_public")
     assert private_adapter in json.dumps(bob.predict(api_name="/chat_adapters"))
     assert "private again" in owner.predict(space.private, False, api_name="/set_public")
-    assert not get_run(space.private, space.runs).is_public()
+    assert not resolve_run(space.private, space.runs).is_public()
 
     assert space.public in json.dumps(owner.predict(None, api_name="/publish_runs"))  # the box offers the runs
     built = owner.predict(space.public, f"{OWNER}/tiny-chat", "", api_name="/publish_build")

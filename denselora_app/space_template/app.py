@@ -6,7 +6,8 @@ Settings come from denselora_space.json next to this file; environment variables
     DENSELORA_BASE_MODEL   the base model (BASE_MODEL works too): a Hub id or a local folder
 
 Run it anywhere with ``python app.py`` (GRADIO_SERVER_PORT picks the port). The DenseLoRA method itself is the
-``denselora`` package in this folder, so nothing beyond requirements.txt needs installing.
+``denselora`` package in this folder, so nothing beyond requirements.txt needs installing. Prompts are rendered as
+DenseLoRA Studio renders them (prompts.py), so the adapter is demoed on the prompt format it was trained on.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
 import denselora  # noqa: F401  (registers the DenseLoRA method with PEFT)
+from prompts import PromptError, build_messages, prompt_ids
 
 HERE = Path(__file__).resolve().parent
 
@@ -63,28 +65,13 @@ model = PeftModel.from_pretrained(model, SETTINGS["adapter"]).eval()
 PAD_TOKEN_ID = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def as_text(content: Any) -> str:
-    """Chat history content is a string, or a list of parts such as {"type": "text", "text": ...}."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return str(content.get("text", ""))
-    if isinstance(content, (list, tuple)):
-        return "".join(as_text(part) for part in content)
-    return ""
-
-
-def encode(message: str, history: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    turns = [{"role": m["role"], "content": as_text(m.get("content"))}
-             for m in history if m.get("role") in ("user", "assistant")]
-    turns.append({"role": "user", "content": message})
-    if tokenizer.chat_template:
-        inputs = tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)
-    else:
-        prompt = "".join(f"{t['role'].capitalize()}: {t['content']}\n" for t in turns) + "Assistant:"
-        inputs = tokenizer(prompt, return_tensors="pt")
-    return {name: tensor.to(DEVICE) for name, tensor in inputs.items()}
+def encode(message: str, history: list[dict[str, Any]], system_prompt: str) -> dict[str, torch.Tensor]:
+    try:
+        ids = prompt_ids(tokenizer, build_messages(message, history, system_prompt))
+    except PromptError as error:
+        raise gr.Error(str(error)) from None
+    input_ids = torch.tensor([ids], device=DEVICE)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
 def stream(inputs: dict[str, torch.Tensor], max_new_tokens: int, temperature: float, adapter: bool) -> Iterator[str]:
@@ -120,8 +107,8 @@ def stream(inputs: dict[str, torch.Tensor], max_new_tokens: int, temperature: fl
 
 
 def respond(message: str, history: list[dict[str, Any]], compare: bool, max_new_tokens: int,
-            temperature: float) -> Iterator[str]:
-    inputs = encode(message, history)
+            temperature: float, system_prompt: str | None) -> Iterator[str]:
+    inputs = encode(message, history, system_prompt or "")  # an API caller may send None
     answer = ""
     for answer in stream(inputs, max_new_tokens, temperature, adapter=True):
         yield f"**With the adapter**\n\n{answer}" if compare else answer
@@ -139,6 +126,8 @@ demo = gr.ChatInterface(
         gr.Checkbox(False, label="Compare with the base model (answers again with the adapter off)"),
         gr.Slider(8, 1024, value=256, step=8, label="Max new tokens"),
         gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)"),
+        # Last, so API callers that pass only the three settings above keep working.
+        gr.Textbox("", label="System prompt", placeholder="Optional", lines=2),
     ],
     api_name="chat",
     # One generation at a time: the comparison switches the shared model's adapter off and on.

@@ -14,7 +14,8 @@ from .. import access
 from ..access import AccessError, Action
 from ..config import ConfigError
 from ..hosting import on_space
-from ..runs import RunError, delete_run, get_run
+# resolve_run without outside_root: the app reaches only the runs in the runs folder (a Space's visitors call it).
+from ..runs import RunError, delete_run, resolve_run
 from . import charts, loaders, run_view
 from .messages import refusal, warn
 
@@ -48,7 +49,7 @@ def open_run(run_id: str | None, profile: gr.OAuthProfile | None = None) -> tupl
     if not run_id:
         return "Pick a run in the table or the list.", None, None, "", ""
     try:
-        run = get_run(run_id)
+        run = resolve_run(run_id)
         access.require(access.identify(profile), Action.VIEW, run)
     except (RunError, AccessError) as err:
         return warn(err), None, None, "", ""
@@ -71,7 +72,7 @@ def compare_runs(run_ids: list[str] | None, profile: gr.OAuthProfile | None = No
     curves = {}
     for run_id in run_ids or []:
         try:
-            run = get_run(run_id)
+            run = resolve_run(run_id)
             access.require(who, Action.VIEW, run)
             cfg = run.config()
         except (RunError, AccessError, ConfigError):
@@ -94,7 +95,7 @@ def confirm_delete(run_id: str | None, profile: gr.OAuthProfile | None = None) -
     """Delete the run; the engine refuses one that is still training, and that message is shown."""
     try:
         access.require(access.identify(profile), Action.TRAIN)
-        delete_run(get_run(run_id or ""))
+        delete_run(resolve_run(run_id or ""))
     except (RunError, AccessError) as err:
         return gr.Row(visible=False), warn(err)
     return gr.Row(visible=False), f"Deleted run `{run_id}`."
@@ -104,7 +105,7 @@ def public_mark(run_id: str | None, profile: gr.OAuthProfile | None = None) -> A
     """The "Public on this Space" box of the opened run: shown to the owner only, ticked when the run is public."""
     try:
         access.require(access.identify(profile), Action.TRAIN)
-        run = get_run(run_id or "")
+        run = resolve_run(run_id or "")
     except (RunError, AccessError):
         return gr.Checkbox(value=False, visible=False)
     return gr.Checkbox(value=run.is_public(), visible=True)
@@ -114,7 +115,7 @@ def set_public(run_id: str | None, public: bool, profile: gr.OAuthProfile | None
     """Make the run public on this Space (visitors may see it and chat with its final adapter), or private again."""
     try:
         access.require(access.identify(profile), Action.TRAIN)
-        run = get_run(run_id or "")
+        run = resolve_run(run_id or "")
         run.set_public(bool(public))
     except (RunError, AccessError) as err:
         return warn(err)
@@ -139,7 +140,7 @@ def resume(run_id: str | None, profile: gr.OAuthProfile | None = None) -> str:
     if not run_id:
         return warn("Open a run first, then resume it.")
     try:
-        run = resume_run(get_run(run_id), load_config=loaders.model_config, load_tokenizer=loaders.tokenizer)
+        run = resume_run(resolve_run(run_id), load_config=loaders.model_config, load_tokenizer=loaders.tokenizer)
     except (RunError, LaunchError) as err:
         return warn(err)
     checkpoint = run.last_checkpoint()

@@ -21,7 +21,8 @@ from ..access import AccessError, Action
 from ..config import ConfigError, RunConfig, StudioError, field_help
 from ..hosting import space_id
 from ..rules import DEVICE_KINDS
-from ..runs import RunError, format_rate, get_run
+# resolve_run without outside_root: the app reaches only the runs in the runs folder (a Space's visitors call it).
+from ..runs import RunError, format_rate, resolve_run
 from . import charts, forms, loaders, run_view
 from .messages import warn
 
@@ -303,7 +304,7 @@ def stop_training(run_id: str | None, profile: gr.OAuthProfile | None = None,
         _owner(profile)
         if not run_id:
             return warn("No run to stop.")
-        return stop_run(get_run(run_id), token=_token(oauth_token))
+        return stop_run(resolve_run(run_id), token=_token(oauth_token))
     except StudioError as err:  # RunError, AccessError, JobsError
         return warn(err)
 
@@ -334,7 +335,7 @@ def use_found_rate(run_id: str | None, profile: gr.OAuthProfile | None = None) -
     """"Use this rate": the watched search's chosen rate into the form's learning-rate field, and a message."""
     try:
         who = _owner(profile)
-        run = get_run(run_id or "")
+        run = resolve_run(run_id or "")
         access.require(who, Action.VIEW, run)
     except StudioError as err:  # RunError, AccessError
         return gr.skip(), warn(err)
@@ -353,7 +354,7 @@ def live_status(run_id: str | None, profile: gr.OAuthProfile | None = None,
     if not run_id:
         return "No run yet: set things up above and press **Start training**.", "", *nothing
     try:
-        run = get_run(run_id)
+        run = resolve_run(run_id)
         who = access.identify(profile)
         access.require(who, Action.VIEW, run)
     except (RunError, AccessError) as err:
@@ -399,7 +400,7 @@ def has_final_adapter(run_id: str | None) -> bool:
     if not run_id:
         return False
     try:
-        run = get_run(run_id)
+        run = resolve_run(run_id)
         return run.status().state in (RunState.COMPLETED, RunState.STOPPED) and run.has_adapter()
     except (RunError, OSError):
         return False
@@ -410,7 +411,7 @@ def chat_offer(run_id: str | None, profile: gr.OAuthProfile | None = None) -> An
     caller may chat with it), hidden while it trains, when it failed, or when there is no run."""
     try:
         shown = has_final_adapter(run_id) and access.allowed(access.identify(profile), Action.CHAT,
-                                                             get_run(run_id or ""))
+                                                             resolve_run(run_id or ""))
     except RunError:
         shown = False
     return gr.Button(visible=shown)
