@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install install-test run test lock clean
+.PHONY: install install-test run test test-fast lock clean
 
 # Re-run setup whenever what it installs changes. requirements.lock pins the tested set (see scripts/lock.sh).
 $(VENV)/.installed: scripts/setup.sh requirements.txt requirements.lock pyproject.toml
@@ -22,6 +22,10 @@ run: install
 # In a new random order each time (pytest-randomly prints the seed; see README "Tests").
 test: install-test
 	$(PY) -m pytest
+
+# Everything but the tests marked slow (fresh processes that train, the embedded model, the browser): a few minutes.
+test-fast: install-test
+	$(PY) -m pytest -m "not slow"
 
 # The newest releases the ranges allow, tested in a fresh .venv-lock; requirements.lock is rewritten only if they pass.
 lock:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,15 @@ SCHEDULERS = rules.SCHEDULERS
 DATA_FORMATS = ("auto", *rules.DATA_FORMATS)
 DTYPES = ("auto", *rules.DTYPES)
 QUANTIZATIONS = rules.QUANTIZATIONS
+
+
+# Upper bounds of the counts: far beyond any real run, so that a typo (or a hostile value) is refused by name here
+# instead of sizing a memory plan, a tokenizer call or a loop.
+MAX_TOKENS = 2**20  # cutoff_len: a million tokens per row
+MAX_COUNT = 2**20  # rank, batch size, gradient accumulation, checkpoints kept
+MAX_STEPS = 10**9
+MAX_TEXT = 4096  # characters of a text field (a model, a data source, a run name)
+MAX_CONFIG_BYTES = 1024 * 1024  # a run configuration is a few hundred bytes
 
 
 class StudioError(Exception):
@@ -51,10 +62,10 @@ class RunConfig:
     data_format: str = _field("auto", "Row layout; 'auto' detects it from the columns.", choices=DATA_FORMATS)
     train_on_inputs: bool = _field(False, "Also train on prompt tokens (the paper's setting); default trains answers only.")
     val_size: float = _field(0.0, "Validation rows: a count (>= 1), a fraction (< 1), or 0 for none.", min=0)
-    cutoff_len: int = _field(512, "Longest example in tokens; longer ones are truncated.", min=8)
+    cutoff_len: int = _field(512, "Longest example in tokens; longer ones are truncated.", min=8, max=MAX_TOKENS)
     # --- the adapter
     method: str = _field("denselora", "Adapter method: 'denselora' or 'lora' (PEFT's LoRA, the baseline).", choices=METHODS)
-    r: int = _field(16, "Rank.", min=1)
+    r: int = _field(16, "Rank.", min=1, max=MAX_COUNT)
     alpha: float = _field(32.0, "Scaling numerator: updates are scaled by alpha / r.", min_exclusive=0)
     dropout: float = _field(0.05, "Dropout probability on the adapter input (see dropout_placement).", min=0,
                             max_exclusive=1)
@@ -72,14 +83,16 @@ class RunConfig:
     # --- optimisation
     learning_rate: float = _field(3e-4, "Peak learning rate.", min_exclusive=0)
     num_epochs: float = _field(2.0, "Passes over the training rows (ignored when max_steps > 0).", min_exclusive=0)
-    max_steps: int = _field(-1, "Optimizer steps to run; -1 uses num_epochs.", min=-1)
-    batch_size: int = _field(4, "Rows per device per forward pass.", min=1)
-    grad_accum: int = _field(4, "Forward passes per optimizer step (effective batch = batch_size x grad_accum).", min=1)
-    warmup_steps: int = _field(100, "Linear learning-rate warmup, in optimizer steps.", min=0)
+    max_steps: int = _field(-1, "Optimizer steps to run; -1 uses num_epochs.", min=-1, max=MAX_STEPS)
+    batch_size: int = _field(4, "Rows per device per forward pass.", min=1, max=MAX_COUNT)
+    grad_accum: int = _field(4, "Forward passes per optimizer step (effective batch = batch_size x grad_accum).", min=1,
+                             max=MAX_COUNT)
+    warmup_steps: int = _field(100, "Linear learning-rate warmup, in optimizer steps.", min=0, max=MAX_STEPS)
     lr_scheduler: str = _field("linear", "Learning-rate schedule after warmup.", choices=SCHEDULERS)
     weight_decay: float = _field(0.0, "AdamW weight decay.", min=0)
     max_grad_norm: float = _field(1.0, "Gradient clipping norm; 0 disables clipping.", min=0)
-    seed: int = _field(42, "Random seed for initialisation, shuffling and the validation split.", min=0)
+    seed: int = _field(42, "Random seed for initialisation, shuffling and the validation split.", min=0,
+                       max=2**32 - 1)  # numpy's seeds are 32-bit
     gradient_checkpointing: bool | None = _field(
         None, "Recompute activations in the backward pass: less memory, ~30% slower. Unset (null): on for quantized "
               "runs, off otherwise.")
@@ -88,10 +101,12 @@ class RunConfig:
                                   "the same. Models that cannot keep joined rows apart batch rows of similar "
                                   "length instead.")
     # --- bookkeeping
-    logging_steps: int = _field(1, "Optimizer steps between metric lines (loss, lr, grad norm, tokens/s).", min=1)
-    eval_steps: int = _field(0, "Steps between validation passes; 0 evaluates only at the end (needs val_size).", min=0)
-    save_steps: int = _field(50, "Steps between checkpoints (resume points).", min=1)
-    save_total_limit: int = _field(3, "Checkpoints kept on disk (oldest removed first).", min=1)
+    logging_steps: int = _field(1, "Optimizer steps between metric lines (loss, lr, grad norm, tokens/s).", min=1,
+                                max=MAX_STEPS)
+    eval_steps: int = _field(0, "Steps between validation passes; 0 evaluates only at the end (needs val_size).", min=0,
+                             max=MAX_STEPS)
+    save_steps: int = _field(50, "Steps between checkpoints (resume points).", min=1, max=MAX_STEPS)
+    save_total_limit: int = _field(3, "Checkpoints kept on disk (oldest removed first).", min=1, max=MAX_COUNT)
     run_name: str = _field("", "A name for the run folder; empty picks one from the method, rank and time.")
     # --- where it runs
     device: str = _field("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.", pattern=rules.DEVICE_PATTERN)
@@ -117,7 +132,7 @@ class RunConfig:
         for key in values:
             if key not in known:
                 hint = difflib.get_close_matches(str(key), known, n=1)
-                raise ConfigError(f"Unknown key '{key}'." + (f" Did you mean '{hint[0]}'?" if hint else "")
+                raise ConfigError(f"Unknown key {quote(key)}." + (f" Did you mean '{hint[0]}'?" if hint else "")
                                   + f" Known keys: {', '.join(sorted(known))}.")
         return cls(**values)
 
@@ -125,7 +140,10 @@ class RunConfig:
     def from_yaml(cls, path: str | Path) -> RunConfig:
         path = Path(path)
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8"))
+            if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{path} is {path.stat().st_size:,} bytes; a run configuration is a few hundred "
+                                  f"(at most {MAX_CONFIG_BYTES:,}). Give the YAML file of a run's settings.")
+            values = load_yaml(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"Configuration file not found: {path}. Give a .yaml file, e.g. "
                               "presets/quickstart-cpu.yaml.") from None
@@ -137,6 +155,8 @@ class RunConfig:
                               "YAML.") from None
         except OSError as err:
             raise ConfigError(f"Cannot read {path}: {err.strerror or err}.") from None
+        except _Refused as err:
+            raise ConfigError(f"{path}: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         try:
@@ -160,8 +180,13 @@ class RunConfig:
             key, sep, raw = assignment.partition("=")
             if not sep or not key.strip():
                 raise ConfigError(f"--set expects key=value, got '{assignment}'.")
+            if len(raw) > MAX_TEXT:
+                raise ConfigError(f"--set {key.strip()}= is {len(raw):,} characters long; no setting takes more "
+                                  f"than {MAX_TEXT:,}.")
             try:
-                values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+                values[key.strip()] = load_yaml(raw) if raw.strip() else ""
+            except _Refused as err:
+                raise ConfigError(f"--set {key.strip()}: {err}") from None
             except yaml.YAMLError:
                 values[key.strip()] = raw
         return RunConfig.from_dict(values)
@@ -180,22 +205,71 @@ class RunConfig:
         return self.quantized if self.gradient_checkpointing is None else self.gradient_checkpointing
 
 
+class _Refused(yaml.YAMLError):
+    """YAML that parses but is refused in a run configuration (an alias, a key given twice)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (a few lines of anchors and aliases expand to gigabytes, and no setting
+    needs them) and without repeated keys (which the plain loader resolves silently: the last one wins)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(f"line {event.start_mark.line + 1} uses the YAML alias *{event.anchor}; a run "
+                           "configuration takes no anchors or aliases: write the value itself.")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise _Refused(f"the key {quote(key)} is given twice (lines {seen[key]} and {line}); keep one.")
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as run configurations are read (files, ``--set`` values): safe types, no aliases, no repeated keys."""
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+_QUOTE = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_QUOTE.maxlevel, _QUOTE.maxdict, _QUOTE.maxlist, _QUOTE.maxtuple, _QUOTE.maxstring, _QUOTE.maxother = 2, 4, 4, 4, 60, 60
+
+
+def quote(value: Any) -> str:
+    """A value as a message shows it: a short prefix, however large or deeply nested it is."""
+    return _QUOTE.repr(value)
+
+
+def _range(meta: dict[str, Any]) -> str:
+    parts = ([f">= {meta['min']}"] if "min" in meta else []) + \
+            ([f"> {meta['min_exclusive']}"] if "min_exclusive" in meta else []) + \
+            ([f"< {meta['max_exclusive']}"] if "max_exclusive" in meta else []) + \
+            ([f"<= {meta['max']:,}"] if "max" in meta else [])
+    return " and ".join(parts)
+
+
 def _check(f: dataclasses.Field, value: Any) -> Any:
     """Coerce harmless forms (int for a float, str for a one-item list) and reject wrong types and ranges."""
     expected = typing.get_type_hints(RunConfig)[f.name]
     name, meta = f.name, f.metadata
     if expected == bool | None:
         if value is not None and not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true, false or null (automatic), got {value!r}.")
+            raise ConfigError(f"{name} must be true, false or null (automatic), got {quote(value)}.")
     elif expected is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}.")
+            raise ConfigError(f"{name} must be true or false, got {quote(value)}.")
     elif expected is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             else:
-                raise ConfigError(f"{name} must be a whole number, got {value!r}.")
+                raise ConfigError(f"{name} must be a whole number, got {quote(value)}.")
     elif expected is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as text
             try:
@@ -203,28 +277,35 @@ def _check(f: dataclasses.Field, value: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number, got {value!r}.")
+            raise ConfigError(f"{name} must be a number, got {quote(value)}.")
         value = float(value)
+        if not math.isfinite(value):  # nan passes every comparison below, inf trains an adapter of inf/nan
+            where = f" ({_range(meta)})" if _range(meta) else ""
+            raise ConfigError(f"{name} must be a finite number{where}, got {value}.")
     elif expected is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{name} must be text, got {value!r}.")
+            raise ConfigError(f"{name} must be text, got {quote(value)}.")
+        if len(value) > MAX_TEXT:
+            raise ConfigError(f"{name} is {len(value):,} characters long (at most {MAX_TEXT:,}): {quote(value)}.")
         value = value.strip()
     elif typing.get_origin(expected) is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{name} must be a list of names, got {value!r}.")
+            raise ConfigError(f"{name} must be a list of names, got {quote(value)}.")
         value = list(dict.fromkeys(value))
     if "pattern" in meta and not meta["pattern"].match(value.lower()):
-        raise ConfigError(f"{name} must be one of 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {value!r}.")
+        raise ConfigError(f"{name} must be one of 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {quote(value)}.")
     if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{name} must be one of {', '.join(meta['choices'])}; got {value!r}.")
+        raise ConfigError(f"{name} must be one of {', '.join(meta['choices'])}; got {quote(value)}.")
     if "min" in meta and value < meta["min"]:
-        raise ConfigError(f"{name} must be at least {meta['min']}, got {value!r}.")
+        raise ConfigError(f"{name} must be at least {meta['min']}, got {quote(value)}.")
     if "min_exclusive" in meta and value <= meta["min_exclusive"]:
-        raise ConfigError(f"{name} must be greater than {meta['min_exclusive']}, got {value!r}.")
+        raise ConfigError(f"{name} must be greater than {meta['min_exclusive']}, got {quote(value)}.")
     if "max_exclusive" in meta and value >= meta["max_exclusive"]:
-        raise ConfigError(f"{name} must be less than {meta['max_exclusive']}, got {value!r}.")
+        raise ConfigError(f"{name} must be less than {meta['max_exclusive']}, got {quote(value)}.")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{name} must be at most {meta['max']:,}, got {value:,}.")
     return value
 
 

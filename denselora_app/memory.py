@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import RunConfig
+from .config import MAX_COUNT, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -411,9 +411,10 @@ class MemoryPlan:
 
     def _batch(self, other: dict[str, Any]) -> Suggestion | None:
         """The largest batch below the current one that fits (with ``other`` changes), with grad_accum raised to
-        keep the effective batch; batch 1 if none fits."""
+        keep the effective batch; batch 1 (or the smallest allowed) if none fits."""
         effective = self.cfg.batch_size * self.cfg.grad_accum
-        candidates = [b for b in range(self.cfg.batch_size - 1, 0, -1) if effective % b == 0]
+        candidates = [b for b in range(self.cfg.batch_size - 1, 0, -1)
+                      if effective % b == 0 and effective // b <= MAX_COUNT]
         return self._largest_fitting(other, [{"batch_size": b, "grad_accum": effective // b} for b in candidates])
 
     def _cutoff(self, other: dict[str, Any]) -> Suggestion | None:
@@ -422,13 +423,18 @@ class MemoryPlan:
         return self._largest_fitting(other, [{"cutoff_len": c} for c in candidates])
 
     def _largest_fitting(self, other: dict[str, Any], candidates: list[dict[str, Any]]) -> Suggestion | None:
+        """The first of ``candidates`` (largest first) that fits, else the last. Memory only grows with the batch
+        and the cutoff, so a bisection finds it in a few plans, however many candidates there are."""
         if not candidates:
             return None
-        for settings in candidates:
-            plan = self.replan(**other, **settings)
-            if plan.fits:
-                return Suggestion({**other, **settings}, plan.total)
-        return Suggestion({**other, **candidates[-1]}, self.replan(**other, **candidates[-1]).total)
+        low, high = 0, len(candidates) - 1  # the answer lies in [low, high]; high is the fallback
+        while low < high:
+            middle = (low + high) // 2
+            if self.replan(**other, **candidates[middle]).fits:
+                high = middle
+            else:
+                low = middle + 1
+        return Suggestion({**other, **candidates[low]}, self.replan(**other, **candidates[low]).total)
 
     def advice(self, bullets: bool = False) -> str:
         """What to change when the run does not fit (suggestions), in a sentence or, with ``bullets``, a Markdown

@@ -150,7 +150,8 @@ def embedded_model_dir(embedded_cache_root):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes tens of seconds (converts the embedded GGUF model); -m 'not slow' skips")
+    config.addinivalue_line("markers", "slow: takes seconds or more (a fresh process that trains, the embedded "
+                                       "model, a browser); make test-fast (-m 'not slow') leaves it out")
 
 
 # ---- the app in its own process (tests/test_app.py, tests/test_browser.py) --------------------------------------

@@ -93,6 +93,7 @@ def test_uploads_are_stored_once_under_a_safe_name(tmp_path, monkeypatch):
         loaders.store_upload(str(bad))
 
 
+@pytest.mark.slow
 def test_building_the_app_imports_no_model_code(tmp_path):
     """The first page must be served within seconds: torch, transformers and datasets load only when needed."""
     code = ("import sys; from denselora_app.ui import build_app; build_app(); "
@@ -183,6 +184,7 @@ def workers_stopped_after(app):
     stop_workers(app.runs)
 
 
+@pytest.mark.slow
 def test_start_watch_refuse_stop_and_the_runs_tab(client, app, app_model_dir, app_data_file, workers_stopped_after):
     refused, _ = client.predict(**tiny_settings(app_model_dir, data=str(app_data_file), batch_size=0),
                                 api_name="/start")
@@ -238,6 +240,7 @@ def test_start_watch_refuse_stop_and_the_runs_tab(client, app, app_model_dir, ap
     assert f"{run_id!r} is not a run: there is no run of that id" in client.predict(run_id, api_name="/delete_run")
 
 
+@pytest.mark.slow
 def test_presets_and_the_command(client, app, app_model_dir):
     values = client.predict("quickstart-cpu.yaml", [], api_name="/load_preset")
     assert "Loaded preset `quickstart-cpu.yaml`." in values
@@ -253,6 +256,7 @@ def test_presets_and_the_command(client, app, app_model_dir):
                                          api_name="/show_command")
 
 
+@pytest.mark.slow
 def test_a_failed_run_shows_its_reason_and_fix(client, app, app_model_dir, app_data_file):
 
     run = create_run(RunConfig(model=str(app_model_dir), data=str(app_data_file), run_name="crashed"), root=app.runs)

@@ -179,6 +179,7 @@ def test_gpu_8b_dry_run_trains_both_stages_through_the_cli_path_and_writes_the_t
 
 
 
+@pytest.mark.slow
 def test_speed_memory_times_compiled_decoding_and_reports_mfu(tmp_path):
     speed_memory.main([*SPEED_ARGS, "--compile", "--peak-tflops", "1", "--out-dir", str(tmp_path)])
     results = json.loads((tmp_path / "speed_memory_cpu.json").read_text())
@@ -191,11 +192,13 @@ def test_speed_memory_times_compiled_decoding_and_reports_mfu(tmp_path):
     assert "Training MFU: frozen base" in markdown and "DenseLoRA r4, compiled" in markdown
 
 
+@pytest.mark.slow
 def test_the_gpu_throughput_check_runs_its_parts_in_one_call(tmp_path):
     assert gpu_throughput.main(["--dry-run", "--out-dir", str(tmp_path)]) == 0
     assert {p.name for p in tmp_path.iterdir()} >= {"speed_memory_cpu.json", "packing_cpu.json"}
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_writes_a_complete_table_and_reuses_finished_trials(tmp_path, monkeypatch):
     model = save_tiny_model(tmp_path / "model")
     monkeypatch.setenv("DENSELORA_RUNS", str(tmp_path / "runs"))

@@ -28,7 +28,8 @@ FIRST_PAGE_SECONDS = 10.0
 SLOW = 180_000  # ms: the machine is small and shared; loading a model or starting a worker takes a while
 
 expect.set_options(timeout=SLOW)
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")]
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ SLOW = 120_000  # ms: the machine is small and shared; the first load imports to
 ANSWER = re.compile(r"\w{3,}")  # some streamed text (the tiny model's words), not an empty bubble
 
 expect.set_options(timeout=SLOW)
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")]
 
 
 def test_chat_compares_an_adapter_with_its_base_in_the_browser(tmp_path):

@@ -200,6 +200,7 @@ def test_cli_chat(workspace, monkeypatch, capsys):
     assert "error: Run" in err and "its checkpoints are: 5" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_compiled_decoding_answers_as_the_standard_one(workspace, engine):
     """torch.compile with a static cache (compiled once, when the adapter is selected) gives the same greedy answer;
     the status says the decoding is compiled."""

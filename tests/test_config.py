@@ -73,3 +73,67 @@ def test_both_methods_come_from_the_same_config():
     for peft_config in (dense, lora):
         assert (peft_config.r, peft_config.lora_alpha, peft_config.lora_dropout) == (8, 16, 0.1)
         assert list(peft_config.target_modules) == ["q_proj"]
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("learning_rate=inf", "learning_rate must be a finite number (> 0), got inf."),
+        ("learning_rate=nan", "learning_rate must be a finite number (> 0), got nan."),
+        ("alpha=nan", "alpha must be a finite number (> 0), got nan."),
+        ("alpha=inf", "alpha must be a finite number (> 0), got inf."),
+        ("num_epochs=inf", "num_epochs must be a finite number (> 0), got inf."),
+        ("dropout=nan", "dropout must be a finite number (>= 0 and < 1), got nan."),
+        ("cutoff_len=1000000000000", "cutoff_len must be at most 1,048,576, got 1,000,000,000,000."),
+        ("batch_size=1000000000000", "batch_size must be at most 1,048,576"),
+        ("max_steps=10000000000000", "max_steps must be at most 1,000,000,000"),
+        ("seed=99999999999", "seed must be at most 4,294,967,295"),
+    ],
+)
+def test_numbers_that_mean_nothing_are_refused_by_field(assignment, message):
+    """Before any model is read or run folder made: nan passes every range check, inf trains an adapter of nan."""
+    with pytest.raises(ConfigError) as err:
+        RunConfig().with_overrides([assignment])
+    assert str(err.value).startswith(message)
+
+
+def test_an_alias_bomb_is_refused_at_once_without_expanding(tmp_path):
+    import time
+    import tracemalloc
+
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]  # 9**10 items expanded
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\nrun_name: *a9\n")
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConfigError, match=r"line 2 uses the YAML alias \*a0; a run configuration takes no "):
+            RunConfig.from_yaml(path)
+        elapsed, (_, peak) = time.monotonic() - started, tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 1.0 and peak < 200 * 2**20
+    with pytest.raises(ConfigError, match=r"--set run_name: line 1 uses the YAML alias \*x"):
+        RunConfig().with_overrides(["run_name=[&x a, *x]"])
+
+
+def test_a_huge_value_is_quoted_by_a_short_prefix():
+    nested = [[["x" * 1000] * 1000] * 1000] * 1000  # would print 10**12 characters
+    with pytest.raises(ConfigError) as err:
+        RunConfig(r=nested)
+    assert len(str(err.value)) < 300 and str(err.value).startswith("r must be a whole number, got [[[")
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("r: 8\nmax_steps: 3\nr: 16\n")
+    with pytest.raises(ConfigError, match="the key 'r' is given twice \\(lines 1 and 3\\); keep one."):
+        RunConfig.from_yaml(path)
+
+
+def test_an_oversized_config_file_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "huge.yaml"
+    path.write_text("run_name: x\n" + "#" * (2 * 2**20))
+    with pytest.raises(ConfigError, match="a run configuration is a few hundred"):
+        RunConfig.from_yaml(path)

@@ -145,6 +145,7 @@ def test_save_stores_shared_weights_once_and_records_peft_type(model, tmp_path):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "DENSELORA"
 
 
+@pytest.mark.slow
 def test_round_trip_in_a_fresh_process_gives_identical_logits(model, input_ids, tmp_path):
     peft_model = get_peft_model(model, DenseLoraConfig(r=4, lora_alpha=8))
     train_steps(peft_model, input_ids)

@@ -74,6 +74,7 @@ def test_loss_falls_and_the_run_folder_is_complete(app_model_dir, app_data_file,
     assert RunConfig.from_yaml(run.path / "config.yaml") == run.config()
 
 
+@pytest.mark.slow
 def test_stop_then_resume_continues_the_step_count(app_model_dir, app_data_file, runs_root):
     run = create_run(tiny_config(app_model_dir, app_data_file, max_steps=100000, save_steps=1000))
     start_worker(run)
@@ -97,6 +98,7 @@ def test_stop_then_resume_continues_the_step_count(app_model_dir, app_data_file,
     assert f"step {stopped_at}/100000 | loss " in log and "{'loss'" not in log
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_reported_failed_and_its_checkpoints_load(app_model_dir, app_data_file, runs_root):
     run = create_run(tiny_config(app_model_dir, app_data_file, max_steps=100000, save_steps=2))
     pid = start_worker(run)
@@ -109,6 +111,7 @@ def test_a_killed_worker_is_reported_failed_and_its_checkpoints_load(app_model_d
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 320)
 
 
+@pytest.mark.slow
 def test_bad_data_fails_with_a_classified_reason(app_model_dir, tmp_path, runs_root):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
@@ -132,6 +135,7 @@ def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess
                           env={**os.environ, **(env or {})}, timeout=timeout, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_cli_train_runs_stop_resume(app_model_dir, app_data_file, runs_root, tmp_path):
     config = tmp_path / "c.yaml"
     tiny_config(app_model_dir, app_data_file).to_yaml(config)
@@ -150,6 +154,7 @@ def test_cli_train_runs_stop_resume(app_model_dir, app_data_file, runs_root, tmp
     assert bad.returncode == 2 and "r must be a whole number" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_train_one_identical_adapter(app_model_dir, app_data_file, runs_root, tmp_path):
     config = tmp_path / "c.yaml"
     tiny_config(app_model_dir, app_data_file, max_steps=4, batch_size=2).to_yaml(config)

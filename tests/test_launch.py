@@ -131,6 +131,7 @@ def test_every_bad_input_is_refused_in_one_paragraph_and_creates_nothing(tmp_pat
             assert run_folders(runs_root) == [], f"{what}: a refused launch must leave no run folder"
 
 
+@pytest.mark.slow
 def test_a_refusal_in_a_fresh_process_is_quiet(tmp_path, app_model_dir, app_data_file, runs_root):
     """The terminal shows one paragraph: no traceback, no library warnings; --debug adds the traceback."""
     config_path = tmp_path / "run.yaml"
@@ -147,6 +148,7 @@ def test_a_refusal_in_a_fresh_process_is_quiet(tmp_path, app_model_dir, app_data
     assert run_folders(runs_root) == []
 
 
+@pytest.mark.slow
 def test_a_failure_during_training_keeps_its_traceback_in_train_log_only(tmp_path, app_model_dir, app_data_file,
                                                                          runs_root):
     """Weights that cannot be read pass the pre-flight (it reads no weights) and fail when training loads them."""

@@ -107,6 +107,7 @@ def test_the_plan_defaults_per_method_and_refuses_bad_ranges(app_model_dir, app_
             plan_search(cfg, **bad)
 
 
+@pytest.mark.slow
 def test_stop_ends_the_search_and_keeps_the_finished_trials(app_model_dir, app_data_file, runs_root):
     cfg = tiny_config(app_model_dir, app_data_file, run_name="stopped")
     steps = 30
@@ -131,6 +132,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           env=os.environ.copy(), timeout=300, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_cli_find_lr_prints_the_trials_the_choice_and_the_command(app_model_dir, app_data_file, runs_root,
                                                                    tmp_path):
     config = tmp_path / "c.yaml"
@@ -154,6 +156,7 @@ def test_cli_find_lr_prints_the_trials_the_choice_and_the_command(app_model_dir,
     assert set(list_runs()) - before == {run}, "a refused search creates no run"
 
 
+@pytest.mark.slow
 def test_the_app_finds_shows_and_applies_a_rate(app_model_dir, app_data_file, runs_root, monkeypatch):
     from denselora_app.ui import build_app, runs_tab, train_tab
 

@@ -27,6 +27,7 @@ def _plan(model_config, **settings) -> memory.MemoryPlan:
     return plan_memory(model_config, cfg, count_parameters(model_config, cfg), "cpu", free=None)
 
 
+@pytest.mark.slow
 def test_estimates_are_within_a_quarter_of_the_measured_peak():
     """Four shapes (plain, checkpointing, wide and short, 4-bit), each trained for a few steps with the Trainer in
     its own process: the planner's training memory against peak RSS minus the RSS before the model was created."""
@@ -102,6 +103,27 @@ def test_suggestions_are_only_changes_not_in_effect_and_most_effective_first():
     tiny.free = int(plan.total * 0.12)
     (combined,) = tiny.suggestions()
     assert len(combined.settings) >= 2 and combined.total <= tiny.free
+
+
+@pytest.mark.parametrize("settings", [dict(cutoff_len=2**20), dict(batch_size=2**20),
+                                      dict(batch_size=2**20, cutoff_len=2**20)])
+def test_the_largest_settings_are_planned_and_advised_in_bounded_time(settings):
+    """Suggestions bisect (memory grows with batch and cutoff), so the largest allowed values cost a few plans: the
+    cutoff of a million tokens took 150 s when every candidate was planned."""
+    import time
+
+    model_config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                               num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=False)
+    started = time.monotonic()
+    plan = _plan(model_config, **settings)
+    plan.free = 8 * GB
+    advice = plan.advice()
+    assert time.monotonic() - started < 5
+    assert not plan.fits and advice
+    for option in plan.suggestions():  # each suggestion is the largest that fits: one step larger does not
+        if "cutoff_len" in option.settings and len(option.settings) == 1:
+            assert option.total <= plan.free
+            assert not plan.replan(cutoff_len=option.settings["cutoff_len"] + 64).fits
 
 
 def test_a_plan_that_fits_has_no_suggestions_and_one_summary_line():

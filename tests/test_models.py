@@ -375,6 +375,7 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert rules.cache_dir() == Path.home() / ".cache" / "denselora-studio"
 
 
+@pytest.mark.slow
 def test_embedded_config_is_read_without_converting(monkeypatch, tmp_path):
     monkeypatch.setenv("DENSELORA_CACHE", str(tmp_path))
     monkeypatch.setattr(models, "_dequantize_gguf", lambda gguf: pytest.fail("dequantized just to read the config"))

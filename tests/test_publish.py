@@ -196,6 +196,7 @@ def test_evaluation_table_tolerates_other_shapes():
         assert evaluation_table(nothing) == ""
 
 
+@pytest.mark.slow
 def test_the_card_snippet_loads_the_exported_adapter_in_a_fresh_process(local_run, runs_root, app_model_dir, tmp_path):
     folder = build_model_repo(local_run, "alice/tiny-denselora", tmp_path / "export", root=runs_root)
     snippet = re.search(r"```python\n(.*?)```", (folder.path / "README.md").read_text(), re.S)[1]
@@ -356,6 +357,7 @@ def test_the_denselora_package_carried_into_spaces_is_self_contained():
                 assert not any(a.name.startswith("denselora_app") for a in node.names), path.name
 
 
+@pytest.mark.slow
 def test_the_exported_space_serves_a_streaming_chat_with_a_base_comparison(local_run, runs_root, app_model_dir,
                                                                            tmp_path):
     from gradio_client import Client

@@ -100,6 +100,7 @@ def tiny_run(model_dir: Path, data: Path, **overrides) -> RunConfig:
     return RunConfig(**{**values, **overrides})
 
 
+@pytest.mark.slow
 def test_a_4bit_run_trains_saves_reloads_in_a_fresh_process_and_resumes(model_dir, app_data_file, runs_root,
                                                                         caplog):
     run = launch(tiny_run(model_dir, app_data_file), background=False)
@@ -142,6 +143,7 @@ print("changed" if (on - off).abs().max() > rounding else "unchanged")
     assert run.status().step == 4
 
 
+@pytest.mark.slow
 def test_8bit_and_4bit_from_the_cli(model_dir, app_data_file, runs_root, tmp_path):
     config = tmp_path / "run.yaml"
     tiny_run(model_dir, app_data_file, max_steps=2).to_yaml(config)
@@ -154,6 +156,7 @@ def test_8bit_and_4bit_from_the_cli(model_dir, app_data_file, runs_root, tmp_pat
     assert sorted(r.config().quantization for r in list_runs(runs_root)) == ["4bit", "8bit"]
 
 
+@pytest.mark.slow
 def test_chat_and_the_card_of_a_quantized_run(model_dir, app_data_file, runs_root, tmp_path, capsys, monkeypatch):
     run = launch(tiny_run(model_dir, app_data_file, max_steps=2), background=False)
     assert execute(run) == "completed"

@@ -19,6 +19,9 @@ from denselora_app.runs import Run, list_runs
 REPO = Path(__file__).parent.parent
 
 
+
+pytestmark = pytest.mark.slow  # the embedded model, trained and asked: minutes
+
 def answers(model, tokenizer, questions: list[str]) -> list[str]:
     replies = []
     for question in questions:

@@ -36,6 +36,7 @@ def start_endless(model_dir: Path, data: Path, save_steps: int) -> Run:
     return launch(endless(model_dir, data, save_steps))
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_training_is_resumed_from_its_checkpoint_in_the_runs_tab(app_model_dir, app_data_file,
                                                                                     runs_root):
     run = start_endless(app_model_dir, app_data_file, save_steps=3)
@@ -61,6 +62,7 @@ def test_a_worker_killed_mid_training_is_resumed_from_its_checkpoint_in_the_runs
     assert "Resume" in run_view.outcome_markdown(run, run.facts())
 
 
+@pytest.mark.slow
 def test_sigterm_alone_stops_with_a_checkpoint_at_the_step_reached(app_model_dir, app_data_file, runs_root):
     run = start_endless(app_model_dir, app_data_file, save_steps=1000)
     wait_for(lambda: run.raw_status().step >= 3, what="training to start")
@@ -75,6 +77,7 @@ def test_the_runs_tab_says_why_a_run_cannot_be_resumed(app_model_dir, app_data_f
     assert "'nope' is not a run: there is no run of that id" in runs_tab.resume("nope")
 
 
+@pytest.mark.slow
 def test_stop_right_after_start_ends_stopped_not_killed(app_model_dir, app_data_file, runs_root):
     """A Stop click while the worker is still starting up (before its SIGTERM handler exists) must not kill it."""
     run = start_endless(app_model_dir, app_data_file, save_steps=1000)
@@ -83,6 +86,7 @@ def test_stop_right_after_start_ends_stopped_not_killed(app_model_dir, app_data_
     assert status.state == "stopped" and "nothing was trained" in status.note
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_foreground_cli_run_gracefully(app_model_dir, app_data_file, runs_root, tmp_path):
     """`python -m denselora_app train` in a container that is stopped (or a Jobs cancel) keeps what it trained."""
     config = tmp_path / "endless.yaml"

@@ -63,6 +63,10 @@ DAMAGES = {
     "status-missing": ({"status.json": None}, "status.json is missing"),
     "config-garbage": ({"config.yaml": "r: [unclosed"}, "config.yaml cannot be used"),
     "config-bad-value": ({"config.yaml": "r: -3\n"}, "r must be at least 1"),
+    # An alias bomb: expanding it would take the listing's memory and time; it is refused without expanding.
+    "config-alias-bomb": ({"config.yaml": "a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)) + "run_name: *a9\n"},
+        "uses the YAML alias *a0"),
 }
 
 

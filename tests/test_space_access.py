@@ -213,6 +213,7 @@ def test_visitors_are_refused_everything_that_writes_reads_the_server_or_spends(
     assert space.files() == before, "a refused call changed nothing on disk"
 
 
+@pytest.mark.slow
 def test_the_owner_trains_stops_and_deletes_from_their_own_uploads(space, owner, bob):
     assert "this Space's owner: you can train" in owner.predict(api_name="/access_notice")
     _, stored, message, *_ = owner.predict(handle_file(str(space.data)), model=MODEL, cutoff_len=64,
@@ -292,6 +293,7 @@ def test_visitors_see_and_chat_with_the_public_runs_only(space, bob, anonymous):
     assert "Last answer: 8 tokens" in status and "stopped" not in status
 
 
+@pytest.mark.slow
 def test_one_visitors_stop_leaves_another_visitors_answer_running(space, bob, anonymous):
     adapter = str(space.runs / space.public / "adapter")
     tokens = 300  # long enough to be still generating when the other Stop arrives (a few seconds)
@@ -314,6 +316,7 @@ def test_one_visitors_stop_leaves_another_visitors_answer_running(space, bob, an
     assert "stopped" in status
 
 
+@pytest.mark.slow
 def test_no_endpoint_takes_a_file_that_was_not_uploaded(space, owner):
     """Files named in a request's data, not uploaded: gradio refuses them before the studio sees them."""
     cookie = {"session": session_cookie(OWNER)}

@@ -76,6 +76,7 @@ def _refused_train(tmp_path: Path, app_model_dir: Path, site: Path, offline: str
 
 
 @pytest.mark.parametrize("offline", [None, "0", "1"])
+@pytest.mark.slow
 def test_a_refused_launch_prints_one_error_line_whatever_the_libraries_say(tmp_path, app_model_dir, noisy_site,
                                                                            offline):
     result = _refused_train(tmp_path, app_model_dir, noisy_site, offline)
@@ -89,6 +90,7 @@ def test_a_refused_launch_prints_one_error_line_whatever_the_libraries_say(tmp_p
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.slow
 def test_debug_shows_the_libraries_and_the_traceback(tmp_path, app_model_dir, noisy_site):
     result = _refused_train(tmp_path, app_model_dir, noisy_site, "1", "--debug")
     assert result.returncode == 2
