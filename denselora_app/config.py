@@ -140,8 +140,9 @@ class RunConfig:
     def from_yaml(cls, path: str | Path) -> RunConfig:
         path = Path(path)
         try:
-            if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
-                raise ConfigError(f"{path} is {path.stat().st_size:,} bytes; a run configuration is a few hundred "
+            size = path.stat().st_size if path.is_file() else 0
+            if size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{path} is {size:,} bytes; a run configuration is a few hundred "
                                   f"(at most {MAX_CONFIG_BYTES:,}). Give the YAML file of a run's settings.")
             values = load_yaml(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -224,11 +225,12 @@ class _ConfigLoader(yaml.SafeLoader):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the safe constructor refuses it below, with its own message
             line = key_node.start_mark.line + 1
-            if isinstance(key, typing.Hashable) and key in seen:
+            if key in seen:
                 raise _Refused(f"the key {quote(key)} is given twice (lines {seen[key]} and {line}); keep one.")
-            if isinstance(key, typing.Hashable):
-                seen[key] = line
+            seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 
@@ -280,7 +282,8 @@ def _check(f: dataclasses.Field, value: Any) -> Any:
             raise ConfigError(f"{name} must be a number, got {quote(value)}.")
         value = float(value)
         if not math.isfinite(value):  # nan passes every comparison below, inf trains an adapter of inf/nan
-            where = f" ({_range(meta)})" if _range(meta) else ""
+            bounds = _range(meta)
+            where = f" ({bounds})" if bounds else ""
             raise ConfigError(f"{name} must be a finite number{where}, got {value}.")
     elif expected is str:
         if not isinstance(value, str):

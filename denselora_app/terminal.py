@@ -59,13 +59,9 @@ def is_own(record: logging.LogRecord) -> bool:
 
 
 class _OwnRecordsOnly(logging.Filter):
-    def __init__(self, debug: bool) -> None:
-        super().__init__()
-        self.debug = debug
+    """The terminal's filter without --debug: the studio's records, tracebacks left to the log file."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.debug:
-            return True
         return is_own(record) and not getattr(record, TRACEBACK, False)
 
 
@@ -98,15 +94,19 @@ class _IntoLogFile(io.TextIOBase):
 
 
 def _open_handler(path: Path, rotate: bool) -> logging.FileHandler:
-    """A handler appending to ``path``; where that cannot be written (a read-only home, a full disk), a file in the
-    temporary folder, so that logging never stops a command."""
+    """A handler appending to ``path`` in the log format; where that cannot be written (a read-only home, a full
+    disk), a file in the temporary folder, so that logging never stops a command."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if rotate:
-            return logging.handlers.RotatingFileHandler(path, maxBytes=_LOG_BYTES, backupCount=1, encoding="utf-8")
-        return logging.FileHandler(path, encoding="utf-8")
+            handler = logging.handlers.RotatingFileHandler(path, maxBytes=_LOG_BYTES, backupCount=1,
+                                                           encoding="utf-8")
+        else:
+            handler = logging.FileHandler(path, encoding="utf-8")
     except OSError:
-        return logging.FileHandler(Path(tempfile.gettempdir()) / f"denselora-{path.name}", encoding="utf-8")
+        handler = logging.FileHandler(Path(tempfile.gettempdir()) / f"denselora-{path.name}", encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    return handler
 
 
 def _writes_to_terminal(handler: logging.Handler) -> bool:
@@ -122,22 +122,21 @@ class Terminal:
         self.log_file = log_file or studio_log_file()
         self.stream: TextIO = sys.stderr
         self._file: logging.FileHandler | None = None
-        self._terminal: logging.StreamHandler | None = None
         self._saved: dict[str, object] = {}
 
     def __enter__(self) -> Terminal:
         global _active
         self.stream = sys.stderr
         root = logging.getLogger()
-        self._terminal = logging.StreamHandler(self.stream)
-        self._terminal.addFilter(_OwnRecordsOnly(self.debug))
+        shown = logging.StreamHandler(self.stream)
+        shown.setFormatter(logging.Formatter(LOG_FORMAT))
+        if not self.debug:
+            shown.addFilter(_OwnRecordsOnly())
         self._file = _open_handler(self.log_file, rotate=True)
         self.log_file = Path(self._file.baseFilename)
-        for handler in (self._terminal, self._file):
-            handler.setFormatter(logging.Formatter(LOG_FORMAT))
         self._saved = {"handlers": list(root.handlers), "level": root.level, "stderr": sys.stderr,
                        "previous": _active, "libraries": {} if self.debug else self._take_library_handlers()}
-        root.handlers[:] = [self._terminal, self._file]
+        root.handlers[:] = [shown, self._file]
         root.setLevel(logging.INFO)
         logging.captureWarnings(True)
         if not self.debug:
@@ -163,7 +162,6 @@ class Terminal:
     def log_to(self, path: Path) -> None:
         """From now on, log into ``path`` (a foreground run's train.log) instead."""
         new = _open_handler(path, rotate=False)
-        new.setFormatter(logging.Formatter(LOG_FORMAT))
         root = logging.getLogger()
         root.handlers[:] = [h if h is not self._file else new for h in root.handlers]
         if self._file is not None:
