@@ -137,3 +137,11 @@ def test_an_oversized_config_file_is_refused_before_it_is_read(tmp_path):
     path.write_text("run_name: x\n" + "#" * (2 * 2**20))
     with pytest.raises(ConfigError, match="a run configuration is a few hundred"):
         RunConfig.from_yaml(path)
+
+
+def test_an_overlong_text_value_is_refused_by_a_short_message():
+    with pytest.raises(ConfigError, match=r"^--set run_name= is 5,000 characters long; no setting takes more than "):
+        RunConfig().with_overrides(["run_name=" + "x" * 5000])
+    with pytest.raises(ConfigError) as err:
+        RunConfig(model="m" * 100_000)
+    assert str(err.value).startswith("model is 100,000 characters long (at most 4,096)") and len(str(err.value)) < 200
