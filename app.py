@@ -8,7 +8,7 @@ The terminal shows the studio's own messages; libraries' records and warnings go
 import logging
 import os
 
-from denselora_app.hosting import on_zerogpu
+from denselora_app.hub.hosting import on_zerogpu
 from denselora_app.terminal import Terminal
 from denselora_app.ui import CSS, build_app
 

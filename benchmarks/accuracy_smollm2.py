@@ -47,11 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from benchlib import (TARGET_MODULES, keep_trial, kept_trial, machine_description, machine_line, main_for,
-                      markdown_table)
+from benchlib import TARGET_MODULES, keep_trial, kept_trial, machine_description, machine_line, main_for, markdown_table
+
 from denselora_app.config import EMBEDDED_MODEL, RunConfig
-from denselora_app.evaluate import Question, choice_prompt
-from denselora_app.methods import MEASURED_ACCURACY
+from denselora_app.engine.methods import MEASURED_ACCURACY
+from denselora_app.serving.evaluate import Question, choice_prompt
 
 log = logging.getLogger("benchmarks.accuracy_smollm2")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -239,8 +239,8 @@ def settings_key(args: argparse.Namespace) -> str:
 
 def matched_lora_rank(model: str, target: int) -> int:
     """The LoRA rank whose trainable parameter count is closest to ``target``."""
-    from denselora_app import models
-    from denselora_app.methods import count_parameters
+    from denselora_app.engine import models
+    from denselora_app.engine.methods import count_parameters
 
     config = models.load_config(model)
     counts = {r: count_parameters(config, RunConfig(model=model, method="lora", r=r,
@@ -263,9 +263,9 @@ def run_trial(args: argparse.Namespace, arm: Arm, lr: float, seed: int, data: Pa
               with_base: bool = False) -> dict[str, Any]:
     """Train one adapter through the studio and score it on the validation and test questions (and the base model
     on the test questions, ``with_base``); the trial's record."""
-    from denselora_app.evaluate import evaluate
-    from denselora_app.launch import launch
-    from denselora_app.worker import execute
+    from denselora_app.engine.launch import launch
+    from denselora_app.engine.worker import execute
+    from denselora_app.serving.evaluate import evaluate
 
     root = args.work_dir / "runs"
     run = launch(arm.config(args, data / "train.jsonl", lr, seed), background=False, share_device=True, root=root)
@@ -334,7 +334,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from denselora_app.chat import ChatEngine
+    from denselora_app.serving.chat import ChatEngine
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -441,8 +441,8 @@ def write_headline(path: Path, model: str, sizes: dict[str, int], base: dict[str
 
 
 def _trainable(model: str, arm: Arm) -> int:
-    from denselora_app import models
-    from denselora_app.methods import count_parameters
+    from denselora_app.engine import models
+    from denselora_app.engine.methods import count_parameters
 
     config = models.load_config(model)
     return count_parameters(config, RunConfig(model=model, method=arm.method, r=arm.r,

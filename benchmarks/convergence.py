@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import fidelity
 import torch
+from benchlib import keep_trial, kept_trial, machine_description, machine_line, main_for, markdown_table
 from peft import get_peft_model
 
-import fidelity
-from benchlib import keep_trial, kept_trial, machine_description, machine_line, main_for, markdown_table
 from denselora_app.denselora import DenseLoraConfig
 
 log = logging.getLogger("benchmarks.convergence")

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+from benchlib import TARGET_MODULES, machine_description, machine_line, main_for, markdown_table
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from torch import nn
@@ -47,7 +48,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import denselora_app.denselora  # noqa: F401  (registers DenseLoRA with PEFT)
 from denselora_app.denselora import DenseLoraConfig
-from benchlib import TARGET_MODULES, machine_description, machine_line, main_for, markdown_table
 
 log = logging.getLogger("benchmarks.fidelity")
 

@@ -145,10 +145,10 @@ def run_stage(label: str, quantization: str, model_dir: Path, data: Path, work_d
     """Train one stage through the CLI's code path and return what was measured, with the planner's estimate."""
     import torch
 
-    from denselora_app import train as train_module
     from denselora_app.config import PAPER_TARGETS, RunConfig
-    from denselora_app.launch import preflight, launch
-    from denselora_app.worker import execute
+    from denselora_app.engine import train as train_module
+    from denselora_app.engine.launch import launch, preflight
+    from denselora_app.engine.worker import execute
 
     cfg = RunConfig(model=str(model_dir), data=str(data), data_format="text", method="denselora", r=rank,
                     alpha=2 * rank, target_modules=list(PAPER_TARGETS), batch_size=settings["batch"], grad_accum=1,
@@ -379,7 +379,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         else:
             log.info("Reusing the model in %s", model_dir)
         data = work_dir / "data.jsonl"
-        from denselora_app.models import load_tokenizer
+        from denselora_app.engine.models import load_tokenizer
 
         make_data(data, load_tokenizer(str(model_dir)), settings["cutoff"],
                   rows=settings["batch"] * settings["steps"] * 2)

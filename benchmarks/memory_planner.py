@@ -61,7 +61,7 @@ class Shape:
         from transformers import LlamaConfig
 
         if self.model:
-            from denselora_app.models import load_config
+            from denselora_app.engine.models import load_config
 
             return load_config(self.model)
         return LlamaConfig(vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
@@ -126,8 +126,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from denselora_app import models
-    from denselora_app.methods import build_peft_config
+    from denselora_app.engine import models
+    from denselora_app.engine.methods import build_peft_config
 
     shape = Shape(**spec["shape"])
     cfg = shape.run_config(spec["model_dir"])
@@ -185,8 +185,8 @@ def save_model(shape: Shape, folder: Path) -> Path:
 
 def estimate(shape: Shape) -> Any:
     """The planner's plan for ``shape`` on the CPU (free memory not read)."""
-    from denselora_app.memory import plan_memory
-    from denselora_app.methods import count_parameters
+    from denselora_app.engine.memory import plan_memory
+    from denselora_app.engine.methods import count_parameters
 
     model_config = shape.model_config()
     cfg = shape.run_config()
@@ -197,7 +197,7 @@ def measure(shape: Shape, workdir: Path, threads: int = 0, timeout: float = 600)
     """Train ``shape`` in a fresh process (with ``threads`` torch threads; 0: torch's default); what it measured,
     with the planner's estimate next to it."""
     if shape.model:
-        from denselora_app.models import ensure_local
+        from denselora_app.engine.models import ensure_local
 
         model_dir = Path(ensure_local(shape.model))  # the embedded GGUF is converted once (~20 s), then cached
     else:

@@ -6,7 +6,7 @@ few are long. A prompt of 20-60% of each row is masked out of the loss, as the s
 a Zipf law, so the loss falls in the first steps like a language model's. The batches are the studio's own:
 
 * padded: rows in random order, each batch padded to its longest row (``DataCollatorForSeq2Seq``, as
-  ``denselora_app.train.collator_for`` builds it with packing off);
+  ``denselora_app.engine.train.collator_for`` builds it with packing off);
 * length-grouped: the same padding, with rows ordered by transformers' ``get_length_grouped_indices`` (what
   ``collator_for`` falls back to when a model cannot pack);
 * packed: the rows of each batch joined into one sequence whose positions restart at every row
@@ -41,18 +41,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer, models
-from torch import nn
-from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from transformers.trainer_pt_utils import get_length_grouped_indices
-
-import denselora_app.denselora  # noqa: F401  (registers DenseLoRA with PEFT)
-from denselora_app.config import RunConfig
-from denselora_app.data import padding_per_step
-from denselora_app.denselora import DenseLoraConfig
-from denselora_app.train import collator_for
 from benchlib import (
     MODEL_SHAPES,
     TARGET_MODULES,
@@ -64,6 +52,18 @@ from benchlib import (
     sharing_copy,
     synchronize,
 )
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, models
+from torch import nn
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+import denselora_app.denselora  # noqa: F401  (registers DenseLoRA with PEFT)
+from denselora_app.config import RunConfig
+from denselora_app.denselora import DenseLoraConfig
+from denselora_app.engine.data import padding_per_step
+from denselora_app.engine.train import collator_for
 
 log = logging.getLogger("benchmarks.packing")
 

@@ -45,15 +45,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from peft import LoraConfig, get_peft_model
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from tqdm import tqdm
-from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
-
-import denselora_app.denselora  # noqa: F401  (registers DenseLoRA with PEFT)
-from denselora_app.denselora import DenseLoraConfig
 from benchlib import (
     MODEL_SHAPES,
     TARGET_MODULES,
@@ -65,6 +56,15 @@ from benchlib import (
     sharing_copy,
     synchronize,
 )
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from tqdm import tqdm
+from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM
+
+import denselora_app.denselora  # noqa: F401  (registers DenseLoRA with PEFT)
+from denselora_app.denselora import DenseLoraConfig
 
 log = logging.getLogger("benchmarks.speed_memory")
 

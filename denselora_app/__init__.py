@@ -1,4 +1,10 @@
-"""DenseLoRA Studio: the DenseLoRA method (``denselora``), a training engine, a CLI and a Gradio app."""
+"""DenseLoRA Studio: the DenseLoRA method, a training engine, a CLI and a Gradio app.
+
+The folders follow the data flow (docs/architecture.md draws it): ``denselora/`` the method; ``rules.py`` and
+``config.py`` the allowed values and the run configuration; ``runs/`` the run folder; ``hub/`` the Hugging Face Hub;
+``engine/`` data, models and training; ``serving/`` chat and evaluation; ``ui/`` and ``cli.py`` the front ends.
+Each imports only the ones before it (tests/test_layout.py).
+"""
 
 import logging
 

@@ -37,10 +37,26 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import terminal
-from .config import QUANTIZATIONS, RunConfig, StudioError
-from .rules import JOBS_DEFAULT_TIMEOUT, LR_SEARCH_COUNT, LR_SEARCH_LONG_RUNS, LR_SEARCH_RANGES, LR_SEARCH_STEPS
-from .runs import Run, RunKind, check_deletable, delete_run, format_rate, list_runs, resolve_run, runs_dir
+from denselora_app import terminal
+from denselora_app.config import QUANTIZATIONS, RunConfig, StudioError
+from denselora_app.rules import (
+    JOBS_DEFAULT_TIMEOUT,
+    LR_SEARCH_COUNT,
+    LR_SEARCH_LONG_RUNS,
+    LR_SEARCH_RANGES,
+    LR_SEARCH_STEPS,
+)
+from denselora_app.runs import (
+    FailureKind,
+    Run,
+    RunKind,
+    check_deletable,
+    delete_run,
+    format_rate,
+    list_runs,
+    resolve_run,
+    runs_dir,
+)
 
 log = logging.getLogger("denselora_app")
 
@@ -58,7 +74,7 @@ def _distributed() -> bool:
 
 
 def _launch(cfg: RunConfig, args: argparse.Namespace, background: bool, search: Any = None) -> Run:
-    from .launch import launch
+    from denselora_app.engine.launch import launch
 
     return launch(cfg, background=background, share_device=args.share_device, ignore_memory=args.ignore_memory_plan,
                   search=search)
@@ -71,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.background:
         run = _launch(cfg, args, background=True)
         print(f"Started run {run.id} in the background.\n  folder: {run.path}\n  follow: tail -f {run.log_path}\n"
-              f"  stop:   python -m denselora_app stop {run.id}")
+              f"  stop:   python -m denselora_app stop {run.cli_name}")
         return 0
     if not _distributed():
         return _foreground(_launch(cfg, args, background=False), args)
@@ -80,8 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_on_jobs(cfg: RunConfig, args: argparse.Namespace) -> int:
     """Submit the run to Hugging Face Jobs with the token of HF_TOKEN or the login; say how to follow it."""
-    from .jobs import JobsTarget
-    from .launch import launch
+    from denselora_app.engine.launch import launch
+    from denselora_app.hub.jobs import JobsTarget
 
     target = JobsTarget(flavor=args.on_jobs, source=args.jobs_source, repo_id=args.jobs_repo,
                         timeout=args.jobs_timeout)
@@ -90,7 +106,7 @@ def _train_on_jobs(cfg: RunConfig, args: argparse.Namespace) -> int:
     print(f"Submitted run {run.id} to Hugging Face Jobs ({job.flavor}).\n  job:     {job.url}\n"
           f"  results: https://huggingface.co/{job.repo_id} (private)\n"
           f"  follow:  python -m denselora_app runs   (reads the job's state, metrics and log into {run.path})\n"
-          f"  stop:    python -m denselora_app stop {run.id}   (cancels the job)")
+          f"  stop:    python -m denselora_app stop {run.cli_name}   (cancels the job)")
     return 0
 
 
@@ -98,8 +114,8 @@ def _launch_on_all_ranks(cfg: RunConfig, args: argparse.Namespace) -> Run:
     """Rank 0 checks and creates the run folder; under torchrun the other ranks are told which one, or why not."""
     import torch.distributed as dist
 
-    from .launch import LaunchError, run_device
-    from .train import process_state
+    from denselora_app.engine.launch import LaunchError, run_device
+    from denselora_app.engine.train import process_state
 
     run_device(cfg.device)  # a device this machine lacks is refused before the process group needs it
     state = process_state(cfg.device)
@@ -117,7 +133,7 @@ def _launch_on_all_ranks(cfg: RunConfig, args: argparse.Namespace) -> Run:
 
 
 def _foreground(run: Run, args: argparse.Namespace, resume: bool = False) -> int:
-    from .worker import execute
+    from denselora_app.engine.worker import execute
 
     terminal.log_to(run.log_path)
     log.info("Run %s: %s", run.id, run.path)
@@ -126,7 +142,7 @@ def _foreground(run: Run, args: argparse.Namespace, resume: bool = False) -> int
         state = execute(run, resume=resume, show_progress=terminal.stderr().isatty())
     except KeyboardInterrupt:
         again = ("Start a new search to try again." if run.kind is RunKind.LR_SEARCH
-                 else f"Resume with: python -m denselora_app resume {run.id}")
+                 else f"Resume with: python -m denselora_app resume {run.cli_name}")
         print(f"\nInterrupted. {again}", file=terminal.stderr())
         return 130
     except Exception:  # noqa: BLE001  (execute logged the traceback to train.log and recorded the failure)
@@ -148,7 +164,7 @@ def _foreground(run: Run, args: argparse.Namespace, resume: bool = False) -> int
 
 
 def cmd_find_lr(args: argparse.Namespace) -> int:
-    from .lr_finder import plan_search
+    from denselora_app.engine.lr_finder import plan_search
 
     if _distributed():
         raise UserError("find-lr runs in one process: start it without torchrun or accelerate launch.")
@@ -159,7 +175,7 @@ def cmd_find_lr(args: argparse.Namespace) -> int:
     if args.background:
         print(f"Started learning-rate search {run.id} in the background: {len(plan.rates)} trials of {plan.steps} "
               f"steps.\n  folder: {run.path}\n  follow: tail -f {run.log_path}\n"
-              f"  stop:   python -m denselora_app stop {run.id}\n  result: python -m denselora_app runs")
+              f"  stop:   python -m denselora_app stop {run.cli_name}\n  result: python -m denselora_app runs")
         return 0
     return _foreground(run, args)
 
@@ -198,7 +214,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not runs:
         print("No runs yet. Start one with: python -m denselora_app train presets/quickstart-cpu.yaml")
         return 0
-    from .jobs import refresh
+    from denselora_app.hub.jobs import refresh
 
     for run in runs:  # runs on Hugging Face Jobs: what their jobs say now
         if problem := refresh(run, every=0):
@@ -219,7 +235,7 @@ def _run_line(run: Run) -> str:
     loss = f"{facts.final_train_loss:.4f}" if facts.final_train_loss is not None else "-"
     val = f"{facts.final_eval_loss:.4f}" if facts.final_eval_loss is not None else "-"
     line = f"{run.id:40} {facts.label:10} {cfg.method:9} {cfg.r:>4} {percent:>8} {step:>11} {loss:>8} {val:>8}"
-    if status.error_kind == "never started":
+    if status.error_kind == FailureKind.NEVER_STARTED:
         line += "  (never started: delete it)"
     if facts.job is not None:
         line += f"  (on Jobs: {facts.job.flavor}, {facts.job.url})"
@@ -230,14 +246,14 @@ def _run_line(run: Run) -> str:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from .launch import stop_run
+    from denselora_app.engine.launch import stop_run
 
     print(stop_run(_run(args.run)))
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from .launch import resume_run
+    from denselora_app.engine.launch import resume_run
 
     run = _run(args.run)
     resume_run(run, background=args.background, share_device=args.share_device, ignore_memory=args.ignore_memory_plan)
@@ -273,7 +289,7 @@ def _run(ref: str) -> Run:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from .publish import build_model_repo, build_space_repo, publish_model, publish_space
+    from denselora_app.hub.publish import build_model_repo, build_space_repo, publish_model, publish_space
 
     if args.space_dir and not args.space:
         raise UserError("--space-dir needs --space USER/NAME, the Space's repository id.")
@@ -308,7 +324,8 @@ def _print_growing(text: str, shown: str) -> str:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .chat import ChatEngine, GenerationSettings, resolve_adapter
+    from denselora_app.serving.adapters import resolve_adapter
+    from denselora_app.serving.chat import ChatEngine, GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed, system_prompt=args.system)
@@ -335,8 +352,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .chat import ChatEngine, resolve_adapter
-    from .evaluate import EVAL_FILE, evaluate
+    from denselora_app.serving.adapters import resolve_adapter
+    from denselora_app.serving.chat import ChatEngine
+    from denselora_app.serving.evaluate import evaluate
 
     try:
         refs = [resolve_adapter(ref, args.checkpoint, outside_root=True) for ref in args.adapter]
@@ -352,7 +370,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     held_out = f"; loss on {last.loss_dataset}" if last.loss_dataset not in (None, table.dataset) else ""
     print(f"{table.dataset}: {last.total} {unit}, mode {table.mode}{held_out}")
     print(table.to_text())
-    for path in sorted({ref.run.path / EVAL_FILE for ref in refs if ref.run is not None}):
+    for path in sorted({ref.run.evaluation_path for ref in refs if ref.run is not None}):
         print(f"Saved to {path}")
     return 0
 
@@ -488,6 +506,11 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("\nInterrupted.", file=term.stream)
             return 130
+        except BrokenPipeError:
+            # The reader went away (runs | head): nothing to report. Point stdout at nothing, or Python complains
+            # when it flushes at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # 128 + SIGPIPE: how shell tools end when their reader leaves
         except Exception as err:  # noqa: BLE001  (a bug: say so in one line; the log and --debug show where)
             log.error("Unexpected error:", exc_info=True, extra={terminal.TRACEBACK: True})
             where = "." if args.debug else f"; the traceback is in {term.log_file} (--debug shows it here)."

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from . import rules
+from denselora_app import rules
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantized from

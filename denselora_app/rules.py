@@ -19,9 +19,8 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
-from huggingface_hub import constants as hub_constants
-from huggingface_hub import JobHardware, get_session, snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from huggingface_hub import JobHardware
+from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 log = logging.getLogger(__name__)
@@ -33,7 +32,7 @@ ACTIVATIONS: tuple[str, ...] = ("gelu", "silu", "identity")
 DROPOUT_PLACEMENTS: tuple[str, ...] = ("input", "all")  # DenseLoRA: input only, or also after each activation
 SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant", "constant_with_warmup")
 DATA_FORMATS: tuple[str, ...] = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")  # row layouts
-DATA_FILE_TYPES: tuple[str, ...] = (".jsonl", ".json", ".csv", ".parquet", ".txt")  # what data.py reads
+DATA_FILE_TYPES: tuple[str, ...] = (".jsonl", ".json", ".csv", ".parquet", ".txt")  # what engine/sources.py reads
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")  # besides "auto"
 QUANTIZATIONS: tuple[str, ...] = ("none", "4bit", "8bit")  # of the frozen base, with bitsandbytes
 DEVICE_KINDS: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")  # and "cuda:N"
@@ -123,59 +122,38 @@ def looks_like_path(name: str) -> bool:
     )
 
 
-def hub_id(name: str, namespaced: bool = False) -> str | None:
-    """``name`` as a Hugging Face Hub repository id, or None when it names a local file or folder (existing or
-    written as a path) or is not a valid id. The one rule for models, datasets and adapters alike; ``namespaced``
-    also requires an owner (``owner/name``), as every repository made since the Hub's early models has."""
+def hub_id_problem(name: str, namespaced: bool = False) -> str | None:
+    """Why ``name`` is not a Hugging Face Hub repository id (None when it is one): the one place that checks ids,
+    for models, datasets, adapters and the repositories the studio publishes to. ``namespaced`` also requires an
+    owner (``owner/name``), as every repository made since the Hub's early models has."""
     name = str(name).strip()
-    if not name or looks_like_path(name) or Path(name).expanduser().exists() or (namespaced and "/" not in name):
-        return None
+    if not name:
+        return "it is empty"
+    if namespaced and name.count("/") != 1:
+        return "write it as NAMESPACE/NAME (a user name or an organization, then the name)"
     try:
         validate_repo_id(name)
-    except HFValidationError:
+    except HFValidationError as error:
+        return str(error)
+    return None
+
+
+def hub_id(name: str, namespaced: bool = False) -> str | None:
+    """``name`` as a Hugging Face Hub repository id, or None when it names a local file or folder (existing or
+    written as a path) or is not a valid id (``hub_id_problem`` says why)."""
+    name = str(name).strip()
+    if looks_like_path(name) or Path(name).expanduser().exists() or hub_id_problem(name, namespaced):
         return None
     return name
 
 
 # ---- the Hub when it does not answer ---------------------------------------------------------------------------------
 
-# One short request decides whether the Hub is reachable; huggingface_hub's own calls retry for ~25 s per file.
-HUB_PROBE_TIMEOUT_S = 5.0
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def hub_unreachable_reason() -> str | None:
-    """Why the Hub cannot be used right now, or None when it answers."""
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import, so the environment is checked here too.
-    if _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE") or hub_constants.HF_HUB_OFFLINE:
-        return "offline mode is on: HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set"
-    try:
-        get_session().head(hub_constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
-    except Exception as error:  # any failure to get an HTTP answer (DNS, refused, timeout, proxy) means unreachable
-        return f"{hub_constants.ENDPOINT} did not answer: {error}"
-    return None
 
 
-class HubUnreachable(Exception):
-    """The Hub does not answer and the local Hugging Face cache has no copy of the repository; ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
-def cached_copy_if_offline(repo_id: str, repo_type: str = "model") -> str | None:
-    """None when the Hub answers. When it does not: the folder of ``repo_id`` in the local Hugging Face cache, or
-    HubUnreachable when there is none (asked up front, so offline use never waits on the Hub client's retries)."""
-    reason = hub_unreachable_reason()
-    if reason is None:
-        return None
-    try:
-        folder = snapshot_download(repo_id, repo_type=repo_type, local_files_only=True)
-    except LocalEntryNotFoundError:
-        raise HubUnreachable(reason) from None
-    log.warning("The Hugging Face Hub is unreachable (%s); using the cached copy of %s.", reason, repo_id)
-    return folder

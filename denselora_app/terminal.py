@@ -27,8 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import TextIO
 
-from .rules import cache_dir
-from .runs import LOG_FORMAT
+from denselora_app.rules import cache_dir
+from denselora_app.runs import LOG_FORMAT
 
 OWN_LOGGER = "denselora_app"
 # A log record carrying this attribute is a traceback: kept in the log file, shown in a terminal only with --debug.

@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import denselora_app.denselora  # noqa: F401  (registers DenseLoRA with PEFT)
-
+from denselora_app.config import RunConfig
 
 # Set by pytest itself, or by libraries for themselves on first use (tokenizers after a fork, gradio on import,
 # torch.compile for its workers): not a test's doing, and the same for every test after it.
@@ -144,7 +144,7 @@ def embedded_model_dir(embedded_cache_root):
     """The embedded default's converted folder (a Path), in the session's cache. Converting takes ~20 s, once."""
     from pathlib import Path
 
-    from denselora_app.models import EMBEDDED_DEFAULT, ensure_local
+    from denselora_app.engine.models import EMBEDDED_DEFAULT, ensure_local
 
     return Path(ensure_local(EMBEDDED_DEFAULT))
 
@@ -187,6 +187,22 @@ def save_tiny_model(folder: Path, **shape) -> Path:
 def app_model_dir(tmp_path_factory):
     """The tiny model folder the app, engine and launch tests train (read only: one for the whole session)."""
     return save_tiny_model(tmp_path_factory.mktemp("app-tiny-model"))
+
+
+def tiny_run_config(model_dir: Path, data: Path | str, **overrides) -> RunConfig:
+    """A run that trains in seconds on the CPU: the tiny model, rank 4, batch 2, four steps, a checkpoint every two.
+    The one config builder of the tests; ``overrides`` set any other field."""
+    values = dict(model=str(model_dir), data=str(data), r=4, alpha=8, dropout=0.0, learning_rate=3e-2, max_steps=4,
+                  batch_size=2, grad_accum=1, warmup_steps=0, save_steps=2, cutoff_len=64, device="cpu")
+    return RunConfig(**{**values, **overrides})
+
+
+@pytest.fixture
+def runs_root(tmp_path, monkeypatch) -> Path:
+    """An empty runs folder of the test's own, where every command and the app look ($DENSELORA_RUNS)."""
+    root = tmp_path / "runs"
+    monkeypatch.setenv("DENSELORA_RUNS", str(root))
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -13,12 +13,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import launch_app, stop_workers, wait_until
 from gradio_client import Client, handle_file
 
-from conftest import launch_app, stop_workers, wait_until
-from denselora_app.config import ConfigError, RunConfig
+import gradio as gr
+
+from denselora_app import config as C
+from denselora_app.config import ConfigError, RunConfig, field_help
 from denselora_app.runs import create_run
-from denselora_app.ui import charts, forms, loaders
+from denselora_app.ui import build_app, charts, forms, loaders, train_form
+from denselora_app.ui.data_preview import DataPreview
+from denselora_app.ui.live_view import NO_RUN, LiveView, live_status
 
 # ---- helpers without a server --------------------------------------------------------------------------------------
 
@@ -87,10 +92,93 @@ def test_uploads_are_stored_once_under_a_safe_name(tmp_path, monkeypatch):
     assert loaders.store_upload(str(upload)) == stored
     bad = tmp_path / "notes.exe"
     bad.write_text("x")
-    from denselora_app.data import DataError
+    from denselora_app.engine.sources import DataError
 
     with pytest.raises(DataError, match="unsupported file type"):
         loaders.store_upload(str(bad))
+
+
+# ---- the Train tab as built (no server) ----------------------------------------------------------------------------
+
+# What a user decides first, in that order, outside the Advanced accordion; every other RunConfig field is inside it.
+ESSENTIALS = ("model", "data", "method", "r", "learning_rate", "max_steps", "num_epochs", "batch_size")
+OUTSIDE_ADVANCED = {*ESSENTIALS, "data_format"}  # the format is chosen beside the data preview
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> gr.Blocks:
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("DENSELORA_RUNS", str(tmp_path_factory.mktemp("built-app") / "runs"))
+    try:
+        yield build_app()
+    finally:
+        monkeypatch.undo()
+
+
+def tree_order(root: gr.Blocks) -> list[tuple[gr.blocks.Block, list[gr.blocks.Block]]]:
+    """Every block under ``root`` in page order, each with its ancestors (innermost first)."""
+    found: list[tuple[gr.blocks.Block, list[gr.blocks.Block]]] = []
+
+    def walk(block: gr.blocks.Block, ancestors: list[gr.blocks.Block]) -> None:
+        found.append((block, ancestors))
+        for child in getattr(block, "children", []):
+            walk(child, [block, *ancestors])
+
+    walk(root, [])
+    return found
+
+
+def api_outputs(demo: gr.Blocks, api_name: str) -> list[gr.blocks.Block]:
+    return next(fn for fn in demo.fns.values() if fn.api_name == api_name).outputs
+
+
+def test_the_train_tab_asks_in_the_order_a_user_decides_and_keeps_the_rest_in_advanced(demo):
+    blocks = tree_order(demo)
+    order = [block.elem_id for block, _ in blocks if block.elem_id]
+    wanted = [f"cfg-{name}" for name in ESSENTIALS[:5]] + ["find-lr"] + [f"cfg-{n}" for n in ESSENTIALS[5:]] + [
+        "advanced", "start", "run-header"]
+    assert [elem_id for elem_id in order if elem_id in wanted] == wanted
+    (advanced, _), = [(b, a) for b, a in blocks if b.elem_id == "advanced"]
+    assert isinstance(advanced, gr.Accordion) and advanced.open is False
+    inside = {block.elem_id for block, ancestors in blocks if advanced in ancestors and block.elem_id}
+    assert inside == {f"cfg-{name}" for name in forms.FIELDS if name not in OUTSIDE_ADVANCED}
+    for block, ancestors in blocks:
+        if block.elem_id in inside:  # each advanced field says what it does, in the RunConfig's own words
+            assert block.info.startswith(field_help(block.elem_id.removeprefix("cfg-"))), block.elem_id
+
+
+def test_the_live_view_and_the_preview_are_named_outputs(demo):
+    live = dict(zip(LiveView._fields, api_outputs(demo, "status"), strict=True))
+    assert {field: getattr(live[field], "elem_id", None) for field in LiveView._fields} == {
+        "header": "run-header", "progress": "run-progress", "run_box": None, "loss_plot": "loss-plot",
+        "lr_plot": "lr-plot", "grad_plot": "grad-plot", "speed_plot": "speed-plot", "outcome": "run-outcome",
+        "log": "run-log", "timer": None, "trials_plot": "trials-plot", "chosen_row": None, "chosen_plot": "chosen-plot"}
+    assert isinstance(live["run_box"], gr.Column) and isinstance(live["timer"], gr.Timer)
+    assert isinstance(live["chosen_row"], gr.Row)
+    nothing = live_status(None)
+    assert isinstance(nothing, LiveView) and nothing.header == NO_RUN and nothing.timer.active is False
+
+    shown = {"message": "data-message", "detected": "detected-format", "box": None, "rows": "data-rows",
+             "examples": "data-examples", "histogram": "length-histogram", "report": "data-report"}
+    for api_name, before in (("preview_data", 0), ("upload_data", 2), ("load_preset", len(forms.FIELDS) + 1)):
+        outputs = api_outputs(demo, api_name)
+        assert len(outputs) == before + len(DataPreview._fields), api_name
+        preview = dict(zip(DataPreview._fields, outputs[before:], strict=True))
+        assert {field: getattr(preview[field], "elem_id", None) for field in DataPreview._fields} == shown
+        assert isinstance(preview["box"], gr.Column)
+    assert [c.elem_id for c in api_outputs(demo, "load_preset")[:len(forms.FIELDS)]] == [
+        f"cfg-{name}" for name in forms.FIELDS]
+
+
+def test_choices_are_label_value_pairs_and_targets_are_the_forms_until_a_model_is_checked(demo):
+    components = {block.elem_id: block for block, _ in tree_order(demo) if block.elem_id}
+    assert [value for _, value in train_form.QUANTIZATION_CHOICES] == list(C.QUANTIZATIONS)
+    assert components["cfg-quantization"].choices == train_form.QUANTIZATION_CHOICES
+    assert [value for _, value in train_form.METHOD_CHOICES] == list(C.METHODS)
+    opening, _ = forms.initial_config()
+    assert [value for _, value in components["cfg-target_modules"].choices] == opening.target_modules
+    # A preset's targets join the offered ones (the model's, once checked), each once.
+    assert train_form.merge_targets(["q_proj", "k_proj"], ["v_proj", "q_proj"]) == ["q_proj", "k_proj", "v_proj"]
 
 
 @pytest.mark.slow

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import save_tiny_model
 from numerics import causal_lm_terms, tolerance_for
-from denselora_app import methods
+
+from denselora_app.engine import methods
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import APP_DATA_ROWS, AppProcess, launch_app, stop_workers
 from playwright.sync_api import Page, expect, sync_playwright
 
-from conftest import APP_DATA_ROWS, AppProcess, launch_app, stop_workers
 from denselora_app.config import RunConfig
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -75,6 +75,71 @@ def lora_baseline(app: AppProcess, model_dir: Path, data: str, tmp_path: Path) -
                             text=True, timeout=600, env={**os.environ, "DENSELORA_RUNS": str(app.runs)})
     assert result.returncode == 0, result.stderr[-3000:]
     return next(p.name for p in app.runs.glob("*-lora-baseline"))
+
+
+# The Train tab at a laptop's window: what a user decides first, and Start, without scrolling; the rest in Advanced.
+WINDOW = {"width": 1280, "height": 800}
+ABOVE_THE_FOLD = ("cfg-model", "cfg-data", "cfg-method", "cfg-r", "cfg-learning_rate", "find-lr", "cfg-max_steps",
+                  "cfg-batch_size", "start")
+ADVANCED = ("cfg-init_scale", "cfg-shared_lr_scale", "cfg-dropout_placement", "cfg-activation", "cfg-lr_scheduler",
+            "cfg-warmup_steps", "cfg-cutoff_len", "cfg-packing", "cfg-quantization", "cfg-dtype", "cfg-device",
+            "cfg-save_steps", "cfg-seed", "cfg-target_modules")
+
+
+def inside(box: dict, area: dict) -> bool:
+    return (box["x"] >= area["x"] and box["y"] >= area["y"] and box["x"] + box["width"] <= area["x"] + area["width"]
+            and box["y"] + box["height"] <= area["y"] + area["height"])
+
+
+def overlap(a: dict, b: dict) -> bool:
+    return (a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"] and a["y"] < b["y"] + b["height"]
+            and b["y"] < a["y"] + a["height"])
+
+
+def test_the_train_tab_shows_its_first_choices_and_start_in_a_1280x800_window(browser, tmp_path):
+    app = launch_app(tmp_path / "app")
+    try:
+        page = browser.new_page(viewport=WINDOW)
+        page.set_default_timeout(SLOW)
+        page.goto(app.url)
+        # The opening settings counted and previewed (the default model's first use converts it): the page as a
+        # newcomer first reads it.
+        expect(page.locator("#data-report textarea")).to_have_value(re.compile("rows read"))
+        expect(page.locator("#parameter-line")).to_contain_text("LoRA at this rank")
+        page.wait_for_timeout(500)  # the histogram's transition
+        page.screenshot(path=str(tmp_path / "train-tab-1280x800.png"))
+
+        window = {"x": 0, "y": 0, **WINDOW}
+        assert page.evaluate("window.scrollY") == 0
+        bar = page.locator("#action-bar").bounding_box()
+        assert inside(bar, window)
+        for elem_id in ABOVE_THE_FOLD:
+            box = page.locator(f"#{elem_id}").bounding_box()
+            assert box and inside(box, window), f"#{elem_id} is not in the window: {box}"
+            if elem_id != "start":  # in the window, and not under the action bar that Start is in
+                assert box["y"] + box["height"] <= bar["y"], f"#{elem_id} is under the action bar: {box}, {bar}"
+
+        # The upload's label has its own line, above the drop zone's icon.
+        label = page.locator('#upload label[data-testid="block-label"]').bounding_box()
+        icon = page.locator('#upload [data-testid="upload-icon"]').bounding_box()
+        assert label and icon and icon["height"] > 0 and not overlap(label, icon), (label, icon)
+
+        # Everything else waits in Advanced, closed, each field with its help text once opened.
+        for elem_id in ADVANCED:
+            expect(page.locator(f"#{elem_id}")).to_be_hidden()
+        page.locator("#advanced button").first.click()
+        for elem_id in ADVANCED:
+            expect(page.locator(f"#{elem_id}")).to_be_visible()
+        expect(page.locator("#cfg-init_scale")).to_contain_text("Kaiming-uniform")
+
+        # Start stays in view while the form is scrolled, and the field scrolled to is not under it.
+        page.locator("#cfg-seed input").first.focus()
+        assert page.evaluate("window.scrollY") > 0
+        assert inside(page.locator("#start").bounding_box(), window)
+        seed = page.locator("#cfg-seed input").first.bounding_box()
+        assert seed["y"] + seed["height"] <= page.locator("#action-bar").bounding_box()["y"]
+    finally:
+        app.stop()
 
 
 def test_the_first_page_is_served_within_10_seconds_of_launch(tmp_path):

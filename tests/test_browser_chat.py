@@ -10,10 +10,9 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import launch_app
 from gradio_client import Client
 from playwright.sync_api import expect, sync_playwright
-
-from conftest import launch_app
 from test_chat_ui import PROMPT, make_chat_run, save_readable_model
 
 CHROMIUM = Path("/usr/bin/chromium")

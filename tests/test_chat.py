@@ -9,15 +9,18 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import tiny_llama, tiny_tokenizer
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from conftest import tiny_llama, tiny_tokenizer
-from denselora_app import chat, models
-from denselora_app.chat import ChatEngine, ChatError, GenerationSettings, build_messages, render_prompt
 from denselora_app.cli import main
 from denselora_app.config import RunConfig
 from denselora_app.denselora import DenseLoraConfig
+from denselora_app.engine import models
 from denselora_app.runs import create_run, mark_checkpoint_complete
+from denselora_app.serving import adapters
+from denselora_app.serving.adapters import ChatError
+from denselora_app.serving.chat import ChatEngine, GenerationSettings
+from denselora_app.serving.prompts import build_messages, render_prompt
 
 PROMPT = "what is the capital of a country?"
 GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0, seed=0)
@@ -130,13 +133,13 @@ def test_switching_adapters_reuses_the_base(workspace, monkeypatch):
 def test_runs_checkpoints_and_folders_resolve(workspace):
     root = workspace / "runs"
     (run_dir,) = root.iterdir()
-    by_id = chat.resolve_adapter(run_dir.name, root=root)
+    by_id = adapters.resolve_adapter(run_dir.name, root=root)
     assert by_id.base_model == str(workspace / "model") and by_id.run_dir == str(run_dir)
-    assert chat.resolve_adapter(str(run_dir / "adapter"), root=root) == by_id
-    checkpoint = chat.resolve_adapter(str(run_dir / "checkpoints" / "checkpoint-5"), root=root)
-    assert checkpoint == chat.resolve_adapter(run_dir.name, checkpoint=5, root=root)
+    assert adapters.resolve_adapter(str(run_dir / "adapter"), root=root) == by_id
+    checkpoint = adapters.resolve_adapter(str(run_dir / "checkpoints" / "checkpoint-5"), root=root)
+    assert checkpoint == adapters.resolve_adapter(run_dir.name, checkpoint=5, root=root)
     assert checkpoint.checkpoint == 5 and checkpoint.label.endswith("checkpoint-5")
-    assert [ref.label for ref in chat.available_adapters(root)] == [by_id.label, checkpoint.label]
+    assert [ref.label for ref in adapters.available_adapters(root)] == [by_id.label, checkpoint.label]
 
 
 def test_errors_are_clear(workspace, tmp_path):
@@ -144,11 +147,11 @@ def test_errors_are_clear(workspace, tmp_path):
     (run_dir,) = root.iterdir()
     with pytest.raises(ChatError, match=f"'no-such-run' is not a run: there is no run of that id in {root}.*"
                                         "also take an adapter folder or a Hub adapter id"):
-        chat.resolve_adapter("no-such-run", root=root)
+        adapters.resolve_adapter("no-such-run", root=root)
     with pytest.raises(ChatError, match="no adapter_config.json.*base model"):
-        chat.resolve_adapter(str(workspace / "model"), root=root)
+        adapters.resolve_adapter(str(workspace / "model"), root=root)
     with pytest.raises(ChatError, match="no checkpoint 7; its checkpoints are: 5"):
-        chat.resolve_adapter(run_dir.name, checkpoint=7, root=root)
+        adapters.resolve_adapter(run_dir.name, checkpoint=7, root=root)
     orphan = tmp_path / "orphan"
     orphan.mkdir()
     config = json.loads((workspace / "dense_a" / "adapter_config.json").read_text())
@@ -177,7 +180,7 @@ def test_a_run_training_on_the_same_device_is_announced(workspace, tmp_path, mon
 
     class Starved:
         available = 1024
-    monkeypatch.setattr(chat.psutil, "virtual_memory", lambda: Starved())
+    monkeypatch.setattr(adapters.psutil, "virtual_memory", lambda: Starved())
     with pytest.raises(ChatError, match=f"{busy.id} is training on cpu.*only 0.0 GB is free"):
         ChatEngine(device="cpu", runs_root=root).select(str(workspace / "dense_a"))
 

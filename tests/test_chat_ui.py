@@ -11,19 +11,19 @@ from pathlib import Path
 import gradio as gr
 import pytest
 import torch
+from conftest import APP_DATA_ROWS, tiny_tokenizer
 from gradio.helpers import special_args
 from peft import get_peft_model
-
-from conftest import APP_DATA_ROWS, tiny_tokenizer
-from denselora_app import evaluate as evaluation
-from denselora_app import publish
-from denselora_app.chat import GenerationSettings
-from denselora_app.config import RunConfig
-from denselora_app.denselora import DenseLoraConfig
-from denselora_app.runs import create_run
-from denselora_app.ui import chat_tab, evaluate_tab, publish_tab
 from test_chat import readable_tiny_llama
 from test_publish import ALICE, SECRET, FakeHub
+
+from denselora_app.config import RunConfig
+from denselora_app.denselora import DenseLoraConfig
+from denselora_app.hub import account, publish
+from denselora_app.runs import create_run
+from denselora_app.serving import evaluate as evaluation
+from denselora_app.serving.chat import GenerationSettings
+from denselora_app.ui import chat_tab, evaluate_tab, publish_tab
 
 PROMPT = "what is the capital of a country?"
 GREEDY = dict(system_prompt="", temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0)
@@ -203,13 +203,14 @@ def test_publishing_errors_are_messages_and_the_token_never_shows(run_id, export
     assert inputs[5:] == [None, None] and len(inputs) == 7
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(publish, "get_token", lambda: None)
+    monkeypatch.setattr(account, "get_token", lambda: None)
     message = publish_tab.push_model(run_id, "alice/x", False, "", "", None)
     assert message.startswith("⚠️") and "No Hugging Face token" in message
 
     monkeypatch.setenv("HF_TOKEN", SECRET)
     hubs: list[FakeHub] = []
-    monkeypatch.setattr(publish, "HfApi", lambda: hubs.append(FakeHub()) or hubs[-1])
+    for module in (account, publish):  # who the token belongs to; the upload
+        monkeypatch.setattr(module, "HfApi", lambda: hubs.append(FakeHub()) or hubs[-1])
     message = publish_tab.push_model(run_id, "alice/tiny-chat", True, "First", "", None)
     assert message.startswith("✅") and "https://huggingface.co/alice/tiny-chat" in message
     assert hubs[-1].calls[1][1]["private"] is True and hubs[-1].calls[2][1]["commit_message"] == "First"
@@ -220,7 +221,8 @@ def test_publishing_errors_are_messages_and_the_token_never_shows(run_id, export
     assert message.startswith("✅") and "spaces/alice/chat" in message
 
     leaky = FakeHub(upload_error=RuntimeError(f"upload failed for token {SECRET}"))
-    monkeypatch.setattr(publish, "HfApi", lambda: leaky)
+    for module in (account, publish):  # who the token belongs to; the upload
+        monkeypatch.setattr(module, "HfApi", lambda: leaky)
     message = publish_tab.push_model(run_id, "alice/tiny-chat", False, "", "", None)
     assert message.startswith("⚠️") and "hf_***" in message
 
@@ -230,7 +232,8 @@ def test_publishing_errors_are_messages_and_the_token_never_shows(run_id, export
     visitor = gr.OAuthToken(token="hf_visitor_token", scope="write-repos", expires_at=0)
     alice = gr.OAuthProfile({"preferred_username": "alice", "name": "Alice", "profile": "", "picture": ""})
     hub = FakeHub(whoami=ALICE)
-    monkeypatch.setattr(publish, "HfApi", lambda: hub)
+    for module in (account, publish):  # who the token belongs to; the upload
+        monkeypatch.setattr(module, "HfApi", lambda: hub)
     message = publish_tab.push_model(run_id, "alice/tiny-chat", False, "", "", visitor, alice)
     assert message.startswith("✅") and "hf_visitor_token" not in message
     assert {call[1]["token"] for call in hub.calls} == {"hf_visitor_token"}

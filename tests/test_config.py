@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from denselora_app.config import ConfigError, RunConfig
-from denselora_app.methods import build_peft_config
+from denselora_app.engine.methods import build_peft_config
 
 PRESETS = sorted((Path(__file__).parent.parent / "presets").glob("*.yaml"))
 

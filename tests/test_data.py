@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
 import pandas as pd
 import pytest
-
 from conftest import tiny_tokenizer
-from denselora_app import data as D
+
 from denselora_app import rules
-from denselora_app.data import (
-    FORMATS,
-    SAMPLE_DATA,
-    SAMPLE_PROBES,
-    DataError,
-    RowError,
-    detect_format,
-    encode_example,
-    load_rows,
-    prepare_data,
-    render_preview,
-)
+from denselora_app.hub import connection
+from denselora_app.engine import data as D
+from denselora_app.engine.data import encode_example, prepare_data, render_preview
+from denselora_app.engine.formats import detect_format
+from denselora_app.engine.sources import SAMPLE_DATA, SAMPLE_PROBES, DataError, RowError, load_rows
 
 EOS = "<|im_end|>"
 NO_INPUT_PROMPT = (
@@ -98,7 +92,7 @@ def test_unknown_columns_name_the_columns_and_the_layouts(tmp_path, tokenizer):
         prepare_data(str(path), tokenizer)
     message = str(err.value)
     assert "qa.jsonl" in message and "'question'" in message and "'answer'" in message
-    for layout in FORMATS:
+    for layout in rules.DATA_FORMATS:
         assert layout in message
 
 
@@ -469,7 +463,8 @@ def test_unsupported_file_type_and_folder(tmp_path, tokenizer):
 
 
 def test_hub_dataset_with_the_connection_dropping_says_to_upload_a_file(tokenizer, monkeypatch):
-    monkeypatch.setattr(rules, "hub_unreachable_reason", lambda: None)  # the Hub answered the probe, then went away
+    # The Hub answered the probe, then went away.
+    monkeypatch.setattr(connection, "hub_unreachable_reason", lambda: None)
     calls = []
 
     def offline(name, split):
@@ -485,7 +480,7 @@ def test_hub_dataset_with_the_connection_dropping_says_to_upload_a_file(tokenize
 
 
 def test_an_unreachable_hub_is_named_at_once_without_waiting_for_datasets(tokenizer, monkeypatch, tmp_path):
-    monkeypatch.setattr(rules, "hub_unreachable_reason", lambda: "https://huggingface.co did not answer")
+    monkeypatch.setattr(connection, "hub_unreachable_reason", lambda: "https://huggingface.co did not answer")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("must not wait for the Hub"))
     with pytest.raises(DataError, match=r"unreachable \(https://huggingface.co did not answer\) and the dataset is "
@@ -501,13 +496,13 @@ def test_an_unreachable_hub_uses_the_cached_copy_of_a_dataset(tokenizer, monkeyp
     (cache / "datasets--owner--set" / "refs" / "main").write_text("0123abcd")
     (snapshot / "train.jsonl").write_text(json.dumps({"instruction": "a?", "input": "", "output": "b"}) + "\n")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(rules, "hub_unreachable_reason", lambda: "offline mode is on")
+    monkeypatch.setattr(connection, "hub_unreachable_reason", lambda: "offline mode is on")
     report = prepare_data("owner/set", tokenizer).report
     assert (report.source, report.format, report.rows_used) == ("owner/set", "alpaca", 1)
 
 
 def test_hub_dataset_rows_are_used(tokenizer, monkeypatch):
-    monkeypatch.setattr(rules, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(connection, "hub_unreachable_reason", lambda: None)
     rows = [{"instruction": "a?", "input": "", "output": "b"}] * 4
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(rows))
     report = prepare_data("tatsu-lab/alpaca", tokenizer).report
@@ -640,3 +635,40 @@ def test_shipped_probes_ask_unseen_questions_about_taught_facts():
         taught = [answer for answer in answers if probe["expected"].lower() in answer.lower()]
         assert len(taught) == 3 and len(set(taught)) == 1
         assert len(taught[0].split()) < 15
+
+
+PEAK_OF_A_CHECK = """
+import resource, sys
+from transformers import AutoTokenizer
+from denselora_app.engine.data import check_data
+report = check_data(sys.argv[2], AutoTokenizer.from_pretrained(sys.argv[1]), cutoff_len=64)
+print(report.rows_used, report.truncated, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_of_a_check(model_dir: Path, data: Path) -> tuple[int, int, int]:
+    """Rows used, rows cut to the cutoff, and the peak memory (KiB) of a launch's data check in a fresh process."""
+    result = subprocess.run([sys.executable, "-c", PEAK_OF_A_CHECK, str(model_dir), str(data)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    used, truncated, peak = map(int, result.stdout.split())
+    return used, truncated, peak
+
+
+@pytest.mark.slow
+def test_one_huge_row_costs_what_a_long_one_does(tmp_path, app_model_dir):
+    """A 20 MB line (or CSV cell) is cut before it is tokenized: the check's peak memory stays within twice that of
+    a small file (tokenizing it whole took ~125 bytes per byte: 2.5 GB here)."""
+    small = tmp_path / "small.jsonl"
+    small.write_text(json.dumps({"prompt": "the quick", "completion": "brown fox"}) + "\n")
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text(json.dumps({"prompt": "word " * 4_000_000, "completion": "end"}) + "\n"
+                    + json.dumps({"prompt": "the quick", "completion": "brown fox"}) + "\n")
+    cell = tmp_path / "cell.csv"
+    pd.DataFrame({"text": ["lorem ipsum " * 2_000_000, "short text"]}).to_csv(cell, index=False)
+    *_, baseline = peak_of_a_check(app_model_dir, small)
+    for data in (huge, cell):
+        used, truncated, peak = peak_of_a_check(app_model_dir, data)
+        assert peak < 2 * baseline, (data.name, peak, baseline)
+        assert truncated == 1 or data is huge  # the huge prompt leaves no room for its answer: that row is dropped
+        assert used == (1 if data is huge else 2)

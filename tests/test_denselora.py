@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama, tiny_llama_config
+from numerics import assert_close_for, causal_lm_terms, tolerance_for
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from denselora_app.denselora import DEFAULT_TARGET_MODULES, DenseLoraConfig, DenseLoraLayer
-from conftest import tiny_llama, tiny_llama_config
-from numerics import assert_close_for, causal_lm_terms, tolerance_for
 
 
 def expected_trainable(config: LlamaConfig, r: int, targets=DEFAULT_TARGET_MODULES) -> int:
@@ -283,7 +283,7 @@ def test_dropout_applies_where_the_placement_says_while_training(model, placemen
 
 def test_dropout_placement_is_saved_with_the_adapter_and_comes_from_the_run_config(model, tmp_path):
     from denselora_app.config import RunConfig
-    from denselora_app.methods import build_peft_config
+    from denselora_app.engine.methods import build_peft_config
 
     cfg = RunConfig(r=4, dropout=0.1, dropout_placement="all", target_modules=["q_proj", "v_proj"])
     peft_model = get_peft_model(model, build_peft_config(cfg))
@@ -301,7 +301,7 @@ def test_dropout_placement_is_saved_with_the_adapter_and_comes_from_the_run_conf
 
 def test_init_scale_multiplies_the_initial_encoder_and_dense_matrices_and_keeps_a_no_op(input_ids, tmp_path):
     from denselora_app.config import RunConfig
-    from denselora_app.methods import build_peft_config
+    from denselora_app.engine.methods import build_peft_config
 
     def fresh(scale):
         torch.manual_seed(0)

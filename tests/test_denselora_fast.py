@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
-from peft import get_peft_model
-
-from denselora_app.denselora import DenseLoraConfig, layer as layer_module
-from denselora_app.denselora.layer import add_dense_update, dense_update
 from conftest import tiny_llama
 from numerics import assert_close_for, causal_lm_terms
+from peft import get_peft_model
+
+from denselora_app.denselora import DenseLoraConfig
+from denselora_app.denselora import layer as layer_module
+from denselora_app.denselora.layer import add_dense_update, dense_update
 
 
 def random_update_inputs(dtype: torch.dtype, tokens: tuple[int, ...] = (2, 5), d_in: int = 12, r: int = 4,

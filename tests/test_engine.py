@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -12,32 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama, tiny_run_config
+from numerics import assert_close_for
 from peft import PeftModel
 
-from conftest import tiny_llama
-from numerics import assert_close_for
 from denselora_app.config import RunConfig
-from denselora_app.launch import resume_run
-from denselora_app.runs import classify_failure, create_run, list_runs, request_stop, start_worker
-from denselora_app.worker import execute
+from denselora_app.engine.launch import resume_run, start_worker
+from denselora_app.engine.worker import execute
+from denselora_app.runs import FailureKind, classify_failure, create_run, list_runs, request_stop
 
 REPO = Path(__file__).parent.parent
 
 
-@pytest.fixture
-def runs_root(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("DENSELORA_RUNS", str(tmp_path / "runs"))
-    return tmp_path / "runs"
-
-
-def tiny_config(model_dir: Path, data: Path, **overrides) -> RunConfig:
-    values = dict(
-        model=str(model_dir), data=str(data), r=4, alpha=8, dropout=0.0, learning_rate=3e-2, max_steps=30,
-        batch_size=4, grad_accum=1, warmup_steps=0, lr_scheduler="constant", save_steps=5, cutoff_len=64,
-        device="cpu", run_name="tiny",
-    )
-    values.update(overrides)
-    return RunConfig(**values)
+# Long enough to stop, kill and resume mid-run.
+tiny_config = functools.partial(tiny_run_config, max_steps=30, batch_size=4, lr_scheduler="constant", save_steps=5,
+                                run_name="tiny")
 
 
 def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
@@ -124,10 +114,10 @@ def test_bad_data_fails_with_a_classified_reason(app_model_dir, tmp_path, runs_r
 
 def test_failure_classification():
     oom = classify_failure("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
-    assert oom["kind"] == "out of memory" and "batch_size" in oom["fix"]
-    assert classify_failure("denselora_app.data.DataError: x.jsonl line 3: bad")["kind"] == "data error"
-    assert classify_failure("Some log line\nRuntimeError: boom")["kind"] == "other"
-    assert classify_failure("")["kind"] == "killed"
+    assert oom.kind is FailureKind.OUT_OF_MEMORY and "batch_size" in oom.fix
+    assert classify_failure("denselora_app.engine.sources.DataError: x.jsonl line 3: bad").kind is FailureKind.DATA
+    assert classify_failure("Some log line\nRuntimeError: boom").kind is FailureKind.OTHER
+    assert classify_failure("").kind is FailureKind.KILLED
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -179,8 +169,8 @@ def test_shared_matrices_train_at_their_own_rate(tmp_path, method, scale, shared
     from peft import get_peft_model
     from transformers import TrainingArguments
 
-    from denselora_app.methods import build_peft_config
-    from denselora_app.train import StudioTrainer
+    from denselora_app.engine.methods import build_peft_config
+    from denselora_app.engine.train import StudioTrainer
 
     cfg = RunConfig(method=method, r=4, target_modules=["q_proj", "v_proj"], shared_lr_scale=scale)
     assert RunConfig.from_dict(cfg.to_dict()).shared_lr_scale == scale  # saved in config.yaml, read back

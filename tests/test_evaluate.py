@@ -9,18 +9,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from peft import get_peft_model
-
 from conftest import tiny_llama, tiny_llama_config, tiny_tokenizer
 from numerics import assert_close_for, causal_lm_terms
-from denselora_app import evaluate as evaluation
-from denselora_app import models
-from denselora_app.chat import ChatEngine
+from peft import get_peft_model
+
 from denselora_app.cli import main
 from denselora_app.config import RunConfig
-from denselora_app.data import prepare_data
 from denselora_app.denselora import DenseLoraConfig
-from denselora_app.evaluate import (
+from denselora_app.engine import models
+from denselora_app.engine.data import prepare_data
+from denselora_app.runs import Run, create_run
+from denselora_app.serving import evaluate as evaluation
+from denselora_app.serving.chat import ChatEngine
+from denselora_app.serving.evaluate import (
     SAMPLE_MC,
     EvalError,
     Question,
@@ -31,7 +32,6 @@ from denselora_app.evaluate import (
     parse_question,
     pick_choice,
 )
-from denselora_app.runs import Run, create_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 

@@ -18,14 +18,14 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
-
-from denselora_app import hosting
-from denselora_app.chat import ChatEngine
-from denselora_app.config import RunConfig
-from denselora_app.evaluate import GENERATE_TOKENS, gpu_steps
-from denselora_app.launch import LaunchError, launch
-from denselora_app.ui import chat_tab, evaluate_tab, train_tab
 from test_chat_ui import GREEDY, PROMPT, make_chat_run, save_readable_model
+
+from denselora_app.config import RunConfig
+from denselora_app.engine.launch import LaunchError, launch
+from denselora_app.hub import hosting
+from denselora_app.serving.chat import ChatEngine
+from denselora_app.serving.evaluate import GENERATE_TOKENS, gpu_steps
+from denselora_app.ui import chat_tab, evaluate_tab, train_tab
 
 REPO = Path(__file__).parent.parent
 

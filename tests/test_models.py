@@ -13,13 +13,15 @@ from pathlib import Path
 import httpx2
 import pytest
 import torch
+from conftest import CHATML_TEMPLATE, tiny_llama, tiny_tokenizer
 from huggingface_hub.errors import RepositoryNotFoundError
+from numerics import assert_close_for
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig
 
-from conftest import CHATML_TEMPLATE, tiny_llama, tiny_tokenizer
-from numerics import assert_close_for
-from denselora_app import models, rules
-from denselora_app.models import (
+from denselora_app import rules
+from denselora_app.hub import connection
+from denselora_app.engine import models
+from denselora_app.engine.models import (
     EMBEDDED_DEFAULT,
     ModelLoadError,
     describe_model,
@@ -96,7 +98,7 @@ def test_pickle_only_folder_loads_with_weights_only(tmp_path, ids, caplog):
     reference.config.save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
     torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
-    with caplog.at_level(logging.WARNING, logger="denselora_app.models"):
+    with caplog.at_level(logging.WARNING, logger="denselora_app.engine.models"):
         model = load_model(str(tmp_path), device="cpu")
     assert "weights_only=True" in caplog.text
     with torch.no_grad():
@@ -220,21 +222,21 @@ class _Session:
 def test_hub_unreachable_without_offline_mode(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(rules.hub_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(rules, "get_session", lambda: _Session(httpx2.ConnectError("Name or service not known")))
+    monkeypatch.setattr(connection.hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(connection, "get_session", lambda: _Session(httpx2.ConnectError("Name or service not known")))
     with pytest.raises(ModelLoadError, match="Hub is unreachable.*Name or service not known") as error:
         ensure_local("denselora-tests/not-a-cached-model")
     assert EMBEDDED_DEFAULT in str(error.value)
 
 
 def test_hub_unreachable_uses_the_local_hub_cache(offline, monkeypatch, tiny_dir):
-    monkeypatch.setattr(rules, "snapshot_download", lambda repo_id, repo_type, local_files_only: str(tiny_dir))
+    monkeypatch.setattr(connection, "snapshot_download", lambda repo_id, repo_type, local_files_only: str(tiny_dir))
     assert ensure_local("org/cached-model") == str(tiny_dir)
 
 
 def test_unknown_hub_model(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(rules, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(connection, "hub_unreachable_reason", lambda: None)
 
     def not_found(repo_id, filename, **kwargs):
         response = httpx2.Response(404, request=httpx2.Request("HEAD", f"https://huggingface.co/{repo_id}"))

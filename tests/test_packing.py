@@ -10,18 +10,24 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import get_peft_model
-from transformers import AutoConfig, BloomConfig, BloomForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening
-from transformers import TrainingArguments
-
 from conftest import tiny_llama, tiny_tokenizer
 from numerics import assert_close_for, causal_lm_terms, tolerance_for
+from peft import get_peft_model
+from transformers import (
+    AutoConfig,
+    BloomConfig,
+    BloomForCausalLM,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    TrainingArguments,
+)
+
 from denselora_app.config import RunConfig
-from denselora_app.data import DataReport, padding_per_step, prepare_data
-from denselora_app.methods import build_peft_config
+from denselora_app.engine.data import DataReport, padding_per_step, prepare_data
+from denselora_app.engine.methods import build_peft_config
+from denselora_app.engine.train import StudioTrainer, collator_for, packing_problem
+from denselora_app.engine.worker import execute
 from denselora_app.runs import create_run
-from denselora_app.train import StudioTrainer, collator_for, packing_problem
-from denselora_app.worker import execute
 
 LENGTHS = (5, 17, 9, 30, 2, 12)
 
@@ -139,10 +145,10 @@ def test_a_model_that_cannot_pack_falls_back_to_length_grouped_batches(caplog):
     problem = packing_problem(bloom)
     assert problem is not None and "BloomForCausalLM" in problem and "attend to the rows joined before it" in problem
     assert not bloom.training  # the probe leaves the model's mode as it was
-    with caplog.at_level(logging.INFO, logger="denselora_app.train"):
+    with caplog.at_level(logging.INFO, logger="denselora_app.engine.train"):
         collator, sampling = collator_for(packing_config(), tiny_tokenizer(), bloom)
     assert isinstance(collator, DataCollatorForSeq2Seq) and sampling == "group_by_length"
-    lines = [r.getMessage() for r in caplog.records if r.name == "denselora_app.train"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "denselora_app.engine.train"]
     assert len(lines) == 1 and lines[0].startswith("Packing is not possible here: BloomForCausalLM")
     assert "Batching rows of similar length instead" in lines[0]
 
@@ -246,7 +252,7 @@ def test_a_packed_run_follows_the_padded_runs_loss_curve(app_model_dir, tmp_path
                         save_steps=100, cutoff_len=64, device="cpu", packing=packing, run_name=f"packing-{packing}")
         run = create_run(cfg)
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="denselora_app.train"):
+        with caplog.at_level(logging.INFO, logger="denselora_app.engine.train"):
             assert execute(run) == "completed"
         metrics = [m for m in run.metrics() if "loss" in m]
         assert all(m["tokens_per_second"] > 0 for m in metrics)

@@ -19,19 +19,19 @@ from types import SimpleNamespace
 
 import httpx2
 import pytest
+from conftest import free_port, tiny_llama, tiny_tokenizer
 from huggingface_hub import HfApi, ModelCard, SpaceCard
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from peft import get_peft_model
 
-from conftest import free_port, tiny_llama, tiny_tokenizer
-from denselora_app import publish
 from denselora_app.config import EMBEDDED_MODEL, RunConfig
 from denselora_app.denselora import DenseLoraConfig
-from denselora_app.publish import (
-    PublishError,
+from denselora_app.hub import account
+from denselora_app.hub.account import PublishError
+from denselora_app.hub.cards import evaluation_table
+from denselora_app.hub.publish import (
     build_model_repo,
     build_space_repo,
-    evaluation_table,
     publish_model,
     publish_space,
     push_folder,
@@ -259,7 +259,7 @@ def test_publish_makes_exactly_these_hub_calls_and_never_writes_the_token(local_
 
 def test_publish_errors_are_explained(local_run, runs_root, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(publish, "get_token", lambda: None)
+    monkeypatch.setattr(account, "get_token", lambda: None)
     with pytest.raises(PublishError, match="No Hugging Face token"):
         publish_model(local_run, "alice/x", root=runs_root, api=FakeHub())
 
@@ -267,7 +267,7 @@ def test_publish_errors_are_explained(local_run, runs_root, monkeypatch):
     monkeypatch.setenv("SPACE_ID", "owner/denselora-studio")  # on a Space, the owner's HF_TOKEN is never used
     with pytest.raises(PublishError, match="Sign in with the Hugging Face button"):
         publish_model(local_run, "owner/x", root=runs_root, api=FakeHub())
-    assert publish.resolve_token("hf_oauth_visitor") == "hf_oauth_visitor"
+    assert account.resolve_token("hf_oauth_visitor") == "hf_oauth_visitor"
     monkeypatch.delenv("SPACE_ID")
 
     cases = [

@@ -3,6 +3,7 @@ training from the CLI, save and reload in a fresh process, resume, chat and the 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -12,20 +13,19 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import save_tiny_model, tiny_run_config
+from numerics import assert_close_for, causal_lm_terms, tolerance_for
 from peft import get_peft_model
 
-from conftest import save_tiny_model
-from numerics import assert_close_for, causal_lm_terms, tolerance_for
 from denselora_app import cli
-from denselora_app.chat import ChatEngine, GenerationSettings
-from denselora_app.config import RunConfig
 from denselora_app.denselora import DenseLoraConfig
 from denselora_app.denselora.layer import dense_update
-from denselora_app.launch import launch, resume_run
-from denselora_app.models import load_model
-from denselora_app.publish import build_model_repo
+from denselora_app.engine.launch import launch, resume_run
+from denselora_app.engine.models import load_model
+from denselora_app.engine.worker import execute
+from denselora_app.hub.publish import build_model_repo
 from denselora_app.runs import list_runs
-from denselora_app.worker import execute
+from denselora_app.serving.chat import ChatEngine, GenerationSettings
 
 REPO = Path(__file__).parent.parent
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -35,12 +35,6 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings(
 def model_dir(tmp_path_factory) -> Path:
     """A tiny LLaMA whose layers are wide enough for bitsandbytes' 64-value quantization blocks."""
     return save_tiny_model(tmp_path_factory.mktemp("quantized-model"), hidden_size=128, intermediate_size=256)
-
-
-@pytest.fixture
-def runs_root(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("DENSELORA_RUNS", str(tmp_path / "runs"))
-    return tmp_path / "runs"
 
 
 def adapter_config() -> DenseLoraConfig:
@@ -94,10 +88,7 @@ def test_the_update_on_a_quantized_base_is_the_dequantized_models(model_dir, qua
     torch.testing.assert_close(q_logits - q_base, r_logits - r_base, atol=4 * base_gap + 2 * rounding, rtol=0.05)
 
 
-def tiny_run(model_dir: Path, data: Path, **overrides) -> RunConfig:
-    values = dict(model=str(model_dir), data=str(data), r=4, alpha=8, learning_rate=3e-2, max_steps=4, save_steps=2,
-                  batch_size=2, grad_accum=1, warmup_steps=0, cutoff_len=64, device="cpu", quantization="4bit")
-    return RunConfig(**{**values, **overrides})
+tiny_run = functools.partial(tiny_run_config, quantization="4bit")
 
 
 @pytest.mark.slow
@@ -119,7 +110,7 @@ import denselora_app.denselora
 from numerics import causal_lm_terms, tolerance_for
 import bitsandbytes as bnb
 from peft import PeftModel
-from denselora_app.models import load_model
+from denselora_app.engine.models import load_model
 base = load_model({str(model_dir)!r}, device="cpu", quantization="4bit")
 assert isinstance(base.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
 model = PeftModel.from_pretrained(base, {str(run.adapter_dir)!r})

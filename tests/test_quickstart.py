@@ -12,8 +12,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from denselora_app.data import SAMPLE_PROBES
-from denselora_app.models import EMBEDDED_DEFAULT, load_model, load_tokenizer
+from denselora_app.engine.models import EMBEDDED_DEFAULT, load_model, load_tokenizer
+from denselora_app.engine.sources import SAMPLE_PROBES
 from denselora_app.runs import Run, list_runs
 
 REPO = Path(__file__).parent.parent

@@ -10,18 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from denselora_app.config import RunConfig
-from denselora_app.launch import launch
-from denselora_app.runs import Run, check_resumable, checkpoint_step, list_runs, request_stop
-from denselora_app.ui import run_view, runs_tab
 from test_engine import REPO, wait_for
 
-
-@pytest.fixture
-def runs_root(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("DENSELORA_RUNS", str(tmp_path / "runs"))
-    return tmp_path / "runs"
+from denselora_app.config import RunConfig
+from denselora_app.engine.launch import launch
+from denselora_app.runs import Run, check_resumable, checkpoint_step, list_runs, request_stop
+from denselora_app.ui import run_view, runs_tab
 
 
 def endless(model_dir: Path, data: Path, save_steps: int) -> RunConfig:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from denselora_app import config, data, models, rules
+from denselora_app import config, rules
 from denselora_app import denselora as method
-from denselora_app.ui import loaders
+from denselora_app.engine import models, sources
+from denselora_app.engine.formats import detect_format
+from denselora_app.engine.sources import load_rows
 
 
 def test_the_standalone_method_package_agrees_with_the_studio():
@@ -18,6 +22,16 @@ def test_the_standalone_method_package_agrees_with_the_studio():
     assert set(method.ACTIVATIONS) == set(rules.ACTIVATIONS)
     assert method.DROPOUT_PLACEMENTS == rules.DROPOUT_PLACEMENTS
     assert method.DEFAULT_TARGET_MODULES == list(rules.PAPER_TARGETS) == config.PAPER_TARGETS
+
+
+# One row in each layout rules.DATA_FORMATS lists.
+LAYOUT_ROWS = {
+    "alpaca": {"instruction": "Name the lens.", "input": "", "output": "Cloudglass."},
+    "messages": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+    "sharegpt": {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+    "prompt_completion": {"prompt": "Hi", "completion": "Hello"},
+    "text": {"text": "A plain document."},
+}
 
 
 def test_every_list_of_allowed_values_comes_from_rules():
@@ -29,10 +43,22 @@ def test_every_list_of_allowed_values_comes_from_rules():
     assert choices["data_format"] == ("auto", *rules.DATA_FORMATS)
     assert choices["dtype"] == ("auto", *rules.DTYPES)
     assert choices["quantization"] == rules.QUANTIZATIONS
-    assert set(data._REQUIRED_COLUMNS) == set(rules.DATA_FORMATS) and data.FORMATS is rules.DATA_FORMATS
-    assert loaders.UPLOAD_TYPES is rules.DATA_FILE_TYPES is data.FILE_TYPES
-    assert set(models._DTYPES) == set(rules.DTYPES)
     assert all(rules.DEVICE_PATTERN.match(kind) for kind in rules.DEVICE_KINDS)
+
+
+def test_every_listed_value_is_one_the_engine_handles(tmp_path, tokenizer):
+    """A value added to a list in rules.py works everywhere the list is offered (tests/test_layout.py keeps other
+    modules from spelling out lists of their own)."""
+    assert {str(models.resolve_dtype(name, torch.device("cpu"))).removeprefix("torch.") for name in rules.DTYPES} \
+        == set(rules.DTYPES)
+    for layout, row in LAYOUT_ROWS.items():
+        path = tmp_path / f"{layout}.jsonl"
+        path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+        assert detect_format(load_rows(str(path))[0]) == layout
+    assert set(LAYOUT_ROWS) == set(rules.DATA_FORMATS)
+    for suffix in rules.DATA_FILE_TYPES:  # every listed file type is read, not refused as unsupported
+        with pytest.raises(sources.DataError, match="file not found"):
+            sources.read_source(str(tmp_path / f"missing{suffix}"))
 
 
 @pytest.mark.parametrize(("name", "hub"), [
@@ -56,8 +82,8 @@ def test_path_or_hub_id_is_one_rule(name, hub):
     if not hub and rules.looks_like_path(name):
         with pytest.raises(models.ModelLoadError, match="No such file or folder"):
             models.load_config(name)
-        with pytest.raises(data.DataError, match="file not found"):
-            data.read_source(name)
+        with pytest.raises(sources.DataError, match="file not found"):
+            sources.read_source(name)
 
 
 def test_an_existing_folder_is_never_a_hub_id(tmp_path, monkeypatch):

@@ -11,11 +11,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-from denselora_app import chat, cli, launch
-from denselora_app.chat import ChatError
-from denselora_app.runs import Run, RunError, process_start_time, resolve_run
 from test_publish import _make_run
+
+from denselora_app import cli
+from denselora_app.engine import launch
+from denselora_app.runs import Run, RunError, process_start_time, resolve_run
+from denselora_app.serving import adapters
+from denselora_app.serving.adapters import ChatError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,8 +140,8 @@ def test_publish_stop_resume_delete_take_every_form(form, finished, studio, caps
 @pytest.mark.parametrize("form", FORMS)
 def test_chat_and_eval_resolve_every_form_to_the_run(form, finished, studio):
     ref, folder = place(finished, studio, form)
-    assert chat.resolve_adapter(ref, outside_root=True).run.path == folder
-    assert chat.resolve_adapter(f"{folder}/adapter", outside_root=True).run.path == folder
+    assert adapters.resolve_adapter(ref, outside_root=True).run.path == folder
+    assert adapters.resolve_adapter(f"{folder}/adapter", outside_root=True).run.path == folder
     assert cli.build_parser().parse_args(["evaluate", ref]).func is cli.cmd_eval  # the alias of eval
 
 
@@ -186,11 +188,11 @@ def test_a_folder_that_is_not_a_run_and_a_missing_path_are_refused_in_one_line(c
 def test_a_hub_shaped_run_reference_is_a_run_and_a_hub_id_still_goes_to_the_hub(finished, studio, monkeypatch):
     ref, folder = place(finished, studio, "runs/<id>")
     hub = []
-    monkeypatch.setattr(chat, "_hub_ref", lambda repo_id, root: hub.append(repo_id))
-    assert chat.resolve_adapter(ref).run.path == folder
+    monkeypatch.setattr(adapters, "_hub_ref", lambda repo_id, root: hub.append(repo_id))
+    assert adapters.resolve_adapter(ref).run.path == folder
     with pytest.raises(ChatError, match="'runs/nope' is not a run: there is no run of that id.*Hub adapter id"):
-        chat.resolve_adapter("runs/nope", outside_root=True)
-    chat.resolve_adapter("alice/tiny-adapter", outside_root=True)
+        adapters.resolve_adapter("runs/nope", outside_root=True)
+    adapters.resolve_adapter("alice/tiny-adapter", outside_root=True)
     assert hub == ["alice/tiny-adapter"]
 
 
@@ -249,5 +251,5 @@ def test_the_app_reaches_only_the_runs_in_the_runs_folder(finished, studio):
         assert ONLY_INSIDE in train_tab.live_status(ref)[0]
         assert ONLY_INSIDE in publish_tab.build_model(ref, "alice/x", "")[0]
     with pytest.raises(ChatError, match=ONLY_INSIDE):
-        chat.resolve_adapter(str(outside))
+        adapters.resolve_adapter(str(outside))
     assert sorted(p.name for p in outside.iterdir()) == sorted(p.name for p in finished.iterdir())

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_config
+from numerics import assert_close_for
+from test_publish import _make_run
 
 from denselora_app import cli, runs
-from denselora_app.chat import available_adapters, resolve_adapter, training_notice
-from denselora_app.publish import build_model_repo
+from denselora_app.hub.publish import build_model_repo
 from denselora_app.runs import (
     CHECKPOINT_MARKER,
     Run,
@@ -21,21 +26,14 @@ from denselora_app.runs import (
     Status,
     create_run,
     list_runs,
+    request_stop,
     mark_checkpoint_complete,
     own_log_lines,
     resolve_run,
 )
-from numerics import assert_close_for
-from test_publish import _make_run
+from denselora_app.serving.adapters import available_adapters, resolve_adapter, training_notice
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def runs_root(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "runs"
-    monkeypatch.setenv("DENSELORA_RUNS", str(root))
-    return root
 
 
 @pytest.fixture
@@ -131,7 +129,7 @@ def test_listing_never_writes_so_a_read_only_runs_folder_works(good_run, runs_ro
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(runs, "write_json_atomic", read_only)
+    monkeypatch.setattr(runs.run, "write_json_atomic", read_only)  # every write of the run folder's JSON
     monkeypatch.setattr(Path, "write_text", read_only)
     monkeypatch.setattr(Path, "touch", read_only)
     if os.geteuid() != 0:  # root ignores permissions; then the patches above stand in for them
@@ -190,13 +188,12 @@ def test_only_complete_checkpoints_count_and_partial_ones_are_removed(good_run):
 
 def test_training_marks_each_checkpoint_complete(tmp_path, runs_root, app_model_dir):
     """A real run: every checkpoint the Trainer writes gets its marker, and the run's facts list them."""
-    from test_launch import config
-    from denselora_app.launch import launch
-    from denselora_app.worker import execute
+    from denselora_app.engine.launch import launch
+    from denselora_app.engine.worker import execute
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "the quick", "completion": "brown fox"}) + "\n")
-    run = launch(config(app_model_dir, data, max_steps=4, save_steps=2, batch_size=1), background=False)
+    run = launch(tiny_run_config(app_model_dir, data, batch_size=1), background=False)
     assert execute(run) == "completed"
     assert run.checkpoints() == [2, 4] == run.facts().checkpoints
     for step in (2, 4):
@@ -210,16 +207,16 @@ def test_training_marks_each_checkpoint_complete(tmp_path, runs_root, app_model_
 
 def test_the_log_pane_shows_the_runs_own_lines():
     lines = [  # (a train.log line, whether the pane shows it)
-        ("2026-11-28 10:00:00,001 INFO denselora_app.train: denselora r=4: 1,024 trainable parameters", True),
-        ("2026-11-28 10:00:00,002 INFO denselora_app.data: data report", True),
+        ("2026-11-28 10:00:00,001 INFO denselora_app.engine.train: denselora r=4: 1,024 trainable parameters", True),
+        ("2026-11-28 10:00:00,002 INFO denselora_app.engine.data: data report", True),
         ("facts.jsonl (messages): 8 rows read, 8 used", True),  # the same record's next line
         ("2026-11-28 10:00:00,003 WARNING py.warnings: /x/modeling_utils.py:3312: FutureWarning: deprecated", False),
         ("  warnings.warn(", False),
         ("Map: 100%|██████████| 8/8 [00:00<00:00, 1000.00 examples/s]", False),
         ("2026-11-28 10:00:00,004 INFO httpx: HTTP Request: HEAD https://huggingface.co", False),
-        ("2026-11-28 10:00:01,000 INFO denselora_app.train: step 1/4 | loss 3.2000", True),
+        ("2026-11-28 10:00:01,000 INFO denselora_app.engine.train: step 1/4 | loss 3.2000", True),
         ("2026-11-28 10:00:02,000 WARNING transformers.trainer: the tokenizer has no pad token", True),
-        ("2026-11-28 10:00:03,000 ERROR denselora_app.worker: Training failed:", True),
+        ("2026-11-28 10:00:03,000 ERROR denselora_app.engine.worker: Training failed:", True),
         ("Traceback (most recent call last):", True),
         ('  File "x.py", line 1, in <module>', True),
         ("RuntimeError: boom", True),
@@ -233,3 +230,38 @@ def test_without_outside_root_only_the_runs_folder_is_reached(runs_root, good_ru
             resolve_run(ref)
     shutil.rmtree(good_run.path / "adapter")
     assert not good_run.facts().has_adapter and good_run.facts().state == "completed"
+
+
+def test_a_run_folder_named_with_spaces_or_accents_is_listed_and_reached(good_run, runs_root, capsys):
+    """A user may rename a run folder (or copy one in): any folder name is its id, and commands print it quoted."""
+    renamed = good_run.path.rename(runs_root / "Recette crème brûlée v2")
+    assert [run.path for run in list_runs(runs_root)] == [renamed]
+    run = resolve_run("Recette crème brûlée v2")
+    assert run.path == renamed and run.cli_name == "'Recette crème brûlée v2'"
+    assert cli.main(["runs"]) == 0 and "Recette crème brûlée v2" in capsys.readouterr().out
+    (runs_root / ".hidden-copy").mkdir()  # hidden folders are never runs
+    shutil.copy(renamed / "status.json", runs_root / ".hidden-copy" / "status.json")
+    assert [run.path for run in list_runs(runs_root)] == [renamed]
+
+
+def test_stop_on_a_run_that_is_not_training_says_what_can_be_done(good_run, runs_root):
+    with pytest.raises(runs.RunError, match=r"nothing to stop\. It has finished\.$"):
+        request_stop(good_run)
+    damaged = damage(runs_root, "broken", **{"status.json": "[]"})
+    with pytest.raises(runs.RunError, match=r"nothing to stop\. It is damaged \(status.json holds a list, not an "
+                                            r"object\): delete it\.$"):
+        request_stop(damaged)
+    good_run.update_status(state="stopped")
+    with pytest.raises(runs.RunError, match=r"nothing to stop\. You can resume it, or delete it\.$"):
+        request_stop(good_run)
+
+
+def test_a_listing_cut_short_by_its_reader_ends_quietly(good_run, runs_root):
+    """`runs | head -1`: the reader leaves after one line; the listing ends without an error or a traceback."""
+    code = ("import sys\nfrom denselora_app.cli import main\nsys.exit(main(['runs']))")
+    for n in range(30):
+        shutil.copytree(good_run.path, runs_root / f"20200101-0000{n:02d}-copy")
+    result = subprocess.run(f"{shlex.quote(sys.executable)} -c {shlex.quote(code)} | head -1", shell=True,
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "40"})
+    assert result.stdout.count("\n") == 1
+    assert "Error" not in result.stderr and "Traceback" not in result.stderr and "bug" not in result.stderr

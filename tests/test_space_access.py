@@ -20,17 +20,17 @@ from pathlib import Path
 import httpx
 import itsdangerous
 import pytest
+from conftest import APP_DATA_ROWS, launch_app, stop_workers, wait_until
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-
-from conftest import APP_DATA_ROWS, launch_app, stop_workers, wait_until
-from denselora_app import access
-from denselora_app.access import AccessError, Action
-from denselora_app.config import ConfigError, RunConfig
-from denselora_app.runs import Run, resolve_run
-from denselora_app.ui import forms
 from test_app import tiny_settings
 from test_chat_ui import make_chat_run, save_readable_model
+
+from denselora_app.config import ConfigError, RunConfig
+from denselora_app.hub import access
+from denselora_app.hub.access import AccessError, Action
+from denselora_app.runs import Run, resolve_run
+from denselora_app.ui import forms
 
 OWNER = "alice"
 SPACE_ID = f"{OWNER}/denselora-studio"

@@ -10,13 +10,15 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_tokenizer
 from tokenizers import processors
 
-from conftest import tiny_tokenizer
-from denselora_app.chat import ChatEngine, ChatError, build_messages
-from denselora_app.data import IGNORE_INDEX, encode_example
+from denselora_app.engine.data import IGNORE_INDEX, encode_example
+from denselora_app.serving.adapters import ChatError
+from denselora_app.serving.chat import ChatEngine
+from denselora_app.serving.prompts import build_messages
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "denselora_app" / "space_template"
+TEMPLATE = Path(__file__).resolve().parent.parent / "denselora_app" / "hub" / "space_template"
 
 
 def load_space_prompts() -> ModuleType:

@@ -7,17 +7,29 @@ from typing import Any
 
 import gradio as gr
 
-from .. import access
-from ..hosting import on_space, space_owner, storage_notice
-from . import chat_tab, evaluate_tab, publish_tab, runs_tab, train_tab
-from .messages import warn
+from denselora_app.hub import access
+from denselora_app.hub.hosting import on_space, space_owner, storage_notice
+from denselora_app.ui import chat_tab, evaluate_tab, publish_tab, runs_tab, train_tab
+from denselora_app.ui.messages import warn
 
 TITLE = "DenseLoRA Studio"
 CSS = """
 .dl-progress { height: 12px; border-radius: 6px; background: var(--neutral-200); overflow: hidden; }
 .dl-progress-bar { height: 100%; background: var(--color-accent); transition: width 0.5s; }
 .dl-progress-text { margin-top: 4px; font-size: var(--text-sm); }
+#app-header p { margin-top: 4px; }  /* the tagline under the title: the Train tab's Start must fit the window */
 .dl-warning { border-left: 4px solid #dc2626; padding-left: 8px; }
+/* Start stays in view: the Train tab's action bar sticks to the window's foot until its own place scrolls up.
+   gradio's container hides its overflow, which would make it the bar's scroll container; clip cuts the same. */
+.gradio-container { overflow: clip !important; }
+html { scroll-padding-bottom: 120px; }  /* a field scrolled to (the keyboard's focus) stays above the bar */
+.dl-action-bar { position: sticky; bottom: 0; z-index: 20; padding: 8px 0; gap: 4px;
+                 background: var(--background-fill-primary); border-top: 1px solid var(--border-color-primary);
+                 box-shadow: 0 -6px 12px -8px rgb(0 0 0 / 25%); }
+/* gradio floats a File's label over its drop zone, onto the upload icon: give the label its own line. */
+.dl-upload > label[data-testid="block-label"] { position: static; }
+.dl-tight { gap: 6px; }
+.dl-end { align-self: flex-end; }
 """
 
 
@@ -25,7 +37,7 @@ def build_app() -> gr.Blocks:
     """Build the app (no model is loaded here: the first page must be served within seconds)."""
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\nFine-tune a language model with **DenseLoRA**: about 30x fewer trainable "
-                    "parameters than LoRA at the same rank.")
+                    "parameters than LoRA at the same rank.", elem_id="app-header")
         if on_space():
             space_notice(demo)
         if (lost_on_restart := storage_notice()) is not None:

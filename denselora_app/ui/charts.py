@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..runs import finite_number, format_rate
+from denselora_app.runs import finite_number, format_rate
 
 TRAIN = "train"
 VALIDATION = "validation"

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from .. import access
-from ..access import AccessError, Action
-from ..hosting import on_gpu, on_zerogpu
-from .messages import refusal, warn
+from denselora_app.hub import access
+from denselora_app.hub.access import AccessError, Action
+from denselora_app.hub.hosting import on_gpu, on_zerogpu
+from denselora_app.ui.messages import refusal, warn
 
 if TYPE_CHECKING:
-    from ..chat import AdapterRef, ChatEngine, GenerationSettings, LoadedAdapter
+    from denselora_app.serving.adapters import AdapterRef
+    from denselora_app.serving.chat import ChatEngine, GenerationSettings, LoadedAdapter
 
 CHOOSE = "Choose a run's adapter or checkpoint above, or type an adapter folder or a Hub adapter id, then **Load**."
 # Every event that uses the one model waits its turn in one queue (chat, loading an adapter, evaluation).
@@ -39,16 +40,25 @@ _stops: dict[str | None, threading.Event] = {}
 
 
 def chat_module() -> ModuleType:
-    """``denselora_app.chat``, imported on first use after ``denselora_app.models``, as the Train tab's loaders do.
+    """``denselora_app.serving.chat``, imported on first use after ``denselora_app.engine.models``, as the Train
+    tab's loaders do.
 
     transformers and peft import each other. Two events importing them for the first time at once from opposite
     ends (this tab through peft, the Train tab's first parameter count through transformers) can each be handed the
     other's half-initialised module: "cannot import name 'AutoModel' from 'transformers'". One order avoids that.
     """
-    from .. import models  # noqa: F401  (first: see above)
-    from .. import chat
+    from denselora_app.engine import models  # noqa: F401  (first: see above)
+    from denselora_app.serving import chat
 
     return chat
+
+
+def adapters_module() -> ModuleType:
+    """``denselora_app.serving.adapters``, imported on first use in the same order as ``chat_module``."""
+    chat_module()
+    from denselora_app.serving import adapters
+
+    return adapters
 
 
 def engine() -> ChatEngine:
@@ -65,7 +75,7 @@ def engine() -> ChatEngine:
 
 def adapter_choices() -> list[tuple[str, str]]:
     """(label, adapter folder) of every run's final adapter and checkpoints, newest run first."""
-    return [(ref.label, ref.location) for ref in chat_module().available_adapters()]
+    return [(ref.label, ref.location) for ref in adapters_module().available_adapters()]
 
 
 def training_line() -> str:
@@ -101,7 +111,7 @@ def _select(ref: AdapterRef | None, choices: list[tuple[str, str]]) -> tuple[Any
 def _offered(who: access.Caller) -> list[AdapterRef]:
     """The adapters the caller may chat with (access.may_chat): every one the runs folder holds for the owner, the
     final adapters of the public runs for a visitor."""
-    return [ref for ref in chat_module().available_adapters() if access.may_chat(who, ref.location)]
+    return [ref for ref in adapters_module().available_adapters() if access.may_chat(who, ref.location)]
 
 
 def refresh_adapters(chosen: str | None = None, profile: gr.OAuthProfile | None = None) -> tuple[Any, str, Any]:
@@ -173,7 +183,7 @@ def engine_with(quantization: str | None, compiled: bool) -> ChatEngine:
 def _load(adapter: str, quantization: str | None, compiled: bool) -> str:
     try:
         return describe(engine_with(quantization, compiled).select(adapter))
-    except chat_module().ChatError as err:
+    except adapters_module().ChatError as err:
         return warn(err)
 
 

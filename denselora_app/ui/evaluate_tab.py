@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 import pandas as pd
 
-from .. import access
-from ..access import AccessError, Action
-from ..hosting import GPU_MAX_SECONDS, GPU_MAX_STEPS, on_gpu, on_zerogpu
-from . import chat_tab
-from .messages import refusal, warn
+from denselora_app.hub import access
+from denselora_app.hub.access import AccessError, Action
+from denselora_app.hub.hosting import GPU_MAX_SECONDS, GPU_MAX_STEPS, on_gpu, on_zerogpu
+from denselora_app.ui import chat_tab
+from denselora_app.ui.messages import refusal, warn
 
 if TYPE_CHECKING:
-    from ..evaluate import EvalTable
+    from denselora_app.serving.evaluate import EvalTable
 
 RESULT_COLUMNS = ["model", "accuracy", "loss", "perplexity", "trainable %"]
 DETAIL_COLUMNS = ["model", "question", "expected", "predicted", "correct", "output"]
@@ -31,7 +31,7 @@ def refresh_adapters(chosen: list[str] | None, profile: gr.OAuthProfile | None =
     final adapter is chosen. A caller who may not evaluate gets none, and the reason."""
     if refused := refusal(profile, Action.EVALUATE):
         return gr.Dropdown(choices=[], value=[], multiselect=True, info=refused)
-    refs = chat_tab.chat_module().available_adapters()
+    refs = chat_tab.adapters_module().available_adapters()
     locations = [ref.location for ref in refs]
     kept = [c for c in chosen or [] if c in locations]
     newest = next((ref.location for ref in refs if ref.checkpoint is None), None)
@@ -69,7 +69,7 @@ def run_evaluation(adapters: list[str] | None, data_file: str | None, loss_file:
     except AccessError as err:
         return warn(err), None, None
     chat_tab.chat_module()  # first: it imports the engine's modules in a safe order
-    from ..evaluate import gpu_steps
+    from denselora_app.serving.evaluate import gpu_steps
 
     if not adapters:
         return warn("Choose at least one run's adapter or checkpoint to evaluate."), None, None
@@ -88,7 +88,7 @@ def _evaluate(adapters: list[str], data_file: str | None, loss_file: str | None,
     """``run_evaluation``'s work on the device. On ZeroGPU this is the call that holds the GPU (hosting.on_gpu),
     so it takes everything as arguments and returns its problems."""
     chat = chat_tab.chat_module()
-    from ..evaluate import EvalError, evaluate
+    from denselora_app.serving.evaluate import EvalError, evaluate
 
     try:
         table = evaluate(adapters, data_file, loss_data=loss_file, mode=mode, limit=limit,
@@ -105,7 +105,7 @@ def _evaluate(adapters: list[str], data_file: str | None, loss_file: str | None,
 
 def _evaluate_steps(adapters: list[str], data_file: str | None, loss_file: str | None, mode: str, limit: int | None,
                     *_: Any) -> int:
-    from ..evaluate import gpu_steps
+    from denselora_app.serving.evaluate import gpu_steps
 
     return gpu_steps(len(adapters), data_file, loss_data=loss_file, mode=mode, limit=limit)
 
@@ -129,10 +129,10 @@ def build(demo: gr.Blocks) -> EvaluateTab:
     with gr.Row():
         data_file = gr.File(label="Multiple-choice set (.jsonl of question, choices, answer); empty: the set "
                                   "shipped with the app", file_types=[".jsonl", ".json"], height=130,
-                            elem_id="eval-data")
+                            elem_id="eval-data", elem_classes=["dl-upload"])
         loss_file = gr.File(label="Optional held-out data in a training format, for loss and perplexity",
                             file_types=[".jsonl", ".json", ".csv", ".parquet"], height=130,
-                            elem_id="eval-loss-data")
+                            elem_id="eval-loss-data", elem_classes=["dl-upload"])
     with gr.Row(equal_height=True):
         mode = gr.Radio(list(MODES), value="generate", label="Mode",
                         info="generate: the model replies with a label (greedy); loglik: the most likely choice",

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, RunConfig
-from ..runs import runs_dir, safe_name
+from denselora_app.config import ConfigError, RunConfig
+from denselora_app.runs import runs_dir, safe_name
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunConfig))
 DEFAULT_PRESET = "quickstart-cpu.yaml"  # the preset that trains in minutes on a laptop CPU: the app's starting point

@@ -13,10 +13,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..access import Caller, identify, uploads_dir
-from ..config import RunConfig
-from ..rules import DATA_FILE_TYPES
-from ..runs import safe_name
+from denselora_app.config import RunConfig
+from denselora_app.hub.access import Caller, identify, uploads_dir
+from denselora_app.rules import DATA_FILE_TYPES
+from denselora_app.runs import safe_name
 
 UPLOAD_TYPES = DATA_FILE_TYPES  # what data.py reads; checked before copying
 
@@ -32,21 +32,21 @@ def _stamp(spec: str) -> float | None:
 
 @lru_cache(maxsize=8)
 def _config(spec: str, trust_remote_code: bool, stamp: float | None) -> Any:
-    from .. import models
+    from denselora_app.engine import models
 
     return models.load_config(spec, trust_remote_code=trust_remote_code)
 
 
 @lru_cache(maxsize=4)
 def _tokenizer(spec: str, trust_remote_code: bool, stamp: float | None) -> Any:
-    from .. import models
+    from denselora_app.engine import models
 
     return models.load_tokenizer(spec, trust_remote_code=trust_remote_code)
 
 
 @lru_cache(maxsize=8)
 def _info(spec: str, trust_remote_code: bool, stamp: float | None) -> Any:
-    from .. import models
+    from denselora_app.engine import models
 
     return models.describe_model(spec, trust_remote_code=trust_remote_code)
 
@@ -68,14 +68,14 @@ def model_info(spec: str, trust_remote_code: bool = False) -> Any:
 
 def model_errors() -> tuple[type[Exception], ...]:
     """The exceptions whose message tells a user what is wrong with a model spec, device or dtype."""
-    from ..models import ModelLoadError
+    from denselora_app.engine.models import ModelLoadError
 
     return ModelLoadError, ValueError
 
 
 def data_source(cfg: RunConfig) -> str:
     """The data path or Hub name the training will read (the sample name mapped to its file)."""
-    from ..data import data_source as source_of
+    from denselora_app.engine.sources import data_source as source_of
 
     return source_of(cfg.data)
 
@@ -91,7 +91,7 @@ def store_upload(temp_path: str, who: Caller | None = None) -> Path:
     source = Path(temp_path)
     suffix = source.suffix.lower()
     if suffix not in UPLOAD_TYPES:
-        from ..data import DataError
+        from denselora_app.engine.sources import DataError
 
         raise DataError(f"{source.name}: unsupported file type '{source.suffix}' - upload one of "
                         f"{', '.join(UPLOAD_TYPES)}")

@@ -6,8 +6,8 @@ from typing import Any
 
 import gradio as gr
 
-from .. import access
-from ..access import AccessError, Action
+from denselora_app.hub import access
+from denselora_app.hub.access import AccessError, Action
 
 
 def warn(message: Any) -> str:
@@ -15,10 +15,18 @@ def warn(message: Any) -> str:
     return f"⚠️ {message}"
 
 
+def require(profile: gr.OAuthProfile | None, action: Action) -> access.Caller:
+    """The caller, who must be allowed to do ``action`` here; AccessError otherwise, for event functions that report
+    it together with their other errors."""
+    who = access.identify(profile)
+    access.require(who, action)
+    return who
+
+
 def refusal(profile: gr.OAuthProfile | None, action: Action) -> str | None:
     """Why the caller may not do ``action`` here, as a warning; None when they may."""
     try:
-        access.require(access.identify(profile), action)
+        require(profile, action)
     except AccessError as err:
         return warn(err)
     return None

@@ -16,23 +16,23 @@ from typing import Any
 
 import gradio as gr
 
-from .. import publish
-from ..access import Action
-from ..config import ConfigError
-from ..hosting import on_space
-from ..publish import PublishError, RepoFolder
-from ..runs import list_runs
-from .messages import refusal, warn
+from denselora_app.config import ConfigError
+from denselora_app.hub import cards, publish
+from denselora_app.hub.access import Action
+from denselora_app.hub.account import PublishError
+from denselora_app.hub.hosting import on_space
+from denselora_app.hub.publish import RepoFolder
+from denselora_app.runs import list_runs
+from denselora_app.ui.messages import refusal, warn
 
 # The card's loss-curve image is a file of the repository, which the page cannot load: it is shown beside the card.
-_CURVE_LINK = re.compile(r"!\[[^\]]*\]\(" + re.escape(publish.LOSS_CURVE) + r"\)\n?")
+_CURVE_LINK = re.compile(r"!\[[^\]]*\]\(" + re.escape(cards.LOSS_CURVE) + r"\)\n?")
 _FRONT_MATTER = re.compile(r"\A---\n(.*?)\n---\n", re.S)
 
 
 def publishable_runs() -> list[str]:
     """Ids of the runs that hold a final adapter, newest first."""
-    return [run.id for run in list_runs()
-            if all((run.adapter_dir / name).is_file() for name in publish.ADAPTER_FILES)]
+    return [run.id for run in list_runs() if run.has_adapter()]
 
 
 def refresh_runs(chosen: str | None, profile: gr.OAuthProfile | None = None) -> Any:
@@ -80,7 +80,7 @@ def _card_preview(folder: RepoFolder) -> str:
 
 
 def _loss_curve(folder: RepoFolder) -> Any:
-    path = folder.path / publish.LOSS_CURVE
+    path = folder.path / cards.LOSS_CURVE
     if not path.exists():
         return None
     from PIL import Image  # handed over as an image, not a path: the runs folder may be outside gradio's reach
@@ -196,7 +196,7 @@ def build(demo: gr.Blocks) -> PublishTab:
         card = gr.Markdown(container=True, max_height=640, elem_id="publish-card")
         with gr.Column():
             files = gr.Markdown(elem_id="publish-files")
-            curve = gr.Image(label=publish.LOSS_CURVE, type="pil", interactive=False, elem_id="publish-curve")
+            curve = gr.Image(label=cards.LOSS_CURVE, type="pil", interactive=False, elem_id="publish-curve")
 
     gr.Markdown("### Demo Space\nA Gradio chat app for the adapter, with a side-by-side comparison to its base.")
     with gr.Row():

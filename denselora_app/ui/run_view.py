@@ -12,10 +12,11 @@ from typing import Any
 
 import pandas as pd
 
-from .. import access, jobs, rules
-from ..access import Action, Caller
-from ..runs import JobRecord, Run, RunFacts, RunKind, RunState, Status, format_rate
-from . import charts
+from denselora_app import rules
+from denselora_app.hub import access, jobs
+from denselora_app.hub.access import Action, Caller
+from denselora_app.runs import JobRecord, Run, RunFacts, RunKind, RunState, Status, format_rate
+from denselora_app.ui import charts
 
 LOG_LINES = 30
 

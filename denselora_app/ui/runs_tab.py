@@ -10,14 +10,15 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from .. import access
-from ..access import AccessError, Action
-from ..config import ConfigError
-from ..hosting import on_space
+from denselora_app.config import ConfigError
+from denselora_app.hub import access
+from denselora_app.hub.access import AccessError, Action
+from denselora_app.hub.hosting import on_space
+
 # resolve_run without outside_root: the app reaches only the runs in the runs folder (a Space's visitors call it).
-from ..runs import RunError, delete_run, resolve_run
-from . import charts, loaders, run_view
-from .messages import refusal, warn
+from denselora_app.runs import RunError, delete_run, resolve_run
+from denselora_app.ui import charts, loaders, run_view
+from denselora_app.ui.messages import refusal, warn
 
 
 def runs_table(opened: str | None = None, compared: list[str] | None = None,
@@ -133,7 +134,7 @@ def cancel_delete() -> tuple[Any, str]:
 def resume(run_id: str | None, profile: gr.OAuthProfile | None = None) -> str:
     """Continue the opened run from its last checkpoint (a run stopped, or killed by a crash or a restart) through
     the one launch function, whose refusal (nothing to resume, the device busy, ...) is shown as it is."""
-    from ..launch import LaunchError, resume_run
+    from denselora_app.engine.launch import LaunchError, resume_run
 
     if refused := refusal(profile, Action.TRAIN):
         return refused

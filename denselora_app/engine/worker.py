@@ -1,6 +1,6 @@
-"""The training worker: ``python -m denselora_app.worker RUN_DIR [--resume]``.
+"""The training worker: ``python -m denselora_app.engine.worker RUN_DIR [--resume]``.
 
-Started by ``runs.start_worker`` (through ``launch.py``) in its own session with stdout/stderr in the run's
+Started by ``launch.start_worker`` in its own session with stdout/stderr in the run's
 train.log. It owns the run's status from 'running' to a final state and turns SIGTERM into a graceful stop.
 The foreground CLI calls ``execute`` in its own process instead; SIGTERM stops it gracefully too.
 """
@@ -19,8 +19,17 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-from .runs import LOG_FORMAT, Run, RunKind, RunState, classify_failure, process_start_time
-from .terminal import TRACEBACK
+from denselora_app.runs import (
+    LOG_FORMAT,
+    Failure,
+    FailureKind,
+    Run,
+    RunKind,
+    RunState,
+    classify_failure,
+    process_start_time,
+)
+from denselora_app.terminal import TRACEBACK
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +58,7 @@ def execute(run: Run, resume: bool = False, show_progress: bool = False) -> RunS
 
 
 def _execute(run: Run, resume: bool, show_progress: bool) -> RunState:
-    from .train import process_state, train  # heavy imports, only once a run really starts
+    from denselora_app.engine.train import process_state, train
 
     main = process_state(run.config().device).is_main_process
     if main:
@@ -61,7 +70,7 @@ def _execute(run: Run, resume: bool, show_progress: bool) -> RunState:
                         name)
     try:
         if run.kind is RunKind.LR_SEARCH:
-            from .lr_finder import search
+            from denselora_app.engine.lr_finder import search
 
             outcome = search(run, show_progress=show_progress)
         else:
@@ -70,11 +79,10 @@ def _execute(run: Run, resume: bool, show_progress: bool) -> RunState:
         log.error("Training failed:\n%s", traceback.format_exc(), extra={TRACEBACK: True})
         if main:
             failure = (
-                {"kind": "interrupted", "summary": "Interrupted with Ctrl-C.", "fix": "Resume from the last checkpoint."}
+                Failure(FailureKind.INTERRUPTED, "Interrupted with Ctrl-C.", "Resume from the last checkpoint.")
                 if isinstance(exc, KeyboardInterrupt) else classify_failure(traceback.format_exc())
             )
-            run.update_status(state=RunState.FAILED, finished_at=time.time(), error=failure["summary"],
-                              error_kind=failure["kind"], fix=failure["fix"])
+            run.update_status(state=RunState.FAILED, finished_at=time.time(), **failure.status_fields())
         raise
     if main:
         run.update_status(state=outcome.state, finished_at=time.time(), note=outcome.note)

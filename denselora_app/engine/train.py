@@ -21,18 +21,31 @@ import torch.distributed as dist
 from accelerate import PartialState
 from peft import get_peft_model
 from tqdm.auto import tqdm
-from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
-                          TrainingArguments, set_seed)
+from transformers import (
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import has_length
 
-from . import terminal
-from .config import RunConfig
-from .data import PreparedData, data_source, prepare_data
-from .methods import build_peft_config
-from .models import load_model, load_tokenizer, resolve_device
-from .runs import ADAPTER_CONFIG, Run, RunState, checkpoint_step, mark_checkpoint_complete, write_json_atomic
-from .steplines import metrics_line
+from denselora_app import terminal
+from denselora_app.config import RunConfig
+from denselora_app.engine.data import PreparedData, prepare_data
+from denselora_app.engine.methods import build_peft_config
+from denselora_app.engine.models import load_model, load_tokenizer, resolve_device
+from denselora_app.engine.sources import data_source
+from denselora_app.runs import (
+    ADAPTER_CONFIG,
+    Run,
+    RunState,
+    checkpoint_step,
+    mark_checkpoint_complete,
+    metrics_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +93,7 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcom
     if state.is_main_process:
         setup.model.save_pretrained(run.adapter_dir)
         setup.tokenizer.save_pretrained(run.adapter_dir)  # chat template travels with the adapter
-        write_json_atomic(run.path / "summary.json", run.facts().to_json())
+        run.write_summary()
         log.info("Adapter saved to %s", run.adapter_dir)
     state.wait_for_everyone()
     return Outcome(RunState.STOPPED if stopped else RunState.COMPLETED)
@@ -117,7 +130,7 @@ def prepare(run: Run, cfg: RunConfig, state: PartialState, rows: int | None = No
         limit=rows,
     )
     if state.is_main_process:
-        write_json_atomic(run.path / "data_report.json", data.report.to_dict())
+        run.write_data_report(data.report.to_dict())
 
     device = str(state.device) if cfg.device == "auto" else cfg.device
     model = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
@@ -331,7 +344,7 @@ def _finish_from(run: Run, checkpoint: Path, state: PartialState) -> Outcome:
             shutil.copy2(weights, run.adapter_dir / weights.name)
         cfg = run.config()
         load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code).save_pretrained(run.adapter_dir)
-        write_json_atomic(run.path / "summary.json", run.facts().to_json())
+        run.write_summary()
         log.info("%s is already at the last step: nothing left to train; its adapter is in %s", checkpoint.name,
                  run.adapter_dir)
     state.wait_for_everyone()

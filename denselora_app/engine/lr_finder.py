@@ -27,10 +27,18 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, set_seed
 
-from . import rules
-from .config import ConfigError, RunConfig
-from .runs import LrSearch, LrTrial, Run, RunState, format_rate
-from .train import Outcome, make_trainer, metrics_line, peak_memory_gb, prepare, process_state, training_arguments
+from denselora_app import rules
+from denselora_app.config import ConfigError, RunConfig
+from denselora_app.engine.train import (
+    Outcome,
+    make_trainer,
+    metrics_line,
+    peak_memory_gb,
+    prepare,
+    process_state,
+    training_arguments,
+)
+from denselora_app.runs import LrSearch, LrTrial, Run, RunState, format_rate
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import denselora  # noqa: F401  (registers the DenseLoRA method with PEFT)
 import gradio as gr
 import torch
 from huggingface_hub import file_exists
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
-
-import denselora  # noqa: F401  (registers the DenseLoRA method with PEFT)
 from prompts import PromptError, build_messages, prompt_ids
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
 HERE = Path(__file__).resolve().parent
 

@@ -7,8 +7,8 @@ Data is either
   the model is asked for); an optional ``"style"`` picks the label format (``answer``, ``option``, ``solution``,
   ``ending``, ``letter`` or ``boolean``), otherwise it follows the answer's label, or ``boolean`` for true/false
   choices, or ``answer``. The set shipped with the app is :data:`SAMPLE_MC`.
-* any file data.py reads (alpaca, messages, ...): held-out data, scored by loss (as ``data``, or as ``loss_data``
-  next to a multiple-choice set, to get both in one table).
+* any file engine/sources.py reads (alpaca, messages, ...): held-out data, scored by loss (as ``data``, or as
+  ``loss_data`` next to a multiple-choice set, to get both in one table).
 
 Multiple choice follows the LLM-Adapters commonsense protocol in ``generate`` mode: the question and its labelled
 options in the prompt, greedy decoding, the first label found in the reply (``answer1``..``answer5``,
@@ -18,7 +18,7 @@ names exactly one choice's text counts as that choice (fine-tuned chat adapters 
 generates nothing: each choice is scored by its mean token log-probability after the question, the best one wins.
 
 Loss is the mean negative log-likelihood per answer token over the whole held-out set, with the rendering and label
-masking of training (data.py); perplexity is exp(loss).
+masking of training (engine/data.py); perplexity is exp(loss).
 
 Results go to each run's ``eval.json``: ``{"results": [...], "base": [...]}``, one entry per (dataset, mode,
 checkpoint) for the adapter and per (dataset, mode, base model) for the base, newest replacing older.
@@ -37,18 +37,13 @@ from typing import Any
 
 import torch
 
-from .chat import (
-    AdapterRef,
-    ChatEngine,
-    ChatError,
-    GenerationSettings,
-    build_messages,
-    render_prompt,
-    resolve_adapter,
-)
-from .data import IGNORE_INDEX, SAMPLES_DIR, DataError, common_prefix_len, prepare_data, read_source
-from .config import StudioError
-from .runs import EVAL_FILE, Run, write_json_atomic
+from denselora_app.config import StudioError
+from denselora_app.engine.data import IGNORE_INDEX, common_prefix_len, prepare_data
+from denselora_app.engine.sources import SAMPLES_DIR, DataError, read_source
+from denselora_app.runs import Run
+from denselora_app.serving.adapters import AdapterRef, ChatError, resolve_adapter
+from denselora_app.serving.chat import ChatEngine, GenerationSettings
+from denselora_app.serving.prompts import build_messages, render_prompt
 
 SAMPLE_MC: Path = SAMPLES_DIR / "studio_facts_mc.jsonl"
 MODES = ("generate", "loglik")
@@ -387,7 +382,7 @@ def save_result(run: Run, adapter: EvalResult, base: EvalResult | None) -> None:
             continue
         new = result.to_json()
         merged[key] = [r for r in saved[key] if any(r.get(k) != new[k] for k in identity)] + [new]
-    write_json_atomic(run.path / EVAL_FILE, merged)
+    run.write_evaluation(merged)
 
 
 def evaluate(

@@ -1,10 +1,10 @@
 """The prompt the demo Space's model continues: rendered exactly as DenseLoRA Studio renders it for generation.
 
-The Space does not install the studio, so this is a copy of ``denselora_app.chat.build_messages`` and
-``render_prompt`` (which render as training did, in ``denselora_app.data``): a model with a chat template gets its
-template with the generation prompt; one without gets the DenseLoRA paper's Alpaca prompt, where a system prompt
-replaces the header. tests/test_space_prompts.py checks that both copies give the same token ids, so change them
-together. Only the tokenizer is needed here (no torch, no gradio), so the check can import this file alone.
+The Space does not install the studio, so this is a copy of ``denselora_app.serving.prompts.build_messages`` and
+``render_prompt`` (which render as training did, in ``denselora_app.engine.formats``): a model with a chat template
+gets its template with the generation prompt; one without gets the DenseLoRA paper's Alpaca prompt, where a system
+prompt replaces the header. tests/test_space_prompts.py checks that both copies give the same token ids, so change
+them together. Only the tokenizer is needed here (no torch, no gradio), so the check can import this file alone.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def persistent(path: Path, table: str | None = None) -> bool:
 def runs_persistent() -> bool:
     """Whether runs survive a restart. Off a Space they are on the local disk; a Space resets its container's disk
     on every restart, so there only a runs folder on a mounted volume keeps them."""
-    from .runs import runs_dir
+    from denselora_app.runs import runs_dir
 
     return not on_space() or persistent(runs_dir())
 
@@ -98,7 +98,7 @@ def storage_notice() -> str | None:
     """What the app says when runs are lost on restart (a Space whose runs folder is on no volume), else None."""
     if runs_persistent():
         return None
-    from .runs import runs_dir
+    from denselora_app.runs import runs_dir
 
     return (f"**Runs are lost when this Space restarts**: its runs folder (`{runs_dir()}`) is on the container's own "
             "disk, which every restart (a new build, a settings change, a crash, sleep) starts empty. To keep runs, "

@@ -11,15 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from peft import LoraConfig, PeftConfig, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
-from transformers.pytorch_utils import Conv1D
+from transformers import PretrainedConfig
 
-from . import denselora  # noqa: F401  (registers DenseLoRA with PEFT)
-from .config import METHODS, PAPER_TARGETS, RunConfig, StudioError
-from .denselora import DenseLoraConfig
+from denselora_app import denselora  # noqa: F401  (registers DenseLoRA with PEFT)
+from denselora_app.config import METHODS, PAPER_TARGETS, RunConfig, StudioError
+from denselora_app.denselora import DenseLoraConfig
+from denselora_app.engine.models import linear_layers, linear_names, meta_model
 
 
 def build_peft_config(cfg: RunConfig, method: str | None = None) -> PeftConfig:
@@ -73,18 +72,12 @@ class AdapterError(StudioError, ValueError):
     """The adapter does not fit the model (target modules it lacks, a rank wider than its layers); says what would."""
 
 
-def _meta_model(model_config: PretrainedConfig) -> nn.Module:
-    with torch.device("meta"):  # the architecture without memory: ~0.1 s for a small model, ~1 s for an 8B one
-        return AutoModelForCausalLM.from_config(model_config)
-
-
 def check_adapter(model_config: PretrainedConfig, cfg: RunConfig) -> ParameterCount:
     """Check that ``cfg``'s target modules exist in the model and that its rank fits their widths, then count
     parameters. Raises AdapterError naming the problem and the values that would work."""
-    model = _meta_model(model_config)
-    linear = {name: module for name, module in model.named_modules()
-              if isinstance(module, (nn.Linear, Conv1D)) and not name.endswith("lm_head")}
-    available = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in linear))
+    model = meta_model(model_config)
+    linear = linear_layers(model)
+    available = linear_names(model)
     chosen: dict[str, nn.Module] = {}
     missing = []
     for target in cfg.target_modules:  # PEFT's rule: a target names a module or the end of its dotted name
@@ -115,7 +108,7 @@ def count_parameters(model_config: PretrainedConfig, cfg: RunConfig, model: nn.M
     model). ``model``: that architecture already built on meta, used for ``cfg``'s method (PEFT changes it)."""
     counts = {}
     for method in dict.fromkeys((cfg.method, *METHODS)):  # the others too: the Train tab compares them
-        model = model or _meta_model(model_config)
+        model = model or meta_model(model_config)
         total = sum(p.numel() for p in model.parameters())
         peft_model = get_peft_model(model, build_peft_config(cfg, method))
         counts[method] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)

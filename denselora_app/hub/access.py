@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import EMBEDDED_MODEL, SAMPLE_DATA, RunConfig, StudioError
-from .hosting import on_space, space_owner
-from .rules import looks_like_path
-from .runs import Run, list_runs, runs_dir, safe_name
+from denselora_app.config import EMBEDDED_MODEL, SAMPLE_DATA, RunConfig, StudioError
+from denselora_app.hub.hosting import on_space, space_owner
+from denselora_app.rules import looks_like_path
+from denselora_app.runs import Run, list_runs, runs_dir, safe_name
 
 READ_ONLY_ROLE = "read"  # an organisation member with this role cannot write to the organisation's repositories
 

@@ -1,6 +1,6 @@
 """The memory planner: how much memory a training run needs, and whether it fits on its device.
 
-    plan = plan_memory(model_config, cfg, counts, "cuda:0")    # from the configuration only: no weights load
+    plan = plan_memory(model_config, cfg, counts, "cuda:0", free_memory("cuda:0"))  # the configuration only
     plan.fits, plan.summary(), plan.suggestions()
 
 A plan has four parts, in bytes (GB below means 2**30 bytes):
@@ -57,7 +57,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import MAX_COUNT, RunConfig
+from denselora_app.config import MAX_COUNT, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +119,10 @@ def model_shape(model_config: Any) -> ModelShape:
 
 
 def _measure_shape(model_config: Any) -> ModelShape:
-    from transformers import AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
+    from denselora_app.engine.models import linear_layers, meta_model  # torch and transformers, on first use
 
-    with torch.device("meta"):  # the architecture without memory: ~0.03 s (~1 s the first time in a process)
-        model = AutoModelForCausalLM.from_config(model_config)
-    output = model.get_output_embeddings()
-    linears = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, (nn.Linear, Conv1D)) and module is not output]
+    model = meta_model(model_config)  # ~0.03 s (~1 s the first time in a process)
+    linears = list(linear_layers(model).items())
     inputs: dict[str, int] = {}
     for name, module in linears:
         inputs.setdefault(name.rsplit(".", 1)[-1],
@@ -484,12 +480,9 @@ def _plan(shape: ModelShape, cfg: RunConfig, trainable: int, device: str, free: 
                       trainable=trainable, file_bytes=file_bytes)
 
 
-def plan_memory(model_config: Any, cfg: RunConfig, counts: Any, device: str, free: int | None | str = "read"
-                ) -> MemoryPlan:
+def plan_memory(model_config: Any, cfg: RunConfig, counts: Any, device: str, free: int | None) -> MemoryPlan:
     """The memory plan of training ``cfg`` on ``device``, the resolved device ('cpu', 'cuda:0', 'mps').
 
-    ``counts`` is the run's methods.ParameterCount (check_adapter, count_parameters). ``free``: 'read' reads the
-    device's free memory now (free_memory); a number of bytes is used as it is; None leaves it unknown (the plan
-    then fits)."""
-    return _plan(model_shape(model_config), cfg, counts.trainable, device,
-                 free_memory(device) if free == "read" else free, checkpoint_bytes(model_config))
+    ``counts`` is the run's methods.ParameterCount (check_adapter, count_parameters). ``free``: the bytes free on
+    the device (``free_memory(device)`` reads them now); None leaves it unknown (the plan then fits)."""
+    return _plan(model_shape(model_config), cfg, counts.trainable, device, free, checkpoint_bytes(model_config))

@@ -31,15 +31,13 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 from huggingface_hub import hf_hub_download
-from safetensors import SafetensorError
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
-    HFValidationError,
     RepositoryNotFoundError,
 )
-from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -52,10 +50,10 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from .config import EMBEDDED_HUB_ID, EMBEDDED_MODEL, StudioError
-from .hosting import on_space
-from .rules import (DTYPES, HUB_PROBE_TIMEOUT_S, QUANTIZATIONS, HubUnreachable, cache_dir, cached_copy_if_offline,
-                    looks_like_path)
+from denselora_app.config import EMBEDDED_HUB_ID, EMBEDDED_MODEL, StudioError
+from denselora_app.hub.connection import HUB_PROBE_TIMEOUT_S, HubUnreachable, cached_copy_if_offline
+from denselora_app.hub.hosting import on_space
+from denselora_app.rules import DTYPES, QUANTIZATIONS, cache_dir, hub_id_problem, looks_like_path
 
 try:  # lets a GGUF be dequantized explicitly, even where the `kernels` package could keep it packed
     from transformers.utils.quantization_config import GgufConfig
@@ -152,13 +150,11 @@ def _classify(spec: str) -> _Source:
         )
     if looks_like_path(spec):
         raise ModelLoadError(f"No such file or folder: {str(path.absolute())!r}. Check the path. {_ALTERNATIVES}.")
-    try:
-        validate_repo_id(spec)
-    except HFValidationError as error:
+    if problem := hub_id_problem(spec):
         raise ModelLoadError(
-            f"{spec!r} is neither an existing local folder nor a valid Hugging Face Hub model id ({error}). "
+            f"{spec!r} is neither an existing local folder nor a valid Hugging Face Hub model id ({problem}). "
             f"{_ALTERNATIVES}, or a Hub id such as 'HuggingFaceTB/SmolLM2-360M-Instruct'."
-        ) from None
+        )
     return _Source("hub", spec)
 
 
@@ -477,6 +473,28 @@ def load_model(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The architecture without its weights
+
+
+def meta_model(model_config: PretrainedConfig, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model's architecture on the meta device: every shape, no memory (~0.1 s for a small model, ~1 s for 8B)."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers an adapter can target, by dotted name: every Linear (or transformers' Conv1D) but the output head.
+    The one list for the adapter check, the memory planner and the model's description."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, Conv1D)) and module is not output and not name.endswith("lm_head")}
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The last parts of the linear_layers' names (q_proj, ...), in the model's order: what target_modules names."""
+    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in linear_layers(model)))
+
+
 # Describing a model
 
 
@@ -488,7 +506,7 @@ class ModelInfo:
     num_parameters: int
     num_layers: int
     hidden_size: int
-    linear_names: list[str]  # name suffixes of the Linear (or Conv1D) modules in the decoder layers, lm_head excluded
+    linear_names: list[str]  # the targets an adapter may name (models.linear_names)
     has_chat_template: bool
     chat_template: str | None
     max_position_embeddings: int | None
@@ -504,20 +522,11 @@ class ModelInfo:
 def describe_model(spec: str, trust_remote_code: bool = False) -> ModelInfo:
     """What a model is, without loading its weights: it is built on the `meta` device from its config."""
     config = load_config(spec, trust_remote_code=trust_remote_code)
-    with _explain_errors(spec, "the model"), torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    with _explain_errors(spec, "the model"):
+        model = meta_model(config, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
-
-    linear_names: list[str] = []
-    layer_indices: set[str] = set()
-    for name, module in model.named_modules():
-        # Modules inside decoder layers sit under a numbered ModuleList entry, e.g. model.layers.3.self_attn.q_proj.
-        inside_layer = re.search(r"\.(\d+)\.", f".{name}")
-        if inside_layer and isinstance(module, (nn.Linear, Conv1D)):
-            layer_indices.add(inside_layer[1])
-            suffix = name.rsplit(".", 1)[-1]
-            if suffix != "lm_head" and suffix not in linear_names:
-                linear_names.append(suffix)
+    # Layers sit under a numbered ModuleList entry, e.g. model.layers.3.self_attn.q_proj.
+    layer_indices = {found[1] for name in linear_layers(model) if (found := re.search(r"\.(\d+)\.", f".{name}"))}
 
     text_config = config.get_text_config(decoder=True)
     chat_template = tokenizer.chat_template
@@ -530,7 +539,7 @@ def describe_model(spec: str, trust_remote_code: bool = False) -> ModelInfo:
         num_parameters=sum(p.numel() for p in model.parameters()),  # parameters() counts tied weights once
         num_layers=getattr(text_config, "num_hidden_layers", None) or len(layer_indices),
         hidden_size=getattr(text_config, "hidden_size", None) or 0,
-        linear_names=linear_names,
+        linear_names=linear_names(model),
         has_chat_template=chat_template is not None,
         chat_template=chat_template,
         max_position_embeddings=getattr(text_config, "max_position_embeddings", None),
