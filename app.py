@@ -7,22 +7,32 @@ The terminal shows the studio's own messages; libraries' records and warnings go
 
 import logging
 import os
+import sys
 
-from denselora_app.hub.hosting import on_zerogpu
+from denselora_app.config import StudioError
+from denselora_app.hub.hosting import on_space
 from denselora_app.terminal import Terminal
-from denselora_app.ui import CSS, build_app
+from denselora_app.ui import CSS, build_app, openai_api, server
 
-# gradio lets one event wait in the queue on ZeroGPU unless told otherwise (made for one-button demos); the studio's
-# pages poll (the live view's timer) and several visitors use it at once, so more must be able to wait. GPU calls
-# still go one at a time (the chat engine's queue).
-ZEROGPU_QUEUE_SIZE = 64
+# On a Space the queue is bounded, so no visitor can pile up requests without end (past it gradio answers "queue
+# full"); it is not 1, gradio's own default on ZeroGPU (made for one-button demos): the studio's pages poll (the live
+# view's timer) and several visitors use it at once. GPU calls still go one at a time (the chat engine's queue).
+SPACE_QUEUE_SIZE = 64
 
 
 def main() -> None:
     with Terminal(debug=os.environ.get("DENSELORA_DEBUG") == "1") as terminal:
         logging.getLogger("denselora_app").info("Libraries' messages go to %s", terminal.log_file)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own health checks would log every request
-        build_app().queue(max_size=ZEROGPU_QUEUE_SIZE if on_zerogpu() else None).launch(css=CSS)
+        try:
+            options = server.launch_options()
+        except StudioError as err:
+            logging.getLogger("denselora_app").error("%s", err)
+            sys.exit(2)
+        demo = build_app().queue(max_size=SPACE_QUEUE_SIZE if on_space() else None)
+        demo.launch(css=CSS, **options, prevent_thread_lock=True)
+        openai_api.mount(demo.app)  # the OpenAI API at /v1, from the Chat tab's engine
+        demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 RATES: dict[str, list[float]] = {
     "denselora": [3e-3, 1e-3, 1e-2, 3e-4],
     "denselora-shared4": [3e-3, 1e-3, 1e-2, 3e-4],  # the shared E and D at 4x the rate (convergence.py)
+    "denselora-identity": [3e-3, 1e-3, 1e-2, 3e-4],  # activation identity: exactly a LoRA, exports exactly
+    "denselora-export": [],  # no sweep of its own: the GELU arm's chosen rate, its seeds retrained and exported
     "lora": [3e-4, 1e-4, 1e-3, 3e-5],
     "lora-matched": [1e-3, 3e-4, 3e-3, 1e-4],
 }
@@ -212,11 +214,14 @@ class Arm:
     method: str
     r: int
     settings: tuple[tuple[str, Any], ...] = ()  # other RunConfig values of this arm
+    export: bool = False  # score the adapter's fitted LoRA export (export/fit.py), calibrated on the training rows
 
     @property
     def label(self) -> str:
-        settings = "".join(f", {key} {value:g}" for key, value in self.settings)
-        return f"{'DenseLoRA' if self.method == 'denselora' else 'LoRA'} r{self.r}{settings}"
+        settings = "".join(f", {key} {value:g}" if isinstance(value, float) else f", {key} {value}"
+                           for key, value in self.settings)
+        exported = ", fitted LoRA export" if self.export else ""
+        return f"{'DenseLoRA' if self.method == 'denselora' else 'LoRA'} r{self.r}{settings}{exported}"
 
     def config(self, args: argparse.Namespace, data: Path, lr: float, seed: int) -> RunConfig:
         return RunConfig(
@@ -295,8 +300,25 @@ def run_trial(args: argparse.Namespace, arm: Arm, lr: float, seed: int, data: Pa
         if len(table.results) > 1:
             record["base"] = _scores(table.results[0], questions)
     record["eval_seconds"] = time.time() - started
+    if arm.export:  # the adapter's scores stay as "adapter_test"; the arm's "test" is its export's
+        record["adapter_test"], record["test"], record["export"] = record["test"], *export_scores(run, data, engine)
+    shutil.rmtree(data.parent / "exports" / run.id, ignore_errors=True)
     shutil.rmtree(run.path)  # the record is what is kept; adapters of every trial would fill the disk
     return record
+
+
+def export_scores(run: Any, data: Path, engine: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The test scores of the run's fitted LoRA export (calibrated on the training rows, default rank) and its
+    export_report.json's headline."""
+    from denselora_app.export import EXPORT_REPORT, export_run
+    from denselora_app.serving.evaluate import evaluate
+
+    folder = export_run(run, "lora", data.parent / "exports" / run.id, calibration=str(data / "train.jsonl")).folder
+    questions = data / "test.jsonl"
+    table = evaluate(str(folder), questions, engine=engine, save=False)
+    report = json.loads((folder / EXPORT_REPORT).read_text())
+    return _scores(table.results[-1], questions), {"rank": report["rank"], "relative_error": report["relative_error"],
+                                                   **report["end_to_end"]}
 
 
 # ---- the benchmark ------------------------------------------------------------------------------------------------
@@ -346,7 +368,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine = ChatEngine(device=args.device, runs_root=args.work_dir / "runs")
     denselora = Arm("denselora", "denselora", 16)
     arms = {"denselora": denselora, "lora": Arm("lora", "lora", 16),
-            "denselora-shared4": Arm("denselora-shared4", "denselora", 16, (("shared_lr_scale", 4.0),))}
+            "denselora-shared4": Arm("denselora-shared4", "denselora", 16, (("shared_lr_scale", 4.0),)),
+            "denselora-identity": Arm("denselora-identity", "denselora", 16, (("activation", "identity"),)),
+            "denselora-export": Arm("denselora-export", "denselora", 16, export=True)}
     if "lora-matched" in args.arms:
         arms["lora-matched"] = Arm("lora-matched", "lora", matched_lora_rank(args.model, _trainable(args.model,
                                                                                                   denselora)))
@@ -365,8 +389,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         trials[name] = record
         return record
 
-    rates = {name: args.rates or RATES[name][: args.sweep] for name in args.arms}
+    if "denselora-export" in args.arms and "denselora" not in args.arms:
+        raise SystemExit("--arms denselora-export retrains the denselora arm's seeds: list denselora too.")
+    rates = {name: args.rates or RATES[name][: args.sweep] for name in args.arms if name != "denselora-export"}
     sweeps = sweep_rates(rates, lambda name, lr: trial(arms[name], lr, args.data_seed), args.extend)
+    if "denselora-export" in args.arms:  # the GELU arm's chosen rate, every seed, exported
+        sweeps["denselora-export"] = [trial(arms["denselora-export"], best_trial(sweeps["denselora"])["lr"],
+                                            args.data_seed)]
     results: dict[str, Any] = {}
     for name, sweep in sweeps.items():
         arm = arms[name]
@@ -375,10 +404,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         accuracies = [t["test"]["accuracy"] for t in seeds]
         results[name] = {
             "label": arm.label, "method": arm.method, "r": arm.r, "trainable": best["trainable"], "lr": best["lr"],
-            "sweep": [{k: t[k] for k in ("lr", "final_loss")} | {"val": t["val"]["accuracy"]} for t in sweep],
+            "sweep": [{k: t[k] for k in ("lr", "final_loss")} | {"val": t["val"]["accuracy"]} for t in sweep
+                      if not arm.export],
             "seeds": seeds, "mean": statistics.fmean(accuracies),
             "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
         }
+        if arm.export:  # the same seeds' own adapters, and how faithful their exports were
+            results[name]["adapter_mean"] = statistics.fmean(t["adapter_test"]["accuracy"] for t in seeds)
+            results[name]["exports"] = [t["export"] for t in seeds]
     if args.write_headline:
         write_headline(args.write_headline, args.model, sizes, stored(args, "base", key), arms, results)
     return {"mode": args.mode, "settings": {k: getattr(args, k) for k in PRESETS["cpu"]} | {"model": args.model},
@@ -481,6 +514,12 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines.append(markdown_table(["arm", "trainable", "chosen lr", "test accuracy (mean ± std)", "per seed",
                                  "final train loss per seed (mean of the last tenth of the steps; the tenth before)"],
                                 rows))
+    for arm in results["arms"].values():
+        if "adapter_mean" in arm:
+            fits = "; ".join(f"rank {e['rank']}, held-out error {e['relative_error']:.1%}, identical greedy answers "
+                             f"{e['greedy_identical_share']:.0%}" for e in arm["exports"])
+            lines += ["", f"{arm['label']}: {arm['mean']:.1%} on the test questions, where the same seeds' own GELU "
+                          f"adapters scored {arm['adapter_mean']:.1%} (per seed: {fits})."]
     lines += ["", "Learning-rate sweep (first seed; validation accuracy, final train loss):", ""]
     rows = [[arm["label"], f"{t['lr']:g}", f"{t['val']:.1%}", f"{t['final_loss']:.3f}"]
             for name, arm in results["arms"].items() for t in sorted(arm["sweep"], key=lambda t: t["lr"])]

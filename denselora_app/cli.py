@@ -15,8 +15,12 @@
     chat RUN_OR_ADAPTER --prompt TEXT [--compare] [...]   stream a reply (--compare: the base's, then the adapter's)
     eval (or evaluate) RUN_OR_ADAPTER... [--data FILE] [--mode M] [...]
                                                   accuracy, loss and perplexity: base vs adapter
+    serve RUN_OR_ADAPTER... [--host H] [--port P] [--api-key KEY] [--name NAME ...] [--max-queue N]
+                                                  an OpenAI-compatible API (/v1) for the adapters and their base
     publish RUN --repo-id USER/NAME [--private] [--dry-run OUT_DIR] [--message MSG] [--base-model HUB_ID]
-            [--space USER/NAME [--space-dir DIR]]         upload the adapter (and a demo Space) to the Hub
+            [--space USER/NAME [--space-dir DIR]] [--as lora|merged|gguf]   upload the adapter (and a demo
+                                                  Space), or an export of it (see export), to the Hub
+    export RUN --to lora|merged|gguf --out DIR [--calibration DATA] [--rank K] [--gguf-type T]   load it anywhere
 
 RUN is a run id (as ``runs`` lists it), ``runs/<id>``, or the path of a run folder, also one outside the runs
 folder (runs.resolve_run decides, the same for every command). A run's adapter/ or checkpoints/checkpoint-N folder,
@@ -40,11 +44,14 @@ from typing import Any
 from denselora_app import terminal
 from denselora_app.config import QUANTIZATIONS, RunConfig, StudioError
 from denselora_app.rules import (
+    EXPORT_FORMATS,
+    GGUF_TYPES,
     JOBS_DEFAULT_TIMEOUT,
     LR_SEARCH_COUNT,
     LR_SEARCH_LONG_RUNS,
     LR_SEARCH_RANGES,
     LR_SEARCH_STEPS,
+    PUBLISH_FORMS,
 )
 from denselora_app.runs import (
     FailureKind,
@@ -129,11 +136,18 @@ def _launch_on_all_ranks(cfg: RunConfig, args: argparse.Namespace) -> Run:
     kind, _, value = str(holder[0]).partition(":")
     if kind == "error":
         raise UserError(value if state.is_main_process else f"rank 0 refused the run: {value}")
-    return Run(Path(value))
+    folder = Path(value)
+    seen: list[bool | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, folder.is_dir())  # every rank answers, so all stop together or none does
+    if blind := [rank for rank, sees in enumerate(seen) if not sees]:
+        raise UserError(f"Rank{'s' if len(blind) > 1 else ''} {', '.join(map(str, blind))} cannot see the run "
+                        f"folder {folder} that rank 0 created: on several machines the runs folder must be on storage "
+                        "every node sees. Set DENSELORA_RUNS to a shared folder (the same path on every node).")
+    return Run(folder)
 
 
 def _foreground(run: Run, args: argparse.Namespace, resume: bool = False) -> int:
-    from denselora_app.engine.worker import execute
+    from denselora_app.engine.worker import RunFailed, execute
 
     terminal.log_to(run.log_path)
     log.info("Run %s: %s", run.id, run.path)
@@ -145,9 +159,9 @@ def _foreground(run: Run, args: argparse.Namespace, resume: bool = False) -> int
                  else f"Resume with: python -m denselora_app resume {run.cli_name}")
         print(f"\nInterrupted. {again}", file=terminal.stderr())
         return 130
-    except Exception:  # noqa: BLE001  (execute logged the traceback to train.log and recorded the failure)
-        status = run.status()
-        print(f"\nRun {run.id} failed: {status.error}\nFix: {status.fix}\nThe full error is in {run.log_path}"
+    except RunFailed as failed:  # execute logged the traceback to train.log
+        print(f"\nRun {run.id} failed: {failed.failure.summary}\nFix: {failed.failure.fix}\n"
+              f"The full error is in {run.log_path}"
               + ("." if args.debug else " (or run again with --debug)."), file=terminal.stderr())
         return 1
     status = run.status()
@@ -219,7 +233,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for run in runs:  # runs on Hugging Face Jobs: what their jobs say now
         if problem := refresh(run, every=0):
             print(f"warning: {problem}", file=terminal.stderr())
-    print(f"{'RUN':40} {'STATE':10} {'METHOD':9} {'R':>4} {'TRAIN%':>8} {'STEP':>11} {'LOSS':>8} {'VAL':>8}")
+    print(f"{'RUN':40} {'STATE':10} {'STAGE':5} {'METHOD':9} {'R':>4} {'TRAIN%':>8} {'STEP':>11} {'LOSS':>8} {'VAL':>8}")
     for run in runs:
         print(_run_line(run))
     return 0
@@ -234,7 +248,7 @@ def _run_line(run: Run) -> str:
     step = f"{facts.steps}/{status.max_steps or '?'}"
     loss = f"{facts.final_train_loss:.4f}" if facts.final_train_loss is not None else "-"
     val = f"{facts.final_eval_loss:.4f}" if facts.final_eval_loss is not None else "-"
-    line = f"{run.id:40} {facts.label:10} {cfg.method:9} {cfg.r:>4} {percent:>8} {step:>11} {loss:>8} {val:>8}"
+    line = f"{run.id:40} {facts.label:10} {cfg.stage:5} {cfg.method:9} {cfg.r:>4} {percent:>8} {step:>11} {loss:>8} {val:>8}"
     if status.error_kind == FailureKind.NEVER_STARTED:
         line += "  (never started: delete it)"
     if facts.job is not None:
@@ -289,6 +303,7 @@ def _run(ref: str) -> Run:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    from denselora_app.export.publishing import publish_export
     from denselora_app.hub.publish import build_model_repo, build_space_repo, publish_model, publish_space
 
     if args.space_dir and not args.space:
@@ -296,6 +311,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if args.dry_run and args.space and not args.space_dir:
         raise UserError("--dry-run uploads nothing: add --space-dir DIR to export the Space too.")
     run = _run(args.run)
+    if args.form != PUBLISH_FORMS[0]:  # an export of the adapter (export/publishing.py builds and uploads it)
+        if args.space:
+            raise UserError(f"--space serves the DenseLoRA adapter itself: leave it out with --as {args.form}.")
+        print(publish_export(run, args.form, args.repo_id, dry_run=args.dry_run, private=args.private,
+                             commit_message=args.message, base_model=args.base_model, calibration=args.calibration,
+                             rank=args.rank, gguf_type=args.gguf_type))
+        return 0
     if args.dry_run:
         folder = build_model_repo(run, args.repo_id, args.dry_run, base_model=args.base_model)
         print(f"Wrote the repository {folder.repo_id} to {folder.path} (nothing uploaded):")
@@ -315,6 +337,20 @@ def cmd_publish(args: argparse.Namespace) -> int:
                                private=args.private, commit_message=args.message, base_model=args.base_model)
         print(f"{result.message} (the Space builds and starts in a few minutes)")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from denselora_app.export import export_run
+
+    print(export_run(_run(args.run), args.to, args.out, calibration=args.calibration, rank=args.rank,
+                     gguf_type=args.gguf_type).message)
+    return 0
+
+
+def _export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", metavar="DATA", help="rows to fit a GELU/SiLU adapter on; measures any export")
+    p.add_argument("--rank", type=int, metavar="K", help="rank of a fitted export (default: chosen on held-out rows)")
+    p.add_argument("--gguf-type", choices=GGUF_TYPES, default=GGUF_TYPES[0], help="the GGUF file's weight type")
 
 
 def _print_growing(text: str, shown: str) -> str:
@@ -348,6 +384,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("\n\nadapter:")
         adapter_shown = _print_growing(adapter_text, adapter_shown)
     print("" if adapter_shown else "\n\nadapter:")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from denselora_app.serving.api import Limits
+    from denselora_app.serving.server import Server, ServeOptions
+
+    options = ServeOptions(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("DENSELORA_API_KEY"),
+                           open_without_key=args.no_api_key, names=tuple(args.name or ()), device=args.device,
+                           quantization=args.quantization,
+                           **({"max_queue": args.max_queue} if args.max_queue is not None else {}),
+                           limits=Limits(max_body_bytes=args.max_body_mb * 1024 * 1024, timeout=args.timeout,
+                                         max_tokens=args.max_tokens))
+    server = Server.load(args.adapter, options)
+    models = [m.name for m in server.catalog()]
+    print(f"Serving {', '.join(models)} at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+    server.run()
     return 0
 
 
@@ -458,7 +511,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", metavar="HUB_ID", help="the base model's Hub id, for runs on a local model folder")
     p.add_argument("--space", metavar="USER/NAME", help="also deploy a Gradio chat demo Space for the adapter")
     p.add_argument("--space-dir", type=Path, metavar="DIR", help="write the demo Space to DIR instead of uploading it")
+    p.add_argument("--as", dest="form", choices=PUBLISH_FORMS, default=PUBLISH_FORMS[0], help="or an export of it")
+    _export_options(p)
     p.set_defaults(func=cmd_publish)
+
+    p = command("export", help="export a run's adapter as a standard LoRA adapter, a merged model or a GGUF file")
+    p.add_argument("run")
+    p.add_argument("--to", required=True, choices=EXPORT_FORMATS)
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="a new or empty folder to write")
+    _export_options(p)
+    p.set_defaults(func=cmd_export)
 
     p = command("chat", help="chat with an adapter (a run, an adapter folder or a Hub adapter id)")
     p.add_argument("adapter", metavar="RUN_OR_ADAPTER")
@@ -475,10 +537,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", **compile_decoding)
     p.set_defaults(func=cmd_chat)
 
+    p = command("serve", help="serve adapters and their base model through an OpenAI-compatible API at /v1")
+    p.add_argument("adapter", metavar="RUN_OR_ADAPTER", nargs="+", help="runs or adapters, all of one base model")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", metavar="KEY", help="the key clients must send (default: $DENSELORA_API_KEY; "
+                                                    "required off localhost)")
+    p.add_argument("--no-api-key", action="store_true", help="serve a non-local --host without a key")
+    p.add_argument("--name", action="append", metavar="NAME",
+                   help="the model name of each adapter, in order (default: the run id or adapter label)")
+    p.add_argument("--max-queue", type=int, metavar="N",
+                   help="requests waiting or decoding at once; more get 503 (default: 64)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="cap every request's max_tokens (default: the "
+                                                               "model's context caps it)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="longest time a request may take")
+    p.add_argument("--max-body-mb", type=int, default=4, metavar="MB", help="largest request body")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quantization", **base_quantization)
+    p.set_defaults(func=cmd_serve)
+
     p = command("eval", aliases=["evaluate"], help="accuracy, loss and perplexity of adapters and their base model")
     p.add_argument("adapter", metavar="RUN_OR_ADAPTER", nargs="+")
-    p.add_argument("--data", metavar="FILE", help="a multiple-choice .jsonl, or held-out data scored by loss "
-                                                  "(default: the shipped multiple-choice set on the sample facts)")
+    p.add_argument("--data", metavar="FILE", help="multiple choice, held-out data (loss) or held-out preference "
+                                                  "pairs (pairwise accuracy); default: the shipped multiple choice")
     p.add_argument("--loss-data", metavar="FILE", help="held-out data (any training format) for loss and perplexity, "
                                                        "next to a multiple-choice --data")
     p.add_argument("--mode", choices=("generate", "loglik"), default="generate",

@@ -18,6 +18,7 @@ from denselora_app import rules
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was quantized from
 SAMPLE_DATA = "sample:studio_facts"
+SAMPLE_PAIRS = "sample:ahoy_pairs"  # the dpo and kto sample: answers that greet with "Ahoy!" preferred
 PAPER_TARGETS = list(rules.PAPER_TARGETS)
 
 # The choices of the fields below, as the Train tab lists them (rules.py holds the values).
@@ -28,6 +29,9 @@ SCHEDULERS = rules.SCHEDULERS
 DATA_FORMATS = ("auto", *rules.DATA_FORMATS)
 DTYPES = ("auto", *rules.DTYPES)
 QUANTIZATIONS = rules.QUANTIZATIONS
+STAGES = rules.STAGES
+TRACKERS = rules.TRACKERS
+DPO_LOSSES = rules.DPO_LOSSES
 
 
 # Upper bounds of the counts: far beyond any real run, so that a typo (or a hostile value) is refused by name here
@@ -63,6 +67,22 @@ class RunConfig:
     train_on_inputs: bool = _field(False, "Also train on prompt tokens (the paper's setting); default trains answers only.")
     val_size: float = _field(0.0, "Validation rows: a count (>= 1), a fraction (< 1), or 0 for none.", min=0)
     cutoff_len: int = _field(512, "Longest example in tokens; longer ones are truncated.", min=8, max=MAX_TOKENS)
+    # --- the training stage
+    stage: str = _field(
+        "sft", "What the run learns from: 'sft' (supervised fine-tuning: prompts and the answers to imitate), 'dpo' "
+               "(Direct Preference Optimization, TRL's DPOTrainer: pairs of a prompt, a chosen and a rejected answer; "
+               "the model learns to prefer the chosen one relative to the base model) or 'kto' (Kahneman-Tversky "
+               "Optimization, TRL's KTOTrainer: answers labelled desirable or not, or preference pairs).",
+        choices=STAGES)
+    beta: float = _field(
+        0.1, "DPO and KTO: how far the adapter may move from the reference model (TRL's beta); higher keeps it "
+             "closer. Ignored by sft.", min_exclusive=0)
+    dpo_loss: str = _field(
+        "sigmoid", "DPO: TRL's loss_type (sigmoid: the DPO paper's; ipo, hinge, robust, ...). Ignored by sft.",
+        choices=DPO_LOSSES)
+    init_adapter: str = _field(
+        "", "DPO and KTO: start from the adapter of this finished run (its id, e.g. an sft run) instead of a fresh "
+            "one; the reference model is then that adapter, not the bare base. Empty: a fresh adapter.")
     # --- the adapter
     method: str = _field("denselora", "Adapter method: 'denselora' or 'lora' (PEFT's LoRA, the baseline).", choices=METHODS)
     r: int = _field(16, "Rank.", min=1, max=MAX_COUNT)
@@ -73,7 +93,9 @@ class RunConfig:
         "input", "DenseLoRA: where dropout applies: 'input' (the adapter's input, like LoRA) or 'all' (also after "
                  "each activation, as the authors' released code does).", choices=DROPOUT_PLACEMENTS)
     target_modules: list[str] = _field(PAPER_TARGETS, "Linear layer names to adapt (name suffixes, e.g. q_proj).")
-    activation: str = _field("gelu", "DenseLoRA nonlinearity (ablations: silu, identity).", choices=ACTIVATIONS)
+    activation: str = _field("gelu", "DenseLoRA nonlinearity: gelu (the paper's), silu, or identity: exact export to "
+                                     "LoRA / merge / GGUF (export --to; gelu and silu need calibration data and are "
+                                     "fitted, with a measured error).", choices=ACTIVATIONS)
     init_scale: float = _field(
         1.0, "DenseLoRA: multiplier on the initial E and M (1: the paper's Kaiming-uniform); D starts at zero, so a "
              "fresh adapter is a no-op at any scale. Ignored by LoRA.", min_exclusive=0)
@@ -116,12 +138,39 @@ class RunConfig:
                 "large model on one GPU; the adapter trains in full precision. 'none' keeps the dtype above.",
         choices=QUANTIZATIONS)
     trust_remote_code: bool = _field(False, "Run model code shipped with a Hub model. Only for models you trust.")
+    fsdp: bool = _field(
+        False, "Shard the frozen base and the adapter over the processes of a torchrun or accelerate launch (PyTorch "
+               "FSDP2, through accelerate): each process holds about 1/N of the weights, so a model too large for "
+               "one GPU trains on several. Each decoder layer is one shard group; DenseLoRA's shared encoders and "
+               "decoders stay in the root group, so they stay shared.")
+    fsdp_offload: bool = _field(
+        False, "With fsdp: keep the sharded parameters in CPU memory between uses (slower; for a model that does "
+               "not fit the GPUs even sharded).")
+    report_to: list[str] = _field(
+        [], "Experiment trackers that also get the metrics (the run folder's metrics.jsonl is written either way): "
+            "tensorboard (event files in the run folder's trackers/tensorboard), wandb (offline into the run folder "
+            "unless WANDB_MODE or WANDB_API_KEY is set), mlflow (a file store in the run folder unless "
+            "MLFLOW_TRACKING_URI is set), trackio (local). Empty or none: no tracker.", choices=TRACKERS)
 
     def __post_init__(self) -> None:
+        if isinstance(self.stage, str) and self.stage.strip().lower() in rules.REFUSED_STAGES:
+            name = self.stage.strip().lower()
+            raise ConfigError(f"stage {name} is not offered: {rules.REFUSED_STAGES[name]}.")
         for f in dataclasses.fields(self):
             setattr(self, f.name, _check(f, getattr(self, f.name)))
         if not self.target_modules:
             raise ConfigError("target_modules is empty: name at least one Linear layer to adapt, e.g. [q_proj, v_proj].")
+        if self.stage == "kto" and self.batch_size < 2:
+            raise ConfigError("stage kto needs batch_size of at least 2: its KL estimate pairs each answer with the "
+                              "other prompts of its batch (use grad_accum for a larger effective batch).")
+        if self.init_adapter and self.stage == "sft":
+            raise ConfigError("init_adapter is for dpo and kto (the sft run's adapter becomes the reference); to "
+                              "train an sft run further, resume it.")
+        if self.stage != "sft" and self.packing:
+            raise ConfigError(f"packing is for sft; TRL's {self.stage} trainer pads its batches: set packing to false.")
+        if self.stage != "sft" and self.data_format != "auto":
+            raise ConfigError(f"data_format {self.data_format} is a layout of sft data; a {self.stage} run detects "
+                              "its preference-pair layout itself: set data_format to auto.")
 
     # --- YAML in, YAML out
     @classmethod
@@ -130,6 +179,8 @@ class RunConfig:
             raise ConfigError(f"A run configuration is a mapping of keys to values, got {type(values).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
         for key in values:
+            if key in rules.REFUSED_SETTINGS:
+                raise ConfigError(f"{key} is not supported: {rules.REFUSED_SETTINGS[key]}.")
             if key not in known:
                 hint = difflib.get_close_matches(str(key), known, n=1)
                 raise ConfigError(f"Unknown key {quote(key)}." + (f" Did you mean '{hint[0]}'?" if hint else "")
@@ -297,6 +348,12 @@ def _check(f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name} must be a list of names, got {quote(value)}.")
         value = list(dict.fromkeys(value))
+        if "choices" in meta:  # each name is one of the choices; "none" alone means the empty list
+            value = [] if value == ["none"] else value
+            if unknown := [v for v in value if v not in meta["choices"]]:
+                raise ConfigError(f"{name} takes names from {', '.join(meta['choices'])} (or none); got "
+                                  f"{quote(unknown[0])}.")
+            return value
     if "pattern" in meta and not meta["pattern"].match(value.lower()):
         raise ConfigError(f"{name} must be one of 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {quote(value)}.")
     if "choices" in meta and value not in meta["choices"]:

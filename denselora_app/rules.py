@@ -33,12 +33,41 @@ DROPOUT_PLACEMENTS: tuple[str, ...] = ("input", "all")  # DenseLoRA: input only,
 SCHEDULERS: tuple[str, ...] = ("linear", "cosine", "constant", "constant_with_warmup")
 DATA_FORMATS: tuple[str, ...] = ("alpaca", "messages", "sharegpt", "prompt_completion", "text")  # row layouts
 DATA_FILE_TYPES: tuple[str, ...] = (".jsonl", ".json", ".csv", ".parquet", ".txt")  # what engine/sources.py reads
+# Training stages: supervised fine-tuning; Direct Preference Optimization on preference pairs (TRL's DPOTrainer);
+# Kahneman-Tversky Optimization on answers labelled desirable or not (TRL's KTOTrainer).
+STAGES: tuple[str, ...] = ("sft", "dpo", "kto")
+# TRL's DPO loss types (DPOConfig.loss_type) that need nothing beyond a pair and beta.
+DPO_LOSSES: tuple[str, ...] = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+                               "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+# Stages other tools offer that the studio refuses by name, with the reason.
+REFUSED_STAGES: dict[str, str] = {
+    "orpo": "TRL 1.16 keeps ORPO under trl.experimental, and no test here shows it training a DenseLoRA adapter "
+            "correctly; use stage dpo",
+    "simpo": "TRL 1.16 keeps SimPO (CPOTrainer) under trl.experimental, and no test here shows it training a "
+             "DenseLoRA adapter correctly; use stage dpo (dpo_loss sigmoid_norm is the closest length-normalised loss)",
+    "cpo": "TRL 1.16 keeps CPO under trl.experimental, and no test here shows it training a DenseLoRA adapter "
+           "correctly; use stage dpo",
+}
+# Settings other tools take that the studio refuses by name, with the reason and what to use instead.
+REFUSED_SETTINGS: dict[str, str] = {
+    "deepspeed": "DeepSpeed ZeRO-3 partitions every parameter, and no test here shows it keeping DenseLoRA's encoders "
+                 "and decoders shared across layers; shard with fsdp: true instead (PyTorch FSDP2), which keeps them "
+                 "in one group",
+}
+# Experiment trackers a run may also report to, through the Trainer's own integrations (engine/trackers.py).
+TRACKERS: tuple[str, ...] = ("tensorboard", "wandb", "mlflow", "trackio")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")  # besides "auto"
 QUANTIZATIONS: tuple[str, ...] = ("none", "4bit", "8bit")  # of the frozen base, with bitsandbytes
 DEVICE_KINDS: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")  # and "cuda:N"
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 # The paper adapts these five projections of every decoder layer.
 PAPER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+# What a run's adapter can be exported as (export/): a standard LoRA adapter, a merged model folder, a GGUF file;
+# and how publish uploads it (denselora: the adapter itself).
+EXPORT_FORMATS: tuple[str, ...] = ("lora", "merged", "gguf")
+PUBLISH_FORMS: tuple[str, ...] = ("denselora", *EXPORT_FORMATS)
+GGUF_TYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "f32")  # the GGUF export's weight types
+EXACT_EXPORT_ACTIVATION = "identity"  # the activation whose adapter is exactly a LoRA (export/lora.py)
 # The learning-rate finder's defaults (lr_finder.py): per method, log-spaced rates from a decade below to a decade
 # above the rates measured to train the embedded model well (DenseLoRA learned the sample facts at 1e-3 and 3e-3,
 # LoRA at 3e-4 and 1e-3); 5 trials of 15 steps take about as long as the CPU quickstart trains.
@@ -122,6 +151,15 @@ def looks_like_path(name: str) -> bool:
     )
 
 
+def on_disk(name: str) -> bool:
+    """Whether ``name`` (as typed, ``~`` expanded) is an existing file or folder here. Text that no path can be (a
+    NUL, ``~nosuchuser``, a name too long for the system) is not, rather than an error."""
+    try:
+        return Path(str(name)).expanduser().exists()
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
 def hub_id_problem(name: str, namespaced: bool = False) -> str | None:
     """Why ``name`` is not a Hugging Face Hub repository id (None when it is one): the one place that checks ids,
     for models, datasets, adapters and the repositories the studio publishes to. ``namespaced`` also requires an
@@ -133,8 +171,9 @@ def hub_id_problem(name: str, namespaced: bool = False) -> str | None:
         return "write it as NAMESPACE/NAME (a user name or an organization, then the name)"
     try:
         validate_repo_id(name)
-    except HFValidationError as error:
-        return str(error)
+    except HFValidationError as error:  # it quotes the name: shortened, and a control character shown escaped
+        shown = repr(name[:60]) + ("..." if len(name) > 60 else "")
+        return str(error).replace(f"'{name}'", shown).replace(name, shown)
     return None
 
 
@@ -142,7 +181,7 @@ def hub_id(name: str, namespaced: bool = False) -> str | None:
     """``name`` as a Hugging Face Hub repository id, or None when it names a local file or folder (existing or
     written as a path) or is not a valid id (``hub_id_problem`` says why)."""
     name = str(name).strip()
-    if looks_like_path(name) or Path(name).expanduser().exists() or hub_id_problem(name, namespaced):
+    if looks_like_path(name) or on_disk(name) or hub_id_problem(name, namespaced):
         return None
     return name
 

@@ -16,9 +16,10 @@ import denselora_app.denselora  # noqa: F401  (registers DenseLoRA with PEFT)
 from denselora_app.config import RunConfig
 
 # Set by pytest itself, or by libraries for themselves on first use (tokenizers after a fork, gradio on import,
-# torch.compile for its workers): not a test's doing, and the same for every test after it.
+# torch.compile for its workers, scikit-learn on import, which datasets' streaming and lm-eval pull in): not a test's
+# doing, and the same for every test after it.
 _LIBRARY_VARIABLES = ("PYTEST_CURRENT_TEST", "TOKENIZERS_PARALLELISM", "HF_HUB_DISABLE_TELEMETRY", "_TORCHINDUCTOR_",
-                      "TORCHINDUCTOR_")
+                      "TORCHINDUCTOR_", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK")
 
 
 def _process_state() -> dict[str, object]:
@@ -236,6 +237,11 @@ class AppProcess:
         return self.workdir / "presets"
 
     @property
+    def upload_folder(self) -> Path:
+        """gradio's temporary copies of uploads (GRADIO_TEMP_DIR), kept inside the test folder."""
+        return self.workdir / "gradio"
+
+    @property
     def log(self) -> str:
         return (self.workdir / "app.log").read_text(errors="replace")
 
@@ -257,7 +263,7 @@ def launch_app(workdir: Path, timeout: float = 180.0) -> AppProcess:
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "DENSELORA_RUNS": str(workdir / "runs"),
            "DENSELORA_PRESETS": str(workdir / "presets"), "GRADIO_ANALYTICS_ENABLED": "False",
-           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+           "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "GRADIO_TEMP_DIR": str(workdir / "gradio")}
     url = f"http://127.0.0.1:{port}/"
     started = time.monotonic()
     with open(workdir / "app.log", "ab") as log:

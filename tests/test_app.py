@@ -102,7 +102,8 @@ def test_uploads_are_stored_once_under_a_safe_name(tmp_path, monkeypatch):
 
 # What a user decides first, in that order, outside the Advanced accordion; every other RunConfig field is inside it.
 ESSENTIALS = ("model", "data", "method", "r", "learning_rate", "max_steps", "num_epochs", "batch_size")
-OUTSIDE_ADVANCED = {*ESSENTIALS, "data_format"}  # the format is chosen beside the data preview
+# The format is chosen beside the data preview; the stage and its settings before the data (it picks the layouts).
+OUTSIDE_ADVANCED = {*ESSENTIALS, "data_format", "stage", "beta", "dpo_loss", "init_adapter"}
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,8 @@ def test_the_live_view_and_the_preview_are_named_outputs(demo):
     assert {field: getattr(live[field], "elem_id", None) for field in LiveView._fields} == {
         "header": "run-header", "progress": "run-progress", "run_box": None, "loss_plot": "loss-plot",
         "lr_plot": "lr-plot", "grad_plot": "grad-plot", "speed_plot": "speed-plot", "outcome": "run-outcome",
-        "log": "run-log", "timer": None, "trials_plot": "trials-plot", "chosen_row": None, "chosen_plot": "chosen-plot"}
+        "log": "run-log", "timer": None, "trials_plot": "trials-plot", "chosen_row": None, "chosen_plot": "chosen-plot",
+        "preference_row": None, "rewards_plot": "rewards-plot", "accuracy_plot": "accuracy-plot"}
     assert isinstance(live["run_box"], gr.Column) and isinstance(live["timer"], gr.Timer)
     assert isinstance(live["chosen_row"], gr.Row)
     nothing = live_status(None)

@@ -307,3 +307,20 @@ def test_convergence_study_writes_every_variant_and_reuses_finished_trials(tmp_p
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "trials").iterdir()}
     convergence.main(argv)  # a second sitting trains nothing
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "trials").iterdir()} == stamps
+
+
+@pytest.mark.slow
+def test_the_multi_process_benchmark_runs_each_arm_through_torchrun_and_writes_its_tables(tmp_path, capsys):
+    import gpu_multi
+
+    args = ["--device", "cpu", "--shape", "tiny", "--processes", "1", "--batch", "1", "--cutoff", "32", "--steps",
+            "2", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")]
+    gpu_multi.main_for(gpu_multi.__file__, "gpu_multi", gpu_multi.parse_args, gpu_multi.run, gpu_multi.render, args)
+    results = json.loads((tmp_path / "out" / "gpu_multi_cpu.json").read_text())
+    assert [arm["arm"] for arm in results["arms"]] == ["ddp", "fsdp"]
+    for arm in results["arms"]:
+        assert arm["returncode"] == 0 and len(arm["losses"]) == 2 and arm["peak_rss_per_process"][0] > 0
+        assert arm["planner_per_process"] > 0 and arm["planner_error_percent"] is not None
+    assert {(row["arm"], row["gpus"]) for row in results["largest_fitting"]} == {
+        (arm, gpus) for arm in ("ddp", "fsdp", "fsdp-4bit") for gpus in (2, 4, 8)}
+    assert "| fsdp |" in capsys.readouterr().out

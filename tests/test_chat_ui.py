@@ -198,9 +198,9 @@ def test_publish_build_previews_the_card_and_zips_exactly_the_repository(run_id,
 
 def test_publishing_errors_are_messages_and_the_token_never_shows(run_id, exports, monkeypatch):
     # gradio fills the OAuth token and profile itself (None when signed out): they are no inputs of the endpoint.
-    inputs = [run_id, "alice/x", False, "", ""]
+    inputs = [run_id, "alice/x", False, "", "", "denselora", ""]  # ..., base model, publish as, calibration
     special_args(publish_tab.push_model, inputs)
-    assert inputs[5:] == [None, None] and len(inputs) == 7
+    assert inputs[5:7] == [None, None] and inputs[7:] == ["denselora", ""]
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(account, "get_token", lambda: None)

@@ -13,11 +13,11 @@ import pytest
 from conftest import tiny_tokenizer
 
 from denselora_app import rules
-from denselora_app.hub import connection
 from denselora_app.engine import data as D
 from denselora_app.engine.data import encode_example, prepare_data, render_preview
 from denselora_app.engine.formats import detect_format
 from denselora_app.engine.sources import SAMPLE_DATA, SAMPLE_PROBES, DataError, RowError, load_rows
+from denselora_app.hub import connection
 
 EOS = "<|im_end|>"
 NO_INPUT_PROMPT = (
@@ -467,7 +467,7 @@ def test_hub_dataset_with_the_connection_dropping_says_to_upload_a_file(tokenize
     monkeypatch.setattr(connection, "hub_unreachable_reason", lambda: None)
     calls = []
 
-    def offline(name, split):
+    def offline(name, split, **kwargs):
         calls.append((name, split))
         raise ConnectionError("Couldn't reach 'owner/set' on the Hub (LocalEntryNotFoundError)")
 
@@ -504,7 +504,7 @@ def test_an_unreachable_hub_uses_the_cached_copy_of_a_dataset(tokenizer, monkeyp
 def test_hub_dataset_rows_are_used(tokenizer, monkeypatch):
     monkeypatch.setattr(connection, "hub_unreachable_reason", lambda: None)
     rows = [{"instruction": "a?", "input": "", "output": "b"}] * 4
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(rows))
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split, **kwargs: datasets.Dataset.from_list(rows))
     report = prepare_data("tatsu-lab/alpaca", tokenizer).report
     assert (report.source, report.format, report.rows_used) == ("tatsu-lab/alpaca", "alpaca", 4)
 
@@ -672,3 +672,45 @@ def test_one_huge_row_costs_what_a_long_one_does(tmp_path, app_model_dir):
         assert peak < 2 * baseline, (data.name, peak, baseline)
         assert truncated == 1 or data is huge  # the huge prompt leaves no room for its answer: that row is dropped
         assert used == (1 if data is huge else 2)
+
+
+# ---- prepared once: streamed to disk, kept for the next run -------------------------------------------------------
+
+
+def _counting_encode(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = D._encode
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(D, "_encode", counted)
+    return calls
+
+
+def test_a_second_run_on_the_same_data_reads_the_prepared_rows_instead_of_tokenizing_again(twenty_rows, tokenizer,
+                                                                                           monkeypatch):
+    calls = _counting_encode(monkeypatch)
+    first = prepare_data(str(twenty_rows), tokenizer, cutoff_len=64, val_size=4, seed=3, batch_size=2)
+    assert len(calls) == 20
+    second = prepare_data(str(twenty_rows), tokenizer, cutoff_len=64, val_size=4, seed=3, batch_size=2)
+    assert len(calls) == 20, "the same file, tokenizer and settings were tokenized again"
+    assert second.train.to_list() == first.train.to_list() and second.eval.to_list() == first.eval.to_list()
+    assert second.report.to_dict() == first.report.to_dict()
+    assert first.train.cache_files, "the prepared rows are read from an Arrow file on disk, not held in memory"
+    # The split and the batch are applied afterwards: a new seed needs no new tokenizing.
+    other = prepare_data(str(twenty_rows), tokenizer, cutoff_len=64, val_size=4, seed=4)
+    assert len(calls) == 20 and other.eval.to_list() != first.eval.to_list()
+    # What decides the rows does: the cutoff, and the file's contents.
+    prepare_data(str(twenty_rows), tokenizer, cutoff_len=32)
+    assert len(calls) == 40
+    twenty_rows.write_text(twenty_rows.read_text() + json.dumps({"prompt": "what is 20?", "completion": "20"}) + "\n")
+    assert prepare_data(str(twenty_rows), tokenizer, cutoff_len=64).report.rows_used == 21 and len(calls) == 61
+
+
+def test_a_preparation_cut_short_is_not_kept(twenty_rows, tokenizer, monkeypatch):
+    with pytest.raises(D.PreparationStopped):
+        prepare_data(str(twenty_rows), tokenizer, should_stop=lambda: True)
+    calls = _counting_encode(monkeypatch)
+    assert prepare_data(str(twenty_rows), tokenizer).report.rows_used == 20 and len(calls) == 20

@@ -112,9 +112,29 @@ def test_bad_data_fails_with_a_classified_reason(app_model_dir, tmp_path, runs_r
     assert "bad.jsonl" in status.error and status.fix
 
 
+@pytest.mark.slow
+def test_sigterm_while_the_data_is_prepared_stops_the_worker_at_once(app_model_dir, tmp_path, runs_root):
+    """A container stopping (SIGTERM) while a big dataset is being tokenized: the worker ends within seconds,
+    stopped, instead of tokenizing on until it is killed."""
+    data = tmp_path / "big.jsonl"
+    with data.open("w") as fh:
+        for i in range(400_000):
+            fh.write(json.dumps({"instruction": f"Repeat {i}.", "output": f"{i} {i}"}) + "\n")
+    run = create_run(tiny_config(app_model_dir, data))
+    pid = start_worker(run)
+    wait_for(lambda: run.raw_status().state == "running", what="the worker to start preparing")
+    time.sleep(2)  # well inside the tokenizing of 400,000 rows
+    os.kill(pid, signal.SIGTERM)
+    status = wait_for(lambda: (s := run.status()).state == "stopped" and s, timeout=30, what="the stop")
+    assert "nothing was trained" in status.note
+    assert "data report" not in run.log_path.read_text(), "the preparation ran to its end"
+
+
 def test_failure_classification():
     oom = classify_failure("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
     assert oom.kind is FailureKind.OUT_OF_MEMORY and "batch_size" in oom.fix
+    full = classify_failure("OSError: [Errno 28] No space left on device")
+    assert full.kind is FailureKind.DISK_FULL and "Free space" in full.fix
     assert classify_failure("denselora_app.engine.sources.DataError: x.jsonl line 3: bad").kind is FailureKind.DATA
     assert classify_failure("Some log line\nRuntimeError: boom").kind is FailureKind.OTHER
     assert classify_failure("").kind is FailureKind.KILLED

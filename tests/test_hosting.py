@@ -140,7 +140,9 @@ def test_on_zerogpu_chat_and_evaluation_generate_inside_a_gpu_call_sized_to_the_
                                                                                         monkeypatch):
     adapter = chat_run
     seen: list[tuple[str, bool]] = []
-    for name in ("_load_base", "_generate_kwargs"):  # loading the model, and every generate (chat and evaluation)
+    # Loading the model, and every answer handed to the decoder (chat and evaluation): in the GPU call's process,
+    # whose own decoder thread then decodes it (a forked process starts its own).
+    for name in ("_load_base", "submit"):
         original = getattr(ChatEngine, name)
 
         def spy(self, *args, original=original, name=name, **kwargs):
@@ -154,7 +156,7 @@ def test_on_zerogpu_chat_and_evaluation_generate_inside_a_gpu_call_sized_to_the_
     pairs = list(chat_tab.send(PROMPT, [], [], adapter, True, **{**GREEDY, "max_new_tokens": 40}))
     assert pairs[-1][2][-1]["content"] and pairs[-1][1][-1]["content"]  # the base's answer and the adapter's
     assert zerogpu.calls[-1].seconds == hosting.gpu_seconds(2 * 40)  # two answers
-    assert ("_load_base", True) in seen and {inside for name, inside in seen if name == "_generate_kwargs"} == {True}
+    assert ("_load_base", True) in seen and {inside for name, inside in seen if name == "submit"} == {True}
 
     # Problems come back as messages: an exception would reach the page only as "ZeroGPU worker error".
     (update,) = list(chat_tab.send("hello", [], [], "no-such-run", False, **GREEDY))

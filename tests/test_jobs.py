@@ -366,7 +366,7 @@ def test_a_jobs_run_in_the_runs_list_and_the_live_view(studio, hub, app_data_fil
     hub.stage, hub.logs = "RUNNING", log_lines(ROWS, 6)
     assert cli.main(["runs"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(run.id))
-    assert line.split()[1:8] == ["running", "denselora", "4", "-", "2/6", "2.0000", "2.2500"]
+    assert line.split()[1:9] == ["running", "sft", "denselora", "4", "-", "2/6", "2.0000", "2.2500"]
     assert line.endswith(f"(on Jobs: l4x1, {JOB_URL})")
 
     shown = train_tab.live_status(run.id)
@@ -380,8 +380,8 @@ def test_a_jobs_run_in_the_runs_list_and_the_live_view(studio, hub, app_data_fil
 
     table, _, _ = runs_tab.runs_table()
     assert table.iloc[0].to_dict() | {"Started": None} == {
-        "Run": run.id, "State": "running", "Method": "denselora", "Rank": 4, "Trainable %": "-", "Train loss": "2.0000",
-        "Validation loss": "2.2500", "Steps": "2/6", "Duration": "4:00", "Started": None, "Trained on": "Jobs l4x1"}
+        "Run": run.id, "State": "running", "Stage": "sft", "Method": "denselora", "Rank": 4, "Trainable %": "-",
+        "Train loss": "2.0000", "Validation loss": "2.2500", "Steps": "2/6", "Duration": "4:00", "Started": None, "Trained on": "Jobs l4x1"}
 
 
 def test_on_a_space_only_the_owner_follows_the_job_and_visitors_see_the_last_look(studio, hub, app_data_file,

@@ -252,7 +252,7 @@ def test_stop_before_the_first_step_says_nothing_was_trained(app_model_dir, app_
     assert run.status().stopping and run.facts().label == "stopping"
     assert run_view.table_row(run.facts())[1] == "stopping" and "state: **stopping**" in run_view.header_markdown(
         run.facts())
-    assert "Stopping: it ends as soon as the model has loaded" in run_view.progress_html(run.status())
+    assert "Stopping: it ends before its first step" in run_view.progress_html(run.status())
     cli.main(["runs"])
     assert f"{run.id} stopping" in " ".join(capsys.readouterr().out.split())
     assert execute(run) == "stopped"
@@ -303,3 +303,70 @@ def test_the_app_starts_runs_through_the_same_launch(tmp_path, app_model_dir, ap
     holder = hold_device(runs_root, app_model_dir, app_data_file)
     message, _, _ = train_tab.start_training(**tiny_run_config(app_model_dir, app_data_file).to_dict())
     assert f"in use by run {holder.id}" in message
+
+
+# ---- Stop before training, and failures that cannot be recorded ----------------------------------------------------
+
+
+def test_stop_during_data_preparation_ends_the_run_before_the_model_loads(app_model_dir, tmp_path, runs_root,
+                                                                          monkeypatch):
+    """A large dataset is still being tokenized when Stop is pressed: the run ends stopped within a few hundred rows,
+    without tokenizing the rest or loading the model."""
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i}"}) + "\n" for i in range(5000)))
+    run = launch(tiny_run_config(app_model_dir, data), background=False)
+    from denselora_app.engine import data as data_module
+    from denselora_app.engine import train
+
+    encoded = []
+    real_encode = data_module._encode
+
+    def encode_then_stop(*args, **kwargs):
+        encoded.append(1)
+        if len(encoded) == 300:
+            request_stop(run)  # what Stop in the app or `stop RUN` does
+        return real_encode(*args, **kwargs)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded after Stop")
+
+    monkeypatch.setattr(data_module, "_encode", encode_then_stop)
+    monkeypatch.setattr(train, "load_model", no_model)
+    assert execute(run) == "stopped"
+    assert len(encoded) < 300 + 256 + 1, "tokenizing went on after the stop request"
+    status = run.status()
+    assert status.state == "stopped" and "nothing was trained" in status.note
+    assert not run.has_adapter() and not run.stop_requested()
+
+
+def test_a_failure_on_a_full_disk_still_says_why(app_model_dir, app_data_file, tmp_path, runs_root, monkeypatch,
+                                                 capsys):
+    """The disk fills up mid-run, so not even the failure can be written to the run status: the terminal still
+    names the reason and the fix, and the listing shows the run as failed for that reason, not as running."""
+    from denselora_app.engine import train
+    from denselora_app.runs import Run
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    real_update = Run.update_status
+
+    def update_unless_failed(self, **changes):
+        if changes.get("state") == "failed":
+            disk_full()
+        return real_update(self, **changes)
+
+    monkeypatch.setattr(train, "StudioTrainer", disk_full)
+    monkeypatch.setattr(Run, "update_status", update_unless_failed)
+    tiny_run_config(app_model_dir, app_data_file, run_name="full").to_yaml(tmp_path / "run.yaml")
+    assert cli.main(["train", str(tmp_path / "run.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "failed: The disk is full." in err and "Free space on the disk" in err and "None" not in err
+    run = list_runs()[0]
+    assert run.raw_status().state == "running"  # what the full disk left behind
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    monkeypatch.setattr(Run, "update_status", real_update)
+    run.update_status(pid=ended.pid, pid_started=None)  # the training process is gone, as after the real failure
+    status = run.status()
+    assert status.state == "failed" and status.error_kind == "disk full" and "Free space" in status.fix

@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("hub",),  # talking to the Hugging Face Hub: accounts, Jobs, publishing, Spaces and their visitors
     ("engine",),  # data, models, methods, memory, training, launch
     ("serving",),  # adapters in use: chat, evaluation
+    ("export",),  # the adapter as a standard LoRA, a merged model, a GGUF file
     ("ui", "cli", "__main__"),  # the front ends
 )
 LAYER_OF = {part: n for n, parts in enumerate(LAYERS) for part in parts}

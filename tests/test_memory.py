@@ -183,7 +183,8 @@ PRESET_MODELS = {
 
 
 @pytest.mark.parametrize("preset",
-                         ["llama3-8b-denselora-12gb", "llama3-8b-denselora-24gb", "qwen2.5-7b-denselora-16gb"])
+                         ["llama3-8b-denselora-12gb", "llama3-8b-denselora-24gb", "qwen2.5-7b-denselora-16gb",
+                          "llama3-8b-dpo-24gb"])
 def test_the_one_gpu_presets_state_the_planners_estimate_and_fit_their_card(preset):
     path = Path(__file__).resolve().parent.parent / "presets" / f"{preset}.yaml"
     cfg = RunConfig.from_yaml(path)

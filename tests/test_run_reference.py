@@ -159,6 +159,7 @@ COMMANDS = {
     "chat": ["chat", "{ref}", "--prompt", "hi"],
     "eval": ["eval", "{ref}"],
     "evaluate": ["evaluate", "{ref}"],
+    "serve": ["serve", "{ref}", "--port", "1"],
     "publish": ["publish", "{ref}", "--repo-id", "alice/x", "--dry-run", "{out}"],
     "stop": ["stop", "{ref}"],
     "resume": ["resume", "{ref}"],
@@ -176,8 +177,8 @@ def test_a_folder_that_is_not_a_run_and_a_missing_path_are_refused_in_one_line(c
         return [part.format(ref=ref, out=out) for part in COMMANDS[command]]
 
     line = refusal(capsys, argv(plain))
-    # chat and eval also take an adapter folder: theirs says it is not one.
-    expected = "is not a PEFT adapter" if command in ("chat", "eval", "evaluate") else \
+    # chat, eval and serve also take an adapter folder: theirs says it is not one.
+    expected = "is not a PEFT adapter" if command in ("chat", "eval", "evaluate", "serve") else \
         f"error: {str(plain)!r} is not a run: the folder {plain} holds no run files"
     assert expected in line, line
     missing = studio.parent / "missing"

@@ -26,9 +26,9 @@ from denselora_app.runs import (
     Status,
     create_run,
     list_runs,
-    request_stop,
     mark_checkpoint_complete,
     own_log_lines,
+    request_stop,
     resolve_run,
 )
 from denselora_app.serving.adapters import available_adapters, resolve_adapter, training_notice
@@ -265,3 +265,24 @@ def test_a_listing_cut_short_by_its_reader_ends_quietly(good_run, runs_root):
                             capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "40"})
     assert result.stdout.count("\n") == 1
     assert "Error" not in result.stderr and "Traceback" not in result.stderr and "bug" not in result.stderr
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "~nosuchuser", "~nosuchuser/adapter", "x" * 5000, "/" + "y" * 300 + "/z",
+                                  "x" * 5000 + ".jsonl"], ids=["NUL", "~user", "~user/path", "long name",
+                                                               "long folder", "long file"])
+def test_text_no_path_can_be_is_refused_with_a_message_everywhere_a_path_is_typed(text, runs_root):
+    """What a visitor may type in any box of the app (or anyone on the command line): never an OSError or a
+    RuntimeError from the system, always the studio's own message."""
+    from denselora_app.config import StudioError
+    from denselora_app.engine.models import load_config
+    from denselora_app.engine.sources import read_source
+    from denselora_app.hub import access
+    from denselora_app.runs import resolve_run
+    from denselora_app.serving.adapters import resolve_adapter
+
+    assert access.run_of_adapter(text) is None
+    for read in (resolve_adapter, load_config, read_source, resolve_run,
+                 lambda t: resolve_run(t, outside_root=True)):
+        with pytest.raises(StudioError) as refused:
+            read(text)
+        assert len(str(refused.value)) < 1500 and "\x00" not in str(refused.value)

@@ -39,6 +39,7 @@ SCOPES = "openid profile read-orgs"
 MODEL = "studio-test/readable"  # a Hub id, answered from the local cache below
 OWNER_ONLY = f"is for its owner, {OWNER}"
 DISK_PATH = "is a path on the Space's disk"
+MAX_UPLOAD_MB = 2  # the Space's upload limit in these tests (DENSELORA_MAX_UPLOAD); 1 GB by default
 
 
 def session_cookie(username: str, orgs: tuple[dict, ...] = ()) -> str:
@@ -94,7 +95,7 @@ def space(tmp_path_factory):
         for name, value in {"SYSTEM": "spaces", "SPACE_ID": SPACE_ID, "SPACE_AUTHOR_NAME": OWNER,
                             "OAUTH_CLIENT_ID": "test-client", "OAUTH_CLIENT_SECRET": CLIENT_SECRET,
                             "OAUTH_SCOPES": SCOPES, "OPENID_PROVIDER_URL": "http://127.0.0.1:9",
-                            "HF_HUB_CACHE": str(hub_cache)}.items():
+                            "HF_HUB_CACHE": str(hub_cache), "DENSELORA_MAX_UPLOAD": f"{MAX_UPLOAD_MB}mb"}.items():
             patch.setenv(name, value)
         app = launch_app(workdir)
     yield Space(app, public, private, theirs, data)
@@ -199,6 +200,10 @@ def test_visitors_are_refused_everything_that_writes_reads_the_server_or_spends(
     client.predict(api_name="/restore_run")  # the Train tab's live view: the newest run this visitor may see
     before = space.files()
     for api_name, (args, kwargs) in owner_only_calls(space).items():
+        if api_name == "/upload_data":  # a visitor's file never reaches the endpoint: the upload itself is refused
+            with pytest.raises(httpx.HTTPStatusError, match="403"):
+                client.predict(*args, **kwargs, api_name=api_name)
+            continue
         shown = json.dumps(client.predict(*args, **kwargs, api_name=api_name))
         assert OWNER_ONLY in shown, (api_name, shown[:400])
         assert ("you are signed in as bob" if who else "Sign in with the Hugging Face button") in shown, api_name
@@ -280,8 +285,11 @@ def test_visitors_see_and_chat_with_the_public_runs_only(space, bob, anonymous):
     for client in (bob, anonymous):
         table, _, _ = client.predict(api_name="/list_runs")
         assert [row[0] for row in table["data"]] == [space.public]
-        assert "is not public" in client.predict(space.private, api_name="/open_run")[0]
-        assert space.public in client.predict(space.public, api_name="/open_run")[0]
+        # A private run and one that does not exist get the same answer, and no answer names a server path.
+        private, missing = (client.predict(ref, api_name="/open_run")[0] for ref in (space.private, "no-such-run"))
+        assert private == missing and "not one of this Space's public runs" in private
+        shown = client.predict(space.public, api_name="/open_run")[0]
+        assert space.public in shown and str(space.app.workdir) not in shown + private
         adapters, _, _ = client.predict(api_name="/chat_adapters")
         assert [choice[1] for choice in adapters["choices"]] == [public_adapter]
         for adapter in (space.private, str(space.runs / space.private / "adapter"), "/etc", "someone/adapter"):
@@ -314,6 +322,75 @@ def test_one_visitors_stop_leaves_another_visitors_answer_running(space, bob, an
     bob.predict(api_name="/chat_stop")
     *_, status = job.result()
     assert "stopped" in status
+
+
+@pytest.mark.slow
+def test_a_five_megabyte_message_is_refused_at_once_while_another_visitor_is_answered(space, bob, anonymous):
+    adapter = str(space.runs / space.public / "adapter")
+    huge = "word " * 1_000_000
+
+    def ask_huge() -> str:
+        *_, refused = anonymous.predict(huge, [], [], adapter, False, "", 0.0, 1.0, 8, 0, api_name="/chat")
+        return refused
+
+    ask_huge()  # the adapter is loaded now: what follows times the refusal alone
+    started = time.monotonic()
+    assert "5,000,000 characters long, more than the model's context" in ask_huge()
+    assert time.monotonic() - started < 1.5, "a 5 MB message must be refused without being tokenized"
+    # Meanwhile another visitor is answered as usual (the chat answers one request at a time, so the refusal
+    # waits its turn behind an answer under way, then costs nothing).
+    answer = bob.submit("what is the capital of a country?", [], [], adapter, False, "", 0.0, 1.0, 24, 0,
+                        api_name="/chat")
+    assert "more than the model's context" in ask_huge()
+    *_, status = answer.result(timeout=120)
+    assert "Last answer: 24 tokens" in status
+
+
+@pytest.mark.parametrize("who", ["bob", None], ids=["signed-in visitor", "anonymous visitor"])
+def test_a_visitor_cannot_upload_at_all(space, who):
+    """gradio's upload route takes files from the owner only: a visitor can neither fill the Space's disk nor learn a
+    path of the server from the answer."""
+    cookies = {"session": session_cookie(who)} if who else None
+    uploads = space.app.upload_folder
+    before = sorted(uploads.rglob("*")) if uploads.exists() else []
+    answer = httpx.post(f"{space.app.url}gradio_api/upload", files={"files": ("notes.txt", b"x" * 1000)},
+                        cookies=cookies)
+    assert answer.status_code == 403 and OWNER_ONLY in answer.json()["detail"]
+    assert str(space.app.workdir) not in answer.text and "/tmp" not in answer.text
+    assert (sorted(uploads.rglob("*")) if uploads.exists() else []) == before
+
+
+def test_a_two_gigabyte_upload_from_a_visitor_is_refused_and_nothing_is_kept(space):
+    """The refusal comes from the headers, before any of the body goes to disk."""
+    boundary = "denselora-test"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="big.jsonl"\r\n\r\n'.encode()
+
+    def body():
+        yield head
+        block = b"x" * 2**20
+        for _ in range(2048):
+            yield block
+
+    uploads = space.app.upload_folder
+    before = sorted(uploads.rglob("*")) if uploads.exists() else []
+    started = time.monotonic()
+    answer = httpx.post(f"{space.app.url}gradio_api/upload", content=body(), timeout=60,
+                        headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert answer.status_code == 403 and OWNER_ONLY in answer.json()["detail"]
+    assert time.monotonic() - started < 30
+    assert (sorted(uploads.rglob("*")) if uploads.exists() else []) == before
+
+
+def test_an_upload_over_the_limit_is_refused_as_it_arrives(space):
+    """Even the owner's upload stops at the Space's limit (DENSELORA_MAX_UPLOAD): the body is refused once it passes
+    the limit, and the file is not kept."""
+    cookies = {"session": session_cookie(OWNER)}
+    small = httpx.post(f"{space.app.url}gradio_api/upload", files={"files": ("ok.jsonl", b"{}\n" * 1000)},
+                       cookies=cookies)
+    assert small.status_code == 200
+    big = httpx.post(f"{space.app.url}gradio_api/upload",
+                     files={"files": ("big.jsonl", b"x" * (MAX_UPLOAD_MB + 1) * 1024 * 1024)}, cookies=cookies)
+    assert big.status_code == 413 and "maximum allowed size" in big.text
 
 
 @pytest.mark.slow

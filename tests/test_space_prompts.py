@@ -9,7 +9,6 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
-import torch
 from conftest import tiny_tokenizer
 from tokenizers import processors
 
@@ -77,9 +76,9 @@ CONVERSATIONS = {
 
 
 def studio_ids(tokenizer, message: str, history: list, system_prompt: str) -> list[int]:
-    """What the studio's Chat generates from: ChatEngine._encode, the one encoder behind every reply."""
-    engine = SimpleNamespace(_base=SimpleNamespace(tokenizer=tokenizer), device=torch.device("cpu"))
-    return ChatEngine._encode(engine, build_messages(message, history, system_prompt))[0].tolist()
+    """What the studio's Chat generates from: ChatEngine.encode, the one encoder behind every reply."""
+    engine = SimpleNamespace(_require=lambda: SimpleNamespace(tokenizer=tokenizer))
+    return ChatEngine.encode(engine, build_messages(message, history, system_prompt))
 
 
 def space_ids(tokenizer, message: str, history: list, system_prompt: str) -> list[int]:

@@ -6,14 +6,20 @@ from __future__ import annotations
 import logging
 import random
 import sys
-from dataclasses import asdict, dataclass
-from typing import Sequence
+import time
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
 
 import datasets
 import numpy as np
+from datasets.arrow_writer import ArrowWriter
 
+from denselora_app.engine import data_cache
+from denselora_app.engine.data_cache import EXAMPLE_COLUMNS, EXAMPLE_FEATURES
 from denselora_app.engine.formats import Segments, resolve_format, row_segments
-from denselora_app.engine.sources import DataError, RowError, SourceRows, columns_of, read_source
+from denselora_app.engine.sources import DataError, Record, RowError, SourceRows, columns_of, open_records, read_source
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +28,12 @@ IGNORE_INDEX = -100  # the label PyTorch's cross-entropy skips
 MAX_PROBLEMS = 10
 CHARS_PER_TOKEN = 64  # more than any tokenizer's longest token spells
 CHECK_ROWS = 2000  # rows a pre-flight check or a preview reads and tokenizes (~0.6 s with the default tokenizer)
+STOP_CHECK_ROWS = 256  # rows tokenized between two looks at a stop request (well under a second)
+PROGRESS_ROWS = 100_000  # a log line (the app's log pane) every so many rows of a long preparation
+
+
+class PreparationStopped(Exception):
+    """A stop was asked for while the data was being prepared: nothing was trained."""
 
 
 @dataclass
@@ -166,15 +178,8 @@ def encode_example(tokenizer, row: dict, fmt: str, *, cutoff_len: int, train_on_
     return example
 
 
-@dataclass
-class _Processed:
-    src: SourceRows
-    format: str
-    examples: list[dict]
-    report: DataReport
-
-
-def _length_stats(lengths: list[int]) -> dict[str, float]:
+def length_stats(lengths: Sequence[int]) -> dict[str, float]:
+    """min, mean, median, p95 and max of token counts, as a data report shows them."""
     if not lengths:
         return {}
     values = np.asarray(lengths, dtype=float)
@@ -213,46 +218,8 @@ def padding_per_step(lengths: Sequence[int], batch_size: int, grad_accum: int = 
             "padding_fraction": 1 - real / padded if padded else 0.0}
 
 
-def _process(source: str, tokenizer, fmt: str, cutoff_len: int, train_on_inputs: bool,
-             limit: int | None = None) -> _Processed:
-    if cutoff_len < 1:
-        raise DataError(f"cutoff_len must be at least 1 token, got {cutoff_len}")
-    src = read_source(source, limit)
-    fmt = resolve_format(src, fmt)
-    if not tokenizer.eos_token:
-        log.warning("the tokenizer has no eos token: answers get no end marker, so the model may not learn to stop")
-    dropped: dict[str, int] = {}
-    problems: list[str] = []
-    for reason, line in src.problems:
-        dropped[reason] = dropped.get(reason, 0) + 1
-        problems.append(line)
-    examples, truncated = [], 0
-    for row, where in zip(src.rows, src.where):
-        try:
-            example, full_len = _encode(tokenizer, row, fmt, cutoff_len, train_on_inputs)
-        except RowError as e:
-            dropped[e.reason] = dropped.get(e.reason, 0) + 1
-            problems.append(f"{src.name} {where}: {e}")
-            continue
-        examples.append(example)
-        truncated += full_len > cutoff_len
-    report = DataReport(
-        source=src.name, format=fmt, rows_read=len(src.rows) + len(src.problems), rows_used=len(examples),
-        dropped=dropped, problems=problems[:MAX_PROBLEMS],
-        token_lengths=_length_stats([len(e["input_ids"]) for e in examples]), truncated=truncated,
-        train_rows=len(examples), val_rows=0, cutoff_len=cutoff_len, sampled=not src.complete,
-    )
-    if not examples:
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in dropped.items())
-        checked = f"the first {report.rows_read} checked" if report.sampled else str(report.rows_read)
-        raise DataError(
-            f"{src.name}: no usable rows out of {checked} ({reasons}). First problems:\n"
-            + "\n".join(problems[:5])
-        )
-    return _Processed(src, fmt, examples, report)
-
-
-def _validation_count(val_size: float, usable: int) -> int:
+def validation_count(val_size: float, usable: int) -> int:
+    """How many of ``usable`` rows val_size asks for; DataError when the split is impossible."""
     if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or val_size < 0:
         raise DataError(f"val_size must be 0, a number of rows, or a fraction between 0 and 1; got {val_size!r}")
     if val_size == 0:
@@ -271,6 +238,115 @@ def _validation_count(val_size: float, usable: int) -> int:
     return count
 
 
+@dataclass
+class _Tally:
+    """What a pass over the records counted, for the data report."""
+
+    rows_read: int = 0
+    truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS
+    lengths: array = field(default_factory=lambda: array("l"))  # tokens of each used row, after the cutoff
+
+    def drop(self, reason: str, line: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(line)
+
+    def report(self, name: str, fmt: str, cutoff_len: int, sampled: bool) -> DataReport:
+        if not self.lengths:
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in self.dropped.items())
+            checked = f"the first {self.rows_read} checked" if sampled else str(self.rows_read)
+            raise DataError(f"{name}: no usable rows out of {checked} ({reasons}). First problems:\n"
+                            + "\n".join(self.problems[:5]))
+        return DataReport(source=name, format=fmt, rows_read=self.rows_read, rows_used=len(self.lengths),
+                          dropped=self.dropped, problems=self.problems, token_lengths=length_stats(self.lengths),
+                          truncated=self.truncated, train_rows=len(self.lengths), val_rows=0, cutoff_len=cutoff_len,
+                          sampled=sampled)
+
+
+def _encoded(name: str, records: Iterable[Record], tokenizer, fmt: str, cutoff_len: int, train_on_inputs: bool,
+             tally: _Tally, should_stop: Callable[[], bool] | None) -> Iterator[dict]:
+    """The usable records as examples, in order; the others counted in ``tally`` with their reason."""
+    for index, record in enumerate(records):
+        if should_stop is not None and index % STOP_CHECK_ROWS == 0 and should_stop():
+            raise PreparationStopped
+        tally.rows_read += 1
+        if record.problem is not None:
+            tally.drop(*record.problem)
+            continue
+        try:
+            example, full_len = _encode(tokenizer, record.row, fmt, cutoff_len, train_on_inputs)
+        except RowError as e:
+            tally.drop(e.reason, f"{name} {record.where}: {e}")
+            continue
+        tally.truncated += full_len > cutoff_len
+        tally.lengths.append(len(example["input_ids"]))
+        yield example
+
+
+def _checked_start(cutoff_len: int, tokenizer) -> None:
+    if cutoff_len < 1:
+        raise DataError(f"cutoff_len must be at least 1 token, got {cutoff_len}")
+    if not tokenizer.eos_token:
+        log.warning("the tokenizer has no eos token: answers get no end marker, so the model may not learn to stop")
+
+
+@dataclass
+class _Processed:
+    src: SourceRows
+    format: str
+    examples: list[dict]
+    report: DataReport
+
+
+def _process(source: str, tokenizer, fmt: str, cutoff_len: int, train_on_inputs: bool,
+             limit: int | None = None) -> _Processed:
+    """The first ``limit`` rows (all without one) read, rendered and tokenized in memory: a check, a preview."""
+    _checked_start(cutoff_len, tokenizer)
+    src = read_source(source, limit)
+    fmt = resolve_format(src, fmt)
+    records = [Record(None, "", problem) for problem in src.problems] + [
+        Record(row, where) for row, where in zip(src.rows, src.where)]
+    tally = _Tally()
+    examples = list(_encoded(src.name, records, tokenizer, fmt, cutoff_len, train_on_inputs, tally, None))
+    return _Processed(src, fmt, examples, tally.report(src.name, fmt, cutoff_len, sampled=not src.complete))
+
+
+def _streamed(source: str, tokenizer, fmt: str, cutoff_len: int, train_on_inputs: bool,
+              should_stop: Callable[[], bool] | None) -> tuple[datasets.Dataset, DataReport]:
+    """Every row, read, rendered and tokenized one at a time into an Arrow file on disk (memory stays flat however
+    large the source) that the run then reads memory-mapped. A local file's preparation is kept in the cache
+    (data_cache): the next run on the same file, tokenizer and settings reads it instead of tokenizing again."""
+    _checked_start(cutoff_len, tokenizer)
+    head = read_source(source, CHECK_ROWS)  # the format is detected from the first rows, as a check does
+    fmt = resolve_format(head, fmt)
+    if should_stop is not None and should_stop():
+        raise PreparationStopped
+    key = data_cache.key(source, tokenizer, fmt, cutoff_len, train_on_inputs)
+    if key is not None and (cached := data_cache.load(key)) is not None:
+        dataset, saved = cached
+        report = DataReport(**saved)
+        log.info("%s: prepared before with the same tokenizer and settings; read from the cache", report.source)
+        return dataset, report
+    name, records = open_records(source)
+    tally, started = _Tally(), time.monotonic()
+    with data_cache.writing(key) as (path, keep):
+        writer = ArrowWriter(features=EXAMPLE_FEATURES, path=str(path))
+        try:
+            for example in _encoded(name, records, tokenizer, fmt, cutoff_len, train_on_inputs, tally, should_stop):
+                writer.write({**example, "length": len(example["input_ids"])})
+                if tally.rows_read % PROGRESS_ROWS == 0:
+                    rate = tally.rows_read / max(time.monotonic() - started, 1e-9)
+                    log.info("%s: %s rows prepared (%s rows/s)", name, f"{tally.rows_read:,}", f"{rate:,.0f}")
+            writer.finalize()
+        finally:
+            writer.close()
+        report = tally.report(name, fmt, cutoff_len, sampled=False)
+        keep(report.to_dict())
+    return datasets.Dataset.from_file(str(path if key is None else data_cache.examples_file(key))), report
+
+
 def prepare_data(
     source: str,
     tokenizer,
@@ -283,6 +359,7 @@ def prepare_data(
     batch_size: int | None = None,
     grad_accum: int = 1,
     limit: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> PreparedData:
     """Read, render, tokenize and split a dataset (its first ``limit`` rows, when given); the input is only read,
     never written.
@@ -290,27 +367,32 @@ def prepare_data(
     ``val_size``: 0 for no validation set, an int >= 1 for that many rows, a float in (0, 1) for a fraction of the
     usable rows; the rows are drawn with ``seed``. Raises DataError when nothing is usable or the split is impossible.
     With ``batch_size`` (rows per forward pass) the report also gives the tokens an optimizer step of ``batch_size``
-    x ``grad_accum`` training rows processes, padded and packed (``padding_per_step``).
+    x ``grad_accum`` training rows processes, padded and packed (``padding_per_step``). ``should_stop`` is asked
+    every few hundred rows; when it says yes, PreparationStopped is raised (Stop works before training too).
+    Without ``limit`` the rows are streamed to disk (``_streamed``); with it they are few and kept in memory.
     """
-    processed = _process(source, tokenizer, fmt, cutoff_len, train_on_inputs, limit)
-    examples, report = processed.examples, processed.report
-    count = _validation_count(val_size, len(examples))
-    val_indices = set(random.Random(seed).sample(range(len(examples)), count))
-    train = [e for i, e in enumerate(examples) if i not in val_indices]
-    val = [e for i, e in enumerate(examples) if i in val_indices]
-    report.train_rows, report.val_rows = len(train), len(val)
+    if limit is None:
+        dataset, report = _streamed(source, tokenizer, fmt, cutoff_len, train_on_inputs, should_stop)
+        lengths = dataset.data.column("length").to_numpy()
+    else:
+        processed = _process(source, tokenizer, fmt, cutoff_len, train_on_inputs, limit)
+        report = processed.report
+        dataset = datasets.Dataset.from_list(processed.examples)
+        lengths = np.asarray([len(e["input_ids"]) for e in processed.examples])
+    dataset = dataset.select_columns(list(EXAMPLE_COLUMNS))
+    count = validation_count(val_size, len(dataset))
+    val_indices = np.sort(np.asarray(random.Random(seed).sample(range(len(dataset)), count), dtype=np.int64))
+    train_indices = np.setdiff1d(np.arange(len(dataset)), val_indices, assume_unique=True)
+    train = dataset.select(train_indices) if count else dataset
+    report.train_rows, report.val_rows = len(train_indices), count
     if batch_size:
-        step = padding_per_step([len(e["input_ids"]) for e in train], batch_size, grad_accum)
+        step = padding_per_step(lengths[train_indices], batch_size, grad_accum)
         report.batch_size, report.grad_accum = batch_size, grad_accum
         report.tokens_per_step = round(step["real_tokens_per_step"], 1)
         report.padded_tokens_per_step = round(step["padded_tokens_per_step"], 1)
         report.padding_fraction = round(step["padding_fraction"], 4)
     log.info("data report\n%s", report.summary())
-    return PreparedData(
-        train=datasets.Dataset.from_list(train),
-        eval=datasets.Dataset.from_list(val) if val else None,
-        report=report,
-    )
+    return PreparedData(train=train, eval=dataset.select(val_indices) if count else None, report=report)
 
 
 def check_data(
@@ -328,7 +410,7 @@ def check_data(
     and checks every row."""
     processed = _process(source, tokenizer, fmt, cutoff_len, train_on_inputs, limit)
     # Of a sampled source only the form of val_size can be checked: the rows not read may make the split possible.
-    _validation_count(val_size, sys.maxsize if processed.report.sampled else len(processed.examples))
+    validation_count(val_size, sys.maxsize if processed.report.sampled else len(processed.examples))
     return processed.report
 
 

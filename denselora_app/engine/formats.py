@@ -50,11 +50,35 @@ _ALPACA_HEADER_WITH_INPUT = (
 )
 
 
-def detect_format(rows: list[dict], *, source: str = "the data") -> str:
-    """The layout that fits the most rows (ties go to the more specific layout); DataError if none fits."""
+PAIR_COLUMNS = ("chosen", "rejected")  # what makes a row a preference pair (stage dpo)
+LABEL_COLUMN = "label"  # with prompt and completion: an answer labelled desirable or not (stage kto)
+
+
+def parse_turns(turns: Any, key: str, *, need_answer: bool = True) -> list[dict]:
+    """A conversation (messages or ShareGPT turns, or JSON text of them) as ``[{role, content}, ...]``; RowError
+    naming what is wrong. ``need_answer=False`` accepts a prompt without an assistant turn."""
+    return _parse_turns(turns, key, need_answer=need_answer)
+
+
+def sft_layout(rows: list[dict]) -> str | None:
+    """The sft layout most rows fit (ties go to the more specific layout), or None when none fits."""
     counts = {fmt: sum(all(c in row for c in needed) for row in rows) for fmt, needed in _REQUIRED_COLUMNS.items()}
     best = max(counts, key=counts.get)  # max keeps the first of equal counts: the tie-break order above
-    if counts[best] == 0:
+    return best if counts[best] else None
+
+
+def detect_format(rows: list[dict], *, source: str = "the data") -> str:
+    """The layout that fits the most rows (ties go to the more specific layout); DataError if none fits."""
+    best = sft_layout(rows)
+    if 2 * sum(all(c in row for c in PAIR_COLUMNS) for row in rows) > len(rows):  # ShareGPT pairs have conversations
+        raise DataError(f"{source}: the rows are preference pairs (columns {columns_of(rows)}): they serve "
+                        f"stage dpo, not sft - set stage to dpo, or give sft data ({_LAYOUTS_HELP})")
+    if best == "prompt_completion" and 2 * sum(LABEL_COLUMN in row for row in rows) > len(rows):
+        # sft would imitate the undesirable answers too
+        raise DataError(f"{source}: the rows are completions labelled desirable or not (columns {columns_of(rows)}): "
+                        f"they serve stage kto, not sft - set stage to kto, or drop the label column to imitate "
+                        "every completion")
+    if best is None:
         raise DataError(
             f"{source}: cannot tell the layout from the columns {columns_of(rows)} - {_LAYOUTS_HELP}. "
             "Rename the columns, or choose the format explicitly"
@@ -107,7 +131,7 @@ def _turn_content(content: Any, n: int) -> str:
     raise RowError("bad turn", f"turn {n} has no text content - give every turn a string 'content'")
 
 
-def _parse_turns(turns: Any, key: str) -> list[dict]:
+def _parse_turns(turns: Any, key: str, *, need_answer: bool = True) -> list[dict]:
     if isinstance(turns, str) and turns.lstrip().startswith("["):  # a chat stored as JSON text in a CSV cell
         try:
             turns = json.loads(turns)
@@ -130,7 +154,7 @@ def _parse_turns(turns: Any, key: str) -> list[dict]:
         if content is None:
             raise RowError("missing field", f"turn {n} has no content - add its 'content' (ShareGPT: 'value')")
         messages.append({"role": role, "content": _turn_content(content, n)})
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_answer and not any(m["role"] == "assistant" for m in messages):
         raise RowError("no assistant turn",
                        "the conversation has no assistant turn - add the answer as an assistant turn")
     if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):

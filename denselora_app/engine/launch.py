@@ -17,6 +17,7 @@ to fix it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
 
-from denselora_app.config import RunConfig, StudioError
+from denselora_app.config import ConfigError, RunConfig, StudioError
 from denselora_app.hub.hosting import on_zerogpu
 from denselora_app.runs import (
     LrSearch,
@@ -109,7 +110,7 @@ def preflight(
     ``load_config`` / ``load_tokenizer`` (spec, trust_remote_code) default to the models module's loaders; the
     app passes its cached ones, so a launch right after a preview reads nothing twice.
     """
-    from denselora_app.engine import models
+    from denselora_app.engine import models, sharding, trackers
     from denselora_app.engine.data import check_data
     from denselora_app.engine.memory import free_memory, plan_memory
     from denselora_app.engine.methods import AdapterError, check_adapter
@@ -132,6 +133,12 @@ def preflight(
             models.resolve_dtype(cfg.dtype, models.resolve_device(device))
         except ValueError as err:
             raise LaunchError("dtype", str(err)) from None
+        if (problem := sharding.fsdp_problem(cfg, models.resolve_device(device).type)) is not None:
+            raise LaunchError("fsdp", problem)
+        try:
+            trackers.check_installed(cfg.report_to)
+        except ConfigError as err:
+            raise LaunchError("report_to", str(err)) from None
     load_config = load_config or (lambda spec, trust: models.load_config(spec, trust_remote_code=trust))
     load_tokenizer = load_tokenizer or (lambda spec, trust: models.load_tokenizer(spec, trust_remote_code=trust))
     try:
@@ -144,6 +151,17 @@ def preflight(
     except Exception as err:  # noqa: BLE001  (an architecture transformers cannot build from its config)
         raise LaunchError("model", f"{cfg.model!r} cannot be built from its configuration ({type(err).__name__}: "
                                    f"{err}). Choose a causal language model that transformers supports.") from None
+    if cfg.init_adapter and flavor is not None:
+        raise LaunchError("init_adapter", f"init_adapter {cfg.init_adapter!r}: a run on Hugging Face Jobs cannot start "
+                                          "from a run on this machine (the job sees only the Hub); train it here, or "
+                                          "leave init_adapter empty.")
+    if cfg.init_adapter:
+        from denselora_app.engine.stages import StartError, start_run
+
+        try:
+            start_run(cfg)
+        except StartError as err:
+            raise LaunchError("init_adapter", str(err)) from None
     free = remote_free if flavor is not None else free_memory(device)
     memory = plan_memory(model_config, cfg, parameters, device, free)
     if not memory.fits:
@@ -157,8 +175,14 @@ def preflight(
     except models.ModelLoadError as err:
         raise LaunchError("model", str(err)) from None
     try:
-        report = check_data(data_source(cfg.data), tokenizer, fmt=cfg.data_format, cutoff_len=cfg.cutoff_len,
-                            train_on_inputs=cfg.train_on_inputs, val_size=cfg.val_size)
+        if cfg.stage != "sft":
+            from denselora_app.engine.preferences import check_pairs
+
+            report = check_pairs(data_source(cfg.data), tokenizer, cutoff_len=cfg.cutoff_len, val_size=cfg.val_size,
+                                 stage=cfg.stage)
+        else:
+            report = check_data(data_source(cfg.data), tokenizer, fmt=cfg.data_format, cutoff_len=cfg.cutoff_len,
+                                train_on_inputs=cfg.train_on_inputs, val_size=cfg.val_size)
     except DataError as err:
         raise LaunchError("data", str(err)) from None
     return Preflight(device=device, parameters=parameters, data=report, memory=memory)
@@ -215,6 +239,10 @@ def launch(
         log.info("Run %s on Hugging Face Jobs (%s): %s", run.id, jobs.flavor, checked.parameters.summary(cfg.method))
         return run
     checked = checked or preflight(cfg, **checks)
+    if cfg.init_adapter:  # the run folder records the run it started from by its id, however it was named
+        from denselora_app.engine.stages import start_run
+
+        cfg = dataclasses.replace(cfg, init_adapter=start_run(cfg).id)
     root = root or runs_dir()
     try:
         with _device_lock(root):
@@ -232,8 +260,12 @@ def launch(
 def resume_run(run: Run, *, background: bool = True, share_device: bool = False, **checks: Any) -> Run:
     """Continue a stopped or failed run from its last complete checkpoint, after the same checks as a launch
     (its data or model may have changed since). Raises RunError or LaunchError, changing nothing, when it cannot."""
-    check_resumable(run)
+    from denselora_app.engine import sharding
+
+    checkpoint = check_resumable(run)
     cfg = run.config()
+    if (problem := sharding.resume_problem(checkpoint, cfg, sharding.world_size())) is not None:
+        raise LaunchError("fsdp", problem)
     checked = preflight(cfg, **checks)
     root = run.path.parent
     with _device_lock(root):

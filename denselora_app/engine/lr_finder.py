@@ -29,6 +29,7 @@ from transformers import TrainerCallback, set_seed
 
 from denselora_app import rules
 from denselora_app.config import ConfigError, RunConfig
+from denselora_app.engine.data import PreparationStopped
 from denselora_app.engine.train import (
     Outcome,
     make_trainer,
@@ -121,7 +122,10 @@ def search(run: Run, show_progress: bool = False) -> Outcome:
     state = process_state(cfg.device)
     set_seed(cfg.seed)
     rows = plan.steps * cfg.effective_batch_size
-    setup = prepare(run, dataclasses.replace(cfg, val_size=0), state, rows=rows)
+    try:
+        setup = prepare(run, dataclasses.replace(cfg, val_size=0), state, rows=rows)
+    except PreparationStopped:
+        return Outcome(RunState.STOPPED, note=_note([], None, len(plan.rates), stopped=True, interrupted=None))
     start = {name: p.detach().clone() for name, p in setup.model.named_parameters() if p.requires_grad}
     total = len(plan.rates) * plan.steps
     run.update_status(step=0, max_steps=total, trainable_parameters=setup.trainable,
@@ -181,7 +185,7 @@ def _note(trials: list[LrTrial], chosen: LrTrial | None, planned: int, stopped: 
 
 class TrialRecorder(TrainerCallback):
     """One trial's steps into metrics.jsonl (``trial``, ``lr``, ``trial_step``; ``step`` counts across the search)
-    and status.json; ends the trial when it diverges or Stop is asked for."""
+    and the run status; ends the trial when it diverges or Stop is asked for."""
 
     def __init__(self, run: Run, plan: LrSearch, index: int, started: float, echo: bool) -> None:
         self.run, self.plan, self.index, self.started, self.echo = run, plan, index, started, echo

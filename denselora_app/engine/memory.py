@@ -168,6 +168,14 @@ def weight_bytes(shape: ModelShape, quantization: str, dtype_bytes: int) -> int:
     return shape.parameters * dtype_bytes
 
 
+SHARDING_GPUS = (2, 4, 8)  # the launches the planner suggests fsdp on, one GPU per process
+
+# Sequences one row of a stage's data trains on, in one forward pass: a preference pair is its chosen and its rejected
+# answer, batched together (TRL's DPOTrainer); a kto completion comes with a mismatched one for the KL estimate,
+# also in the same pass (TRL's KTOTrainer). The reference log-probabilities cost no weights (the adapter is disabled
+# for them) and almost no activations: that forward runs under no_grad before the policy's and keeps a few numbers.
+SEQUENCES_PER_ROW: dict[str, int] = {"sft": 1, "dpo": 2, "kto": 2}
+
 # A kind of tensor kept per token: (bytes per token of one such tensor, how many of them).
 _Tensors = list[tuple[float, float]]
 
@@ -208,7 +216,7 @@ def activation_parts(shape: ModelShape, cfg: RunConfig, device: str) -> dict[str
     weight in the compute dtype). Not part of the sum, for the CPU's allocator: ``heap_churn``, the bytes of the
     layers' tensors small enough for glibc's heap that a step allocates (one layer's tensors per layer)."""
     a = compute_bytes(cfg, device)
-    tokens = cfg.batch_size * cfg.cutoff_len
+    tokens = cfg.batch_size * cfg.cutoff_len * SEQUENCES_PER_ROW.get(cfg.stage, 1)
     h, inter = shape.hidden, shape.intermediate
     layer = _layer_tensors(shape, cfg, device)
     loss: _Tensors = [(4 * h, 1), (h * a, 1), (shape.vocab * 4, LOSS_BYTES_PER_LOGIT / 4)]
@@ -325,9 +333,11 @@ class MemoryPlan:
     shape: ModelShape | None = field(default=None, repr=False)
     trainable: int = 0
     file_bytes: int = 4  # bytes a weight takes in the model's files
+    processes: int = 1  # training processes of the launch (torchrun, accelerate): with fsdp each holds a share
 
     @property
     def total(self) -> int:
+        """Per process."""
         return self.weights + self.adapter + self.activations + self.overhead
 
     @property
@@ -342,8 +352,13 @@ class MemoryPlan:
         return self.training + self.reclaimable
 
     @property
+    def on_device(self) -> int:
+        """What the device must hold: one process's total on a GPU of its own, every process's on a shared CPU."""
+        return self.total * (self.processes if torch.device(self.device).type == "cpu" else 1)
+
+    @property
     def fits(self) -> bool:
-        return self.free is None or self.total <= self.free
+        return self.free is None or self.on_device <= self.free
 
     def summary(self) -> str:
         """One line: the total, the free memory and whether it fits, and the parts."""
@@ -351,8 +366,17 @@ class MemoryPlan:
             where = f"free memory of {self.device} unknown"
         else:
             where = f"{_gb(self.free)} free on {self.device}: {'fits' if self.fits else 'does not fit'}"
-        return (f"Estimated training memory: {_gb(self.total)} ({where}) - weights {_gb(self.weights)}, adapter + "
-                f"optimizer {_gb(self.adapter)}, activations {_gb(self.activations)}, overhead {_gb(self.overhead)}")
+        each = ""
+        if self.processes > 1:
+            shared = f", {_gb(self.on_device)} in all" if self.on_device != self.total else ""
+            each = f" per process ({self.processes} processes{', fsdp' if self.sharded else ''}{shared})"
+        return (f"Estimated training memory: {_gb(self.total)}{each} ({where}) - weights {_gb(self.weights)}, "
+                f"adapter + optimizer {_gb(self.adapter)}, activations {_gb(self.activations)}, overhead "
+                f"{_gb(self.overhead)}")
+
+    @property
+    def sharded(self) -> bool:
+        return self.cfg is not None and self.cfg.fsdp and self.processes > 1
 
     @property
     def total_text(self) -> str:
@@ -362,12 +386,12 @@ class MemoryPlan:
     def for_method(self, method: str, trainable: int) -> MemoryPlan:
         """The plan of this run with another adapter method, which trains ``trainable`` parameters."""
         return _plan(self.shape, dataclasses.replace(self.cfg, method=method), trainable, self.device, self.free,
-                     self.file_bytes)
+                     self.file_bytes, self.processes)
 
     def replan(self, **settings: Any) -> MemoryPlan:
         """The plan of this run with some settings changed, on the same device with the same free memory."""
         return _plan(self.shape, dataclasses.replace(self.cfg, **settings), self.trainable, self.device, self.free,
-                     self.file_bytes)
+                     self.file_bytes, self.processes)
 
     def suggestions(self) -> list[Suggestion]:
         """When the run does not fit: the changes that would make it fit, most effective (lowest total) first,
@@ -377,7 +401,8 @@ class MemoryPlan:
         fit); if even every change together is not enough, that combination with its total."""
         if self.fits or self.cfg is None:
             return []
-        alone = [s for s in (self._quantize(), self._checkpoint(), self._batch({}), self._cutoff({})) if s]
+        alone = [s for s in (self._quantize(), self._checkpoint(), self._batch({}), self._cutoff({}), self._shard())
+                 if s]
         fitting = sorted((s for s in alone if s.total <= self.free), key=lambda s: s.total)
         if fitting or not alone:
             return fitting
@@ -399,6 +424,15 @@ class MemoryPlan:
             return None  # bitsandbytes runs on NVIDIA GPUs and the CPU
         note = "gradient checkpointing comes on with it" if self.cfg.gradient_checkpointing is None else ""
         return Suggestion({"quantization": "4bit"}, self.replan(quantization="4bit").total, note)
+
+    def _shard(self) -> Suggestion | None:
+        """fsdp on the fewest GPUs (2, 4 or 8, one process each) that hold the run, else on 8."""
+        if self.cfg.fsdp or torch.device(self.device).type != "cuda":
+            return None
+        plans = [(gpus, _plan(self.shape, dataclasses.replace(self.cfg, fsdp=True), self.trainable, self.device,
+                              self.free, self.file_bytes, gpus)) for gpus in SHARDING_GPUS]
+        gpus, plan = next(((g, p) for g, p in plans if p.fits), plans[-1])
+        return Suggestion({"fsdp": True}, plan.total, f"on {gpus} GPUs: torchrun --nproc_per_node {gpus}")
 
     def _checkpoint(self) -> Suggestion | None:
         if self.cfg.checkpointing:
@@ -468,21 +502,37 @@ def _gb(value: int | None) -> str:
     return f"{value / GB:.2f} GB" if value >= GB / 10 else f"{value / MiB:.0f} MB"
 
 
-def _plan(shape: ModelShape, cfg: RunConfig, trainable: int, device: str, free: int | None, file_bytes: int
-          ) -> MemoryPlan:
+def sharded_weight_bytes(shape: ModelShape, cfg: RunConfig, device: str, processes: int) -> int:
+    """One process's frozen weights with fsdp over ``processes``: its 1/N share, plus one decoder layer gathered
+    whole while it computes (FSDP2 gathers a layer's shards for its forward and backward, then frees them)."""
     weights = weight_bytes(shape, cfg.quantization, compute_bytes(cfg, device))
-    parts = activation_parts(shape, cfg, device)
+    return -(-weights // processes) + -(-weights // max(shape.layers, 1))
+
+
+def _plan(shape: ModelShape, cfg: RunConfig, trainable: int, device: str, free: int | None, file_bytes: int,
+          processes: int = 1) -> MemoryPlan:
+    shards = processes if cfg.fsdp else 1
+    if shards > 1:
+        weights = sharded_weight_bytes(shape, cfg, device, shards)
+    else:
+        weights = weight_bytes(shape, cfg.quantization, compute_bytes(cfg, device))
+    parts = activation_parts(shape, cfg, device)  # activations stay per process: each computes its own rows
     activations = parts["kept"] + parts["peak"] + parts["dequantized"]
     process, allowance = overhead_bytes(device, parts, activations)
-    return MemoryPlan(device=device, weights=weights, adapter=trainable * ADAMW_BYTES_PER_PARAMETER,
+    return MemoryPlan(device=device, weights=weights, adapter=-(-trainable * ADAMW_BYTES_PER_PARAMETER // shards),
                       activations=activations, overhead=process + allowance, process=process, free=free, parts=parts,
                       reclaimable=reclaimable_bytes(shape, cfg, device, file_bytes), cfg=cfg, shape=shape,
-                      trainable=trainable, file_bytes=file_bytes)
+                      trainable=trainable, file_bytes=file_bytes, processes=processes)
 
 
-def plan_memory(model_config: Any, cfg: RunConfig, counts: Any, device: str, free: int | None) -> MemoryPlan:
+def plan_memory(model_config: Any, cfg: RunConfig, counts: Any, device: str, free: int | None,
+                processes: int | None = None) -> MemoryPlan:
     """The memory plan of training ``cfg`` on ``device``, the resolved device ('cpu', 'cuda:0', 'mps').
 
     ``counts`` is the run's methods.ParameterCount (check_adapter, count_parameters). ``free``: the bytes free on
-    the device (``free_memory(device)`` reads them now); None leaves it unknown (the plan then fits)."""
-    return _plan(model_shape(model_config), cfg, counts.trainable, device, free, checkpoint_bytes(model_config))
+    the device (``free_memory(device)`` reads them now); None leaves it unknown (the plan then fits). ``processes``:
+    the launch's training processes, by default the launcher's (sharding.world_size)."""
+    from denselora_app.engine.sharding import world_size
+
+    return _plan(model_shape(model_config), cfg, counts.trainable, device, free, checkpoint_bytes(model_config),
+                 world_size() if processes is None else processes)

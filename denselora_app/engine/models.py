@@ -50,10 +50,11 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from denselora_app.config import EMBEDDED_HUB_ID, EMBEDDED_MODEL, StudioError
+from denselora_app.config import EMBEDDED_HUB_ID, EMBEDDED_MODEL, StudioError, quote
 from denselora_app.hub.connection import HUB_PROBE_TIMEOUT_S, HubUnreachable, cached_copy_if_offline
 from denselora_app.hub.hosting import on_space
-from denselora_app.rules import DTYPES, QUANTIZATIONS, cache_dir, hub_id_problem, looks_like_path
+from denselora_app.rules import DTYPES, QUANTIZATIONS, cache_dir, hub_id_problem, looks_like_path, on_disk
+from denselora_app.runs import typed_folder
 
 try:  # lets a GGUF be dequantized explicitly, even where the `kernels` package could keep it packed
     from transformers.utils.quantization_config import GgufConfig
@@ -124,11 +125,11 @@ class _Source:
 
 def _classify(spec: str) -> _Source:
     if not isinstance(spec, str) or not spec.strip():
-        raise ModelLoadError(f"No model was given ({spec!r}). {_ALTERNATIVES}, or a Hugging Face Hub model id.")
+        raise ModelLoadError(f"No model was given ({quote(spec)}). {_ALTERNATIVES}, or a Hugging Face Hub model id.")
     spec = spec.strip()
     if spec.startswith("embedded:"):
         if spec != EMBEDDED_DEFAULT:
-            raise ModelLoadError(f"Unknown embedded model {spec!r}: the only one is '{EMBEDDED_DEFAULT}'.")
+            raise ModelLoadError(f"Unknown embedded model {quote(spec)}: the only one is '{EMBEDDED_DEFAULT}'.")
         try:
             return _Source("gguf", str(embedded_gguf_path()))
         except ModelLoadError:
@@ -137,22 +138,24 @@ def _classify(spec: str) -> _Source:
             # A Space installs requirements.txt only, which cannot carry a --no-deps package: same model, from the Hub.
             logger.info("On a Hugging Face Space: using %s for the embedded default.", EMBEDDED_HUB_ID)
             return _Source("hub", EMBEDDED_HUB_ID)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return _Source("folder", str(path))
-    if path.is_file():
+    if on_disk(spec):
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            return _Source("folder", str(path))
         if path.suffix.lower() == ".gguf":
             return _Source("gguf", str(path))
         hint = f" Here that is probably {str(path.parent.absolute())!r}." if path.name == "config.json" else ""
         raise ModelLoadError(
-            f"{spec!r} is a file, not a model: give the folder that contains config.json and the weights, "
+            f"{quote(spec)} is a file, not a model: give the folder that contains config.json and the weights, "
             f"or a .gguf file.{hint}"
         )
-    if looks_like_path(spec):
-        raise ModelLoadError(f"No such file or folder: {str(path.absolute())!r}. Check the path. {_ALTERNATIVES}.")
+    if looks_like_path(spec):  # written as a path, but nothing is there (or no path can be written so)
+        shown = str(typed_folder(spec) or spec)
+        shown = repr(shown) if len(shown) <= 300 else repr(shown[:300]) + "..."
+        raise ModelLoadError(f"No such file or folder: {shown}. Check the path. {_ALTERNATIVES}.")
     if problem := hub_id_problem(spec):
         raise ModelLoadError(
-            f"{spec!r} is neither an existing local folder nor a valid Hugging Face Hub model id ({problem}). "
+            f"{quote(spec)} is neither an existing local folder nor a valid Hugging Face Hub model id ({problem}). "
             f"{_ALTERNATIVES}, or a Hub id such as 'HuggingFaceTB/SmolLM2-360M-Instruct'."
         )
     return _Source("hub", spec)

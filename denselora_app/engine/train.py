@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import (
     DataCollatorForSeq2Seq,
@@ -34,9 +34,11 @@ from transformers.trainer_utils import has_length
 
 from denselora_app import terminal
 from denselora_app.config import RunConfig
-from denselora_app.engine.data import PreparedData, prepare_data
+from denselora_app.engine import sharding, trackers
+from denselora_app.engine.data import PreparationStopped, PreparedData, prepare_data
 from denselora_app.engine.methods import build_peft_config
 from denselora_app.engine.models import load_model, load_tokenizer, resolve_device
+from denselora_app.engine.preferences import PreparedPairs, prepare_pairs
 from denselora_app.engine.sources import data_source
 from denselora_app.runs import (
     ADAPTER_CONFIG,
@@ -49,6 +51,15 @@ from denselora_app.runs import (
 
 log = logging.getLogger(__name__)
 
+
+# What each stage's trainer logs besides the loss, kept in metrics.jsonl under TRL's names (the live charts read them).
+STAGE_METRICS: dict[str, tuple[str, ...]] = {
+    "dpo": tuple(f"{prefix}{name}" for prefix in ("", "eval_") for name in (
+        "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+        "logps/rejected")),
+    "kto": tuple(f"{prefix}{name}" for prefix in ("", "eval_") for name in (
+        "rewards/chosen", "rewards/rejected", "rewards/margins", "kl", "logps/chosen", "logps/rejected")),
+}
 
 STOPPED_UNTRAINED = "Stopped before the first training step: nothing was trained, so there is no checkpoint or adapter."
 
@@ -76,22 +87,32 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcom
     if checkpoint is not None and _finished(checkpoint):
         return _finish_from(run, checkpoint, state)
 
-    setup = prepare(run, cfg, state)
+    try:
+        setup = prepare(run, cfg, state)
+    except PreparationStopped:
+        return Outcome(RunState.STOPPED, note=None if checkpoint else STOPPED_UNTRAINED)
     if resume and state.is_main_process:
         run.truncate_metrics(after_step=checkpoint_step(checkpoint) if checkpoint else 0)
     args = training_arguments(cfg, setup, output_dir=run.checkpoints_dir, show_progress=show_progress)
-    callback = RunCallback(run, trainable=setup.trainable, total=setup.base_parameters, echo=not show_progress)
-    trainer = make_trainer(setup, args, [callback, CheckpointMarker()], show_progress=show_progress)
+    callback = RunCallback(run, trainable=setup.trainable, total=setup.base_parameters, echo=not show_progress,
+                           metrics=STAGE_METRICS.get(cfg.stage, ()))
+    reporting = trackers.callbacks(run, cfg.report_to) if state.is_main_process else []
+    trainer = make_trainer(setup, args, [callback, CheckpointMarker(), *reporting], show_progress=show_progress)
     if _stop_requested(run):  # asked to stop while the model was loading
         return Outcome(RunState.STOPPED, note=None if checkpoint else STOPPED_UNTRAINED)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with trackers.offline_defaults(run, cfg.report_to):
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if state.is_main_process and state.num_processes > 1:
+        log.info(sharding.describe(setup.model, state.num_processes))
     _check_ranks_agree(setup.model)
     stopped = _stop_requested(run)
     if setup.data.eval is not None and not stopped and not cfg.eval_steps:
         trainer.evaluate()  # the final validation loss, logged through RunCallback
 
+    # On every rank: with fsdp each one hands in its shard of the adapter; only the main process writes.
+    setup.model.save_pretrained(run.adapter_dir, is_main_process=state.is_main_process,
+                                selected_adapters=["default"])  # not the frozen reference of a run started from one
     if state.is_main_process:
-        setup.model.save_pretrained(run.adapter_dir)
         setup.tokenizer.save_pretrained(run.adapter_dir)  # chat template travels with the adapter
         run.write_summary()
         log.info("Adapter saved to %s", run.adapter_dir)
@@ -99,25 +120,12 @@ def train(run: Run, resume: bool = False, show_progress: bool = False) -> Outcom
     return Outcome(RunState.STOPPED if stopped else RunState.COMPLETED)
 
 
-@dataclass
-class Setup:
-    """What a run trains: its tokenizer and data, the base model with a fresh adapter, and how batches are made."""
-
-    tokenizer: Any
-    data: PreparedData
-    model: torch.nn.Module  # the PEFT model
-    device: str
-    base_parameters: int
-    trainable: int
-    collator: Callable
-    sampling: str  # the Trainer's train_sampling_strategy
-    shared_lr_scale: float = 1.0  # DenseLoRA's shared E and D train at this multiple of the rate (LoRA: 1)
-
-
-def prepare(run: Run, cfg: RunConfig, state: PartialState, rows: int | None = None) -> Setup:
-    """Data -> base model -> adapter, as ``cfg`` says; ``rows`` reads only the data's first rows."""
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    data = prepare_data(
+def _prepared_data(run: Run, cfg: RunConfig, state: PartialState, tokenizer,
+                   rows: int | None) -> PreparedData | PreparedPairs:
+    if cfg.stage != "sft":
+        return prepare_pairs(data_source(cfg.data), tokenizer, cutoff_len=cfg.cutoff_len, val_size=cfg.val_size,
+                             seed=cfg.seed, limit=rows, stage=cfg.stage)
+    return prepare_data(
         data_source(cfg.data),
         tokenizer,
         fmt=cfg.data_format,
@@ -128,11 +136,44 @@ def prepare(run: Run, cfg: RunConfig, state: PartialState, rows: int | None = No
         batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum,
         limit=rows,
+        should_stop=run.stop_requested if state.is_main_process else None,
     )
+
+
+@dataclass
+class Setup:
+    """What a run trains: its tokenizer and data, the base model with a fresh adapter, and how batches are made."""
+
+    tokenizer: Any
+    data: PreparedData | PreparedPairs
+    model: torch.nn.Module  # the PEFT model
+    device: str
+    base_parameters: int
+    trainable: int
+    collator: Callable | None  # None: the stage's trainer batches its own rows (TRL's preference collator)
+    sampling: str  # the Trainer's train_sampling_strategy
+    shared_lr_scale: float = 1.0  # DenseLoRA's shared E and D train at this multiple of the rate (LoRA: 1)
+    stage: str = "sft"
+    started_from: str | None = None  # the adapter folder of the run it started from (init_adapter)
+
+
+def prepare(run: Run, cfg: RunConfig, state: PartialState, rows: int | None = None) -> Setup:
+    """Data -> base model -> adapter, as ``cfg`` says; ``rows`` reads only the data's first rows. Raises
+    PreparationStopped when a stop is asked for before the model loads."""
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    try:
+        data = _prepared_data(run, cfg, state, tokenizer, rows)
+    except PreparationStopped:
+        data = None
+    # Every rank asks rank 0 here (only rank 0 cuts its preparation short), so all stop or none does.
+    if _stop_requested(run):
+        raise PreparationStopped
+    assert data is not None  # rank 0 cuts its preparation short only for a request, which stays until the end
     if state.is_main_process:
         run.write_data_report(data.report.to_dict())
 
-    device = str(state.device) if cfg.device == "auto" else cfg.device
+    # accelerate names a CPU process's device "cpu:<rank>"; every CPU process uses the one CPU device
+    device = cfg.device if cfg.device != "auto" else "cpu" if state.device.type == "cpu" else str(state.device)
     model = load_model(cfg.model, device=device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                        quantization=cfg.quantization)
     base_parameters = model.num_parameters()  # counts a 4-bit weight's packed values as the parameters they hold
@@ -142,14 +183,26 @@ def prepare(run: Run, cfg: RunConfig, state: PartialState, rows: int | None = No
     if cfg.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # the frozen embeddings must pass gradients on to the adapters
-    peft_model = get_peft_model(model, build_peft_config(cfg))
+    started_from = _started_from(cfg)
+    peft_model = (PeftModel.from_pretrained(model, started_from, is_trainable=True) if started_from
+                  else get_peft_model(model, build_peft_config(cfg)))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     log.info("%s r=%d: %s trainable parameters (%.4f%% of %s)", cfg.method, cfg.r, f"{trainable:,}",
              100 * trainable / base_parameters, f"{base_parameters:,}")
-    collator, sampling = collator_for(cfg, tokenizer, peft_model)
+    collator, sampling = collator_for(cfg, tokenizer, peft_model) if cfg.stage == "sft" else (None, "random")
     return Setup(tokenizer=tokenizer, data=data, model=peft_model, device=device, base_parameters=base_parameters,
                  trainable=trainable, collator=collator, sampling=sampling,
-                 shared_lr_scale=cfg.shared_lr_scale if cfg.method == "denselora" else 1.0)
+                 shared_lr_scale=cfg.shared_lr_scale if cfg.method == "denselora" else 1.0, stage=cfg.stage,
+                 started_from=started_from)
+
+
+def _started_from(cfg: RunConfig) -> str | None:
+    """The adapter folder a dpo or kto run starts from (init_adapter), checked again: it may have changed."""
+    if not cfg.init_adapter:
+        return None
+    from denselora_app.engine.stages import start_run
+
+    return str(start_run(cfg).adapter_dir)
 
 
 def training_arguments(cfg: RunConfig, setup: Setup, *, output_dir: Path | str, show_progress: bool,
@@ -186,21 +239,31 @@ def training_arguments(cfg: RunConfig, setup: Setup, *, output_dir: Path | str, 
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         disable_tqdm=not show_progress,
-        report_to="none",
+        report_to="none",  # report_to's trackers get their callbacks from engine/trackers.py, writing in the run folder
+        **sharding.fsdp_arguments(cfg),
     )
+    if cfg.stage != "sft":
+        from denselora_app.engine.stages import stage_arguments  # TRL is imported only for its stages
+
+        return stage_arguments(cfg, {**values, **overrides})
     return TrainingArguments(**{**values, **overrides})
 
 
 def make_trainer(setup: Setup, args: TrainingArguments, callbacks: list[TrainerCallback],
-                 show_progress: bool) -> StudioTrainer:
-    trainer = StudioTrainer(
-        model=setup.model,
-        args=args,
-        train_dataset=setup.data.train,
-        eval_dataset=setup.data.eval,
-        data_collator=setup.collator,
-        callbacks=callbacks,
-    )
+                 show_progress: bool) -> Trainer:
+    if setup.stage != "sft":
+        from denselora_app.engine.stages import stage_trainer
+
+        trainer = stage_trainer(setup, args, callbacks)
+    else:
+        trainer = StudioTrainer(
+            model=setup.model,
+            args=args,
+            train_dataset=setup.data.train,
+            eval_dataset=setup.data.eval,
+            data_collator=setup.collator,
+            callbacks=callbacks,
+        )
     trainer.shared_lr_scale = setup.shared_lr_scale
     if show_progress:
         trainer.remove_callback(ProgressCallback)
@@ -287,7 +350,20 @@ def packing_problem(model: torch.nn.Module) -> str | None:
     return None
 
 
-class StudioTrainer(Trainer):
+class SharedRate:
+    """Mixed into a Trainer class (the studio's, TRL's): DenseLoRA's shared E and D at ``shared_lr_scale`` times
+    the learning rate."""
+
+    shared_lr_scale: float = 1.0
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        if self.shared_lr_scale != 1.0:
+            scale_shared_rate(optimizer, self.model if model is None else model, self.shared_lr_scale)
+        return optimizer
+
+
+class StudioTrainer(SharedRate, sharding.ShardsOnCpu, Trainer):
     """The Trainer, counting the real tokens of padding-free batches for the live tokens/s.
 
     With ``include_num_input_tokens_seen="non_padding"`` transformers counts a batch's attention mask; a
@@ -295,14 +371,6 @@ class StudioTrainer(Trainer):
     back to comparing the ids with the pad id (which is often the eos token, so real tokens go uncounted) or to
     counting every token with a warning at every step. Every token of such a batch is real, so all are counted.
     """
-
-    shared_lr_scale: float = 1.0  # DenseLoRA's shared E and D train at this multiple of the learning rate
-
-    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        optimizer = super().create_optimizer(model)
-        if self.shared_lr_scale != 1.0:
-            scale_shared_rate(optimizer, self.model if model is None else model, self.shared_lr_scale)
-        return optimizer
 
     def _track_num_input_tokens(self, inputs):
         if (self.args.include_num_input_tokens_seen == "non_padding" and "attention_mask" not in inputs
@@ -363,12 +431,13 @@ def _stop_requested(run: Run) -> bool:
 
 
 def _check_ranks_agree(model: torch.nn.Module) -> None:
-    """Under DDP every rank must end with the same adapter; the shared encoders/decoders make this worth checking."""
+    """Under DDP every rank must end with the same adapter; the shared encoders/decoders make this worth checking
+    (with fsdp, the gathered one)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     digest = hashlib.sha256()
     for _, param in sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad), key=lambda x: x[0]):
-        digest.update(param.detach().float().cpu().numpy().tobytes())
+        digest.update(sharding.full(param).detach().float().cpu().numpy().tobytes())
     digests: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(digests, digest.hexdigest())
     if len(set(digests)) != 1:
@@ -383,16 +452,17 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class RunCallback(TrainerCallback):
-    """Writes metrics.jsonl and status.json as training goes, and turns a stop request into a graceful stop.
+    """Writes the run's metrics and status as training goes, and turns a stop request into a graceful stop.
 
     With ``echo``, each logged row is also logged as one readable line (the worker's train.log, the app's log pane).
     """
 
-    def __init__(self, run: Run, trainable: int, total: int, echo: bool = False) -> None:
+    def __init__(self, run: Run, trainable: int, total: int, echo: bool = False, metrics: tuple[str, ...] = ()) -> None:
         self.run = run
         self.trainable = trainable
         self.total = total
         self.echo = echo
+        self.metrics = metrics  # a stage's own logged values (TRL's names), kept as they are logged
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.session_start = time.time()
@@ -418,7 +488,7 @@ class RunCallback(TrainerCallback):
         done = max(state.global_step - self.session_first_step, 1)
         remaining = (now - self.session_start) / done * max(state.max_steps - state.global_step, 0)
         row: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
-        for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+        for key in ("loss", "eval_loss", "learning_rate", "grad_norm", *self.metrics):
             if key in logs:
                 row[key] = float(logs[key])
         if "loss" in logs:

@@ -34,6 +34,13 @@ from denselora_app.terminal import TRACEBACK
 log = logging.getLogger(__name__)
 
 
+class RunFailed(Exception):
+    """Training raised: ``failure`` says why and what to do (also in the run status, when it could be written)."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.summary)
+        self.failure = failure
+
 
 @contextlib.contextmanager
 def sigterm_stops(run: Run) -> Iterator[None]:
@@ -51,8 +58,9 @@ def sigterm_stops(run: Run) -> Iterator[None]:
 
 
 def execute(run: Run, resume: bool = False, show_progress: bool = False) -> RunState:
-    """Train the run (or, for a learning-rate search, run its trials) and record how it ended in status.json (on the
-    main process). Returns the final state. The worker and the foreground CLI both train through this."""
+    """Train the run (or, for a learning-rate search, run its trials) and record how it ended in the run status (on the
+    main process). Returns the final state; raises RunFailed (or KeyboardInterrupt) when training does not end. The
+    worker and the foreground CLI both train through this."""
     with sigterm_stops(run):
         return _execute(run, resume, show_progress)
 
@@ -75,15 +83,20 @@ def _execute(run: Run, resume: bool, show_progress: bool) -> RunState:
             outcome = search(run, show_progress=show_progress)
         else:
             outcome = train(run, resume=resume, show_progress=show_progress)
-    except BaseException as exc:  # noqa: BLE001  (every failure must end up explained in status.json)
+    except BaseException as exc:  # noqa: BLE001  (every failure must end up explained in the run status)
         log.error("Training failed:\n%s", traceback.format_exc(), extra={TRACEBACK: True})
+        if isinstance(exc, KeyboardInterrupt):
+            failure = Failure(FailureKind.INTERRUPTED, "Interrupted with Ctrl-C.", "Resume from the last checkpoint.")
+        else:
+            failure = classify_failure(traceback.format_exc())
         if main:
-            failure = (
-                Failure(FailureKind.INTERRUPTED, "Interrupted with Ctrl-C.", "Resume from the last checkpoint.")
-                if isinstance(exc, KeyboardInterrupt) else classify_failure(traceback.format_exc())
-            )
-            run.update_status(state=RunState.FAILED, finished_at=time.time(), **failure.status_fields())
-        raise
+            try:
+                run.update_status(state=RunState.FAILED, finished_at=time.time(), **failure.status_fields())
+            except OSError as err:  # a full disk: the reason still reaches the caller; readers see a dead process
+                log.error("Could not record the failure in the run status: %s", err)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise RunFailed(failure) from exc
     if main:
         run.update_status(state=outcome.state, finished_at=time.time(), note=outcome.note)
         run.clear_stop_request()

@@ -28,8 +28,8 @@ from typing import Any
 
 from denselora_app.config import EMBEDDED_MODEL, SAMPLE_DATA, RunConfig, StudioError
 from denselora_app.hub.hosting import on_space, space_owner
-from denselora_app.rules import looks_like_path
-from denselora_app.runs import Run, list_runs, runs_dir, safe_name
+from denselora_app.rules import looks_like_path, on_disk
+from denselora_app.runs import Run, RunError, list_runs, resolve_run, runs_dir, safe_name, typed_folder
 
 READ_ONLY_ROLE = "read"  # an organisation member with this role cannot write to the organisation's repositories
 
@@ -96,11 +96,7 @@ def require(who: Caller, action: Action, run: Run | None = None) -> None:
         return
     owner = space_owner()
     if action in (Action.VIEW, Action.CHAT):
-        if run is None:
-            raise AccessError(f"On this Space, visitors chat only with the adapters its owner, {owner}, made "
-                              "public: choose one from the list.")
-        raise AccessError(f"Run {run.id} is not public on this Space: visitors see, and chat with, only the runs "
-                          f"its owner, {owner}, made public.")
+        raise AccessError(not_public(owner))
     if who.signed_in:
         raise AccessError(f"{action.value} on this Space is for its owner, {owner}; you are signed in as "
                           f"{who.username}. Duplicate this Space (the Duplicate button at the top) to train on your "
@@ -108,6 +104,36 @@ def require(who: Caller, action: Action, run: Run | None = None) -> None:
     raise AccessError(f"{action.value} on this Space is for its owner, {owner}. Sign in with the Hugging Face "
                       "button at the top if that is you; otherwise duplicate this Space (the Duplicate button at "
                       "the top) to train on your own hardware.")
+
+
+def not_public(owner: str | None) -> str:
+    # One answer for a private run, a missing one and a path: a visitor learns nothing of which runs exist or where.
+    return (f"That is not one of this Space's public runs: visitors see, and chat with, only the runs its owner, "
+            f"{owner}, made public. Choose one from the list.")
+
+
+def visible_run(who: Caller, ref: str) -> Run:
+    """The run ``ref`` names (``runs.resolve_run``), if ``who`` may see it. The owner gets resolve_run's own
+    RunError; a visitor gets the same AccessError for a private run as for a missing one."""
+    try:
+        run = resolve_run(ref)
+    except RunError:
+        if who.owner:
+            raise
+        run = None
+    require(who, Action.VIEW, run)
+    assert run is not None  # require lets a visitor through only to a public run
+    return run
+
+
+def shown_to(who: Caller, text: str) -> str:
+    """``text`` (a run's log, an error) as ``who`` may see it: for a visitor, the server's folders (the runs folder,
+    the working directory, the home folder) written as ``runs``, ``.`` and ``~``."""
+    if who.owner:
+        return text
+    for folder, shown in ((runs_dir(), "runs"), (Path.cwd(), "."), (Path.home(), "~")):
+        text = text.replace(str(folder.resolve()), shown).replace(str(folder), shown)
+    return text
 
 
 def visible_runs(who: Caller) -> list[Run]:
@@ -121,7 +147,8 @@ def run_of_adapter(adapter: str) -> Run | None:
     text = adapter.strip()
     if not text:
         return None
-    target = Path(text).expanduser().resolve() if looks_like_path(text) else None
+    typed = typed_folder(text) if looks_like_path(text) else None
+    target = typed.resolve() if typed is not None and on_disk(str(typed)) else None
     return next((run for run in list_runs()
                  if text == run.id or (target is not None and target == run.adapter_dir.resolve())), None)
 
@@ -155,7 +182,7 @@ def uploads_dir(who: Caller) -> Path:
 def _server_path(text: str) -> bool:
     # data.read_source's and models' own rule: an existing path, or a name written as one, is read from the disk;
     # anything else is a Hub name.
-    return looks_like_path(text) or Path(text).expanduser().exists()
+    return looks_like_path(text) or on_disk(text)
 
 
 def check_data(who: Caller, data: str) -> None:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from denselora_app.config import EMBEDDED_HUB_ID, EMBEDDED_MODEL, SAMPLE_DATA, RunConfig
+from denselora_app.config import EMBEDDED_HUB_ID, EMBEDDED_MODEL, SAMPLE_DATA, SAMPLE_PAIRS, RunConfig
 from denselora_app.hub.account import PublishError
 from denselora_app.rules import hub_id as hub_id_of
 from denselora_app.runs import Run, finite_number, read_json
@@ -66,7 +66,7 @@ def _check_model_id(hub_id: str) -> None:
 
 def hub_dataset_of(cfg: RunConfig) -> str | None:
     """The Hub dataset the run trained on (``name`` of ``name:split``), or None for a file or the sample."""
-    if cfg.data == SAMPLE_DATA:
+    if cfg.data in (SAMPLE_DATA, SAMPLE_PAIRS):
         return None
     name = cfg.data.partition(":")[0]
     if not hub_id_of(name):
@@ -74,9 +74,25 @@ def hub_dataset_of(cfg: RunConfig) -> str | None:
     return name
 
 
+# How the card says what the run learnt from (RunConfig.stage).
+_STAGE_TEXT = {"sft": "by supervised fine-tuning",
+               "dpo": "by Direct Preference Optimization (TRL's DPOTrainer, {reference} as the reference) on "
+                      "preference pairs",
+               "kto": "by Kahneman-Tversky Optimization (TRL's KTOTrainer, {reference} as the reference) on "
+                      "answers labelled desirable or not"}
+
+
+def _stage_text(cfg: RunConfig) -> str:
+    reference = (f"the adapter of run {cfg.init_adapter}, which it started from," if cfg.init_adapter
+                 else "the base model")
+    return _STAGE_TEXT[cfg.stage].format(reference=reference)
+
+
 def _data_label(cfg: RunConfig) -> str:
     if cfg.data == SAMPLE_DATA:
         return "DenseLoRA Studio's sample data (studio_facts)"
+    if cfg.data == SAMPLE_PAIRS:
+        return "DenseLoRA Studio's sample preference pairs (ahoy_pairs)"
     return hub_dataset_of(cfg) or Path(cfg.data).name
 
 
@@ -113,7 +129,7 @@ _CARD_TEMPLATE = """---
 # {{ title }}
 
 {% if denselora %}A [DenseLoRA]({{ paper_url }}) adapter{% else %}A LoRA adapter{% endif %} for {{ base_text }}, \
-trained with DenseLoRA Studio on {{ data_label }}.
+trained with DenseLoRA Studio {{ stage_text }} on {{ data_label }}.
 {% if embedded %}
 It was trained on the 4-bit (Q4_1) GGUF copy of {{ base_text }} that DenseLoRA Studio ships for offline use, \
 dequantized to float32; it loads on the original weights, which differ slightly from the quantized ones.
@@ -215,7 +231,8 @@ def model_card(run: Run, repo_id: str, base: BaseModel, *, has_tokenizer: bool, 
         license=base.license,
         datasets=[dataset] if (dataset := hub_dataset_of(cfg)) else None,
         pipeline_tag="text-generation",
-        tags=["denselora", "peft"] if denselora else ["lora", "peft"],
+        tags=(["denselora", "peft"] if denselora else ["lora", "peft"])
+        + ([cfg.stage, "trl"] if cfg.stage != "sft" else []),
     )
     return ModelCard.from_template(
         data,
@@ -229,6 +246,7 @@ def model_card(run: Run, repo_id: str, base: BaseModel, *, has_tokenizer: bool, 
         base_model_id=base.hub_id or base.label,
         adapter_id=repo_id,
         data_label=_data_label(cfg),
+        stage_text=_stage_text(cfg),
         activation=cfg.activation,
         r=cfg.r,
         alpha=f"{cfg.alpha:g}",
@@ -351,3 +369,92 @@ def studio_versions() -> dict[str, str]:
         "peft": version("peft"),
         "gradio": version("gradio"),
     }
+
+
+# ---- the card of an exported model (export/: a standard LoRA adapter, a merged model, a GGUF file) -------------
+
+
+@dataclass(frozen=True)
+class ExportFacts:
+    """What an export is and how faithful it is to the DenseLoRA adapter it came from (export/build.py fills it)."""
+
+    run_id: str
+    kind: str  # "lora", "merged" or "gguf" (rules.EXPORT_FORMATS)
+    exact: bool  # identity activation: the export is the adapter itself, up to float rounding
+    rank: int
+    activation: str
+    layers: int
+    gguf_type: str | None = None
+    relative_error: float | None = None  # held-out relative error of the fitted updates, all layers together
+    max_logit_diff: float | None = None  # end to end, export against the adapter, on held-out calibration rows
+    mean_logit_diff: float | None = None
+    greedy_identical: float | None = None  # share of held-out rows answered identically (greedy)
+    calibration_rows: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+_EXPORT_WHAT = {
+    "lora": "a standard [PEFT](https://github.com/huggingface/peft) LoRA adapter (`peft_type: LORA`)",
+    "merged": "a merged model: the base's weights with the adapter's update added in",
+    "gguf": "a GGUF file of the merged model, for llama.cpp, Ollama and LM Studio",
+}
+
+_EXPORT_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+This is {{ what }}, exported by DenseLoRA Studio from a [DenseLoRA]({{ paper_url }}) adapter (run \
+`{{ facts.run_id }}`) for {{ base_text }}. It loads without DenseLoRA Studio and without the DenseLoRA package.
+
+## How it was made
+
+{% if facts.exact %}The adapter used `activation: identity`, so its update `(alpha/r) · D · M_l · E · x` is exactly a \
+rank-{{ facts.rank }} LoRA in each of its {{ facts.layers }} adapted layers: `A_l = E`, `B_l = (alpha/r) · D · M_l`. \
+The export is exact up to float rounding.
+{% else %}The adapter used `activation: {{ facts.activation }}`, whose update `act(D · M_l · act(E · x))` no linear \
+map reproduces exactly. A rank-{{ facts.rank }} LoRA was fitted in each of its {{ facts.layers }} adapted layers: the \
+least-squares map from the inputs each layer saw on calibration data to the adapter's update, truncated to its best \
+rank-{{ facts.rank }} part under the input covariance.
+{% endif %}{% if facts.kind != "lora" %}The LoRA update `B_l A_l` was then added to each adapted weight of the base \
+(`W_l + B_l A_l`){% if facts.gguf_type %} and the merged model written as GGUF ({{ facts.gguf_type }}){% endif %}.
+{% endif %}{% for note in facts.notes %}
+{{ note }}
+{% endfor %}
+## Fidelity
+
+{% if fidelity %}Measured on {{ facts.calibration_rows }} held-out calibration rows, against the DenseLoRA adapter it \
+came from:
+
+| measure | value |
+|---|---|
+{% for key, value in fidelity %}| {{ key }} | {{ value }} |
+{% endfor %}{% elif facts.exact %}Exact by construction (no calibration data was given to measure it end to end).
+{% endif %}{% if facts.gguf_type == "q8_0" %}
+The q8_0 weights round each block of 32 values to 8 bits, which adds its own small difference.
+{% endif %}"""
+
+
+def export_card(run: Run, base: BaseModel, facts: ExportFacts, *, title: str) -> ModelCard:
+    """The model card of an exported folder: what it is, how it was made from the adapter, its measured fidelity."""
+    cfg = run.config()
+    data = ModelCardData(
+        base_model=base.hub_id,
+        library_name="peft" if facts.kind == "lora" else "transformers",
+        license=base.license,
+        datasets=[dataset] if (dataset := hub_dataset_of(cfg)) else None,
+        pipeline_tag="text-generation",
+        tags=["denselora", "denselora-export", *(["lora", "peft"] if facts.kind == "lora" else []),
+              *(["gguf"] if facts.kind == "gguf" else [])],
+    )
+    measures = (("held-out relative error of the updates", facts.relative_error),
+                ("max logit difference", facts.max_logit_diff), ("mean logit difference", facts.mean_logit_diff),
+                ("identical greedy answers", facts.greedy_identical))
+    fidelity = [(label, f"{value:.0%}" if "answers" in label else f"{value:.3g}") for label, value in measures
+                if value is not None]
+    return ModelCard.from_template(
+        data, template_str=_EXPORT_TEMPLATE, title=title, what=_EXPORT_WHAT[facts.kind], paper_url=PAPER_URL,
+        facts=facts, fidelity=fidelity,
+        base_text=f"[{base.hub_id}](https://huggingface.co/{base.hub_id})" if base.hub_id else f"`{base.label}`",
+    )

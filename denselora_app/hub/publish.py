@@ -19,7 +19,16 @@ from huggingface_hub import HfApi, SpaceCard, SpaceCardData
 from huggingface_hub import constants as hub_constants
 
 from denselora_app.hub.account import PublishError, check_repo_id, check_write_access, repo_errors, resolve_token
-from denselora_app.hub.cards import LOSS_CURVE, BaseModel, base_model_of, draw_loss_curve, model_card, studio_versions
+from denselora_app.hub.cards import (
+    LOSS_CURVE,
+    BaseModel,
+    ExportFacts,
+    base_model_of,
+    draw_loss_curve,
+    export_card,
+    model_card,
+    studio_versions,
+)
 from denselora_app.runs import ADAPTER_CONFIG, Run, RunError, RunState, adapter_problem, adapter_weights, resolve_run
 
 log = logging.getLogger(__name__)
@@ -297,3 +306,27 @@ def publish_space(
     folder = build_space_repo(run, space_id, adapter_repo_id=adapter_repo_id, bundle_adapter=bundle_adapter,
                               base_model=base_model, root=root)
     return push_folder(folder, private=private, commit_message=commit_message, token=token, api=api)
+
+
+def exported_repo(
+    run: Run | str,
+    repo_id: str,
+    folder: Path,
+    facts: ExportFacts,
+    *,
+    base_model: str | None = None,
+    root: Path | None = None,
+) -> RepoFolder:
+    """Make a folder written by an export (a LoRA adapter, a merged model, a GGUF file) the model repository
+    ``repo_id``: its card is written for the repository, and an adapter's config names the base by its Hub id."""
+    run = _publishable(run, root)
+    check_repo_id(repo_id)
+    base = base_model_of(run.config(), base_model)
+    config_path = folder / ADAPTER_CONFIG
+    if config_path.is_file():  # the saved path of the base is a path on this machine: name the Hub model instead
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = base.hub_id
+        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    export_card(run, base, facts, title=repo_id.split("/")[1]).save(folder / "README.md")
+    log.info("Made the %s export of run %s the repository %s in %s", facts.kind, run.id, repo_id, folder)
+    return RepoFolder(folder, repo_id, "model", _listing(folder))

@@ -14,6 +14,7 @@
                          the chosen rate; such a run trains no adapter and keeps no checkpoints
         PUBLIC           present when the owner made the run public on a Space (visitors see it, chat with it)
         job.json         a JobRecord, for a run that trains on Hugging Face Jobs (hub/jobs.py keeps the rest in step)
+        trackers/        what the experiment trackers of report_to write locally (tensorboard/, wandb/, mlruns/)
 
 This package is the only reader and writer of that folder: everything else asks a ``Run`` for its ``status()``,
 ``facts()``, ``checkpoints()`` or ``evaluation()``, and no other module spells a file name in it. What a user types to
@@ -40,6 +41,7 @@ from denselora_app.runs.control import (
 from denselora_app.runs.files import (
     ADAPTER_CONFIG,
     ADAPTER_DIR,
+    ADAPTER_WEIGHTS,
     CHECKPOINT_MARKER,
     RESULT_FILES,
     RunError,
@@ -71,6 +73,7 @@ from denselora_app.runs.reference import (
     list_runs,
     resolve_run,
     runs_folder_form,
+    typed_folder,
 )
 from denselora_app.runs.run import Run, create_run
 from denselora_app.runs.status import FINAL_STATES, RunKind, RunState, Status, process_start_time

@@ -32,6 +32,7 @@ ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_MARKER = "denselora_checkpoint.json"  # written last into a checkpoint: it lists the files and sizes
+TRACKERS_DIR = "trackers"  # what experiment trackers write locally: tensorboard/, wandb/, mlruns/
 # What a finished training leaves besides its adapter: the files a Hugging Face Jobs job hands back.
 RESULT_FILES = (CONFIG_FILE, STATUS_FILE, METRICS_FILE, LOG_FILE, DATA_REPORT_FILE, SUMMARY_FILE)
 

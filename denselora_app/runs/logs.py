@@ -38,6 +38,7 @@ class FailureKind(str, enum.Enum):
     """Why a run failed, as status.json's ``error_kind`` records it."""
 
     OUT_OF_MEMORY = "out of memory"
+    DISK_FULL = "disk full"
     DATA = "data error"
     MODEL_LOAD = "model load error"
     CONFIGURATION = "configuration error"
@@ -68,6 +69,10 @@ _FAILURES = [
      "Ran out of memory.",
      "Lower batch_size (raise grad_accum to keep the effective batch), lower cutoff_len, turn on "
      "gradient_checkpointing, or pick a smaller model."),
+    (FailureKind.DISK_FULL, re.compile(r"No space left on device|Disk quota exceeded|\[Errno 28\]"),
+     "The disk is full.",
+     "Free space on the disk that holds the runs folder (old runs' checkpoints are the largest files: python -m "
+     "denselora_app delete RUN_ID), then resume from the last checkpoint."),
     (FailureKind.DATA, re.compile(r"DataError"),
      "The training data could not be used.",
      "Check the data report: fix or remove the rows it names, or choose the right data format."),

@@ -138,7 +138,7 @@ class RunFacts:
     def to_json(self) -> dict[str, Any]:
         cfg = self.config
         return {
-            "method": cfg.method if cfg else None, "r": cfg.r if cfg else None,
+            "stage": cfg.stage if cfg else None, "method": cfg.method if cfg else None, "r": cfg.r if cfg else None,
             "trainable_parameters": self.trainable_parameters, "total_parameters": self.total_parameters,
             "trainable_percent": self.trainable_percent, "final_train_loss": self.final_train_loss,
             "final_eval_loss": self.final_eval_loss, "steps": self.steps,

@@ -68,7 +68,7 @@ def resolve_run(ref: str, root: Path | None = None, *, outside_root: bool = Fals
     """
     text = str(ref).strip()
     root = (root or runs_dir()).resolve()
-    path = _typed_folder(text) if text else None
+    path = typed_folder(text) if text else None
     inside = path is not None and path.parent == root and _is_run_id(path.name)  # where list_runs looks
     by_id = [root / run_id for run_id in dict.fromkeys((text, runs_folder_form(text, root)))
              if run_id and _is_run_id(run_id)]
@@ -110,10 +110,11 @@ def _is_run_id(text: str) -> bool:
             and not any(sep in text for sep in ("/", "\\")))
 
 
-def _typed_folder(text: str) -> Path | None:
+def typed_folder(text: str) -> Path | None:
     """The absolute folder a typed path names; None when it cannot be one here (a control character, '~user' with
     no such user, a link loop). Everything above its last part is resolved (links, '..'), the last part is not: a
-    run folder that is a symbolic link stays one, so deleting it can refuse to follow it."""
+    run folder that is a symbolic link stays one, so deleting it can refuse to follow it. The one reading of a typed
+    path for every front end: whatever the text, it raises nothing."""
     if not text.isprintable():  # NUL, newlines: no folder a user means, and a message must stay one line
         return None
     try:
@@ -121,6 +122,7 @@ def _typed_folder(text: str) -> Path | None:
         return path.resolve() if path.name in ("", "..") else path.parent.resolve() / path.name
     except (OSError, ValueError, RuntimeError):
         return None
+
 
 
 def _not_a_run(text: str, why: str) -> str:

@@ -31,6 +31,7 @@ from denselora_app.runs.files import (
     STATUS_FILE,
     STOP_FILE,
     SUMMARY_FILE,
+    TRACKERS_DIR,
     adapter_complete,
     checkpoint_complete,
     checkpoint_step,
@@ -70,6 +71,11 @@ class Run:
     @property
     def checkpoints_dir(self) -> Path:
         return self.path / CHECKPOINTS_DIR
+
+    @property
+    def trackers_dir(self) -> Path:
+        """Where the experiment trackers of ``report_to`` write inside the run folder (one subfolder each)."""
+        return self.path / TRACKERS_DIR
 
     @property
     def log_path(self) -> Path:

@@ -17,7 +17,7 @@ from peft import PeftConfig
 from denselora_app import denselora  # noqa: F401  (registers DenseLoRA with PEFT, so its adapters load)
 from denselora_app.config import ConfigError, StudioError
 from denselora_app.hub import access
-from denselora_app.rules import hub_id
+from denselora_app.rules import hub_id, on_disk
 from denselora_app.runs import (
     ADAPTER_CONFIG,
     AdapterPlace,
@@ -30,6 +30,7 @@ from denselora_app.runs import (
     run_holding,
     runs_dir,
     runs_folder_form,
+    typed_folder,
 )
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,8 @@ def resolve_adapter(ref: str, checkpoint: int | None = None, root: Path | None =
         refusal = error
     else:
         return _run_ref(run, checkpoint)
-    path = Path(ref).expanduser()
-    if path.exists():
+    path = typed_folder(ref)  # None for text no folder can have (a NUL, ~nosuchuser): then only a Hub id is left
+    if path is not None and on_disk(str(path)):
         place = adapter_place(path)
         run = _run_of_folder(place, root, outside_root)
         if run is None and is_run_folder(path):  # a run the resolver refused (outside the runs folder, here)

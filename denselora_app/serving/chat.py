@@ -10,8 +10,11 @@
 
 One :class:`ChatEngine` holds one base model wrapped in one ``PeftModel``. Every adapter selected for that base is
 loaded into it once under its own name and switched to with ``set_adapter``; the base's own answers come from the
-same weights with the adapter disabled. Generation runs in a background thread feeding a ``TextIteratorStreamer``;
-one lock serialises everything that touches the model (one model, one ``generate`` at a time).
+same weights with the adapter disabled. Answers are decoded by the engine's :class:`~.generation.Decoder`, which
+batches every request in flight (chat, evaluation, the OpenAI API of serving/api.py) into shared forward passes; one
+lock serialises loading and each decoding step. Compiled decoding (a static cache, one fixed shape) keeps
+transformers' ``generate`` one request at a time, in a thread feeding a ``TextIteratorStreamer``: a batch whose rows
+come and go would recompile at every new shape.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ from transformers import (
 
 from denselora_app import denselora  # noqa: F401  (registers DenseLoRA with PEFT, so its adapters load)
 from denselora_app.engine import models
+from denselora_app.serving import context
 from denselora_app.rules import QUANTIZATIONS
 from denselora_app.runs import adapter_weights
 from denselora_app.serving.adapters import (
@@ -51,6 +55,7 @@ from denselora_app.serving.adapters import (
     resolve_adapter,
     training_notice,
 )
+from denselora_app.serving.generation import Decoder, Handle, Request
 from denselora_app.serving.prompts import build_messages, render_prompt
 
 log = logging.getLogger(__name__)
@@ -78,6 +83,7 @@ class GenerationStats:
     tokens: int  # new tokens generated
     seconds: float
     stopped: bool  # ended by stop() rather than by the model or max_new_tokens
+    notice: str | None = None  # e.g. the oldest turns were left out to fit the model's context
 
     @property
     def tokens_per_second(self) -> float:
@@ -149,12 +155,14 @@ class ChatEngine:
         self.runs_root = runs_root
         self.selected: LoadedAdapter | None = None
         self.last_stats: GenerationStats | None = None
-        self._lock = threading.Lock()  # one model, one generate at a time
+        self._lock = threading.Lock()  # loading, and each decoding step (one compiled generate at a time)
+        self.decoder = Decoder(self._lock, lambda: self._peft)
         self._stop = threading.Event()
         self._base: _Base | None = None
         self._peft: PeftModel | None = None
         self._method: str | None = None  # the PEFT method of the loaded adapters (one PeftModel holds one)
         self._adapters: dict[str, tuple[str, float | None]] = {}  # location -> (adapter name, weights mtime)
+        self._refs: dict[str, AdapterRef] = {}  # adapter name -> what it was loaded from
         self._names = itertools.count()
 
     # ---- loading
@@ -215,6 +223,24 @@ class ChatEngine:
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return self._require().tokenizer
+
+    @property
+    def base_model(self) -> str | None:
+        """The spec of the base model held, if any."""
+        return self._base.spec if self._base is not None else None
+
+    def loaded_adapters(self) -> dict[str, AdapterRef]:
+        """Every adapter loaded on the base, by its name inside the PeftModel."""
+        return dict(self._refs)
+
+    @property
+    def context_length(self) -> int:
+        """How many tokens (prompt and answer) the base model attends to; the tokenizer's limit for a model whose
+        config names none."""
+        config = self._require().model.config
+        config = getattr(config, "get_text_config", lambda: config)()
+        length = getattr(config, "max_position_embeddings", None)
+        return int(length) if length else int(min(self._base.tokenizer.model_max_length, 2**20))
 
     def training_notice(self) -> str | None:
         """Whether a run is training on this engine's device right now (for a status line that refreshes)."""
@@ -277,12 +303,14 @@ class ChatEngine:
         if known and known[1] == stamp:
             return known[0]
         if known:  # the folder was written again (a resumed run finished): load the new weights
+            self.decoder.reset(f"The adapter {ref.label} was reloaded: ask again.")
             self._peft.delete_adapter(known[0])
-            del self._adapters[ref.location]
+            del self._adapters[ref.location], self._refs[known[0]]
         if self._peft is not None and self._method != ref.method:
             # PEFT cannot mix methods in one PeftModel: take the adapters out, keeping the base weights.
+            self.decoder.reset(f"The adapters were unloaded to load {ref.label}: ask again.")
             self._base.model = self._peft.unload()
-            self._peft, self._adapters = None, {}
+            self._peft, self._adapters, self._refs = None, {}, {}
         name = f"studio_adapter_{next(self._names)}"
         try:
             if self._peft is None:
@@ -295,6 +323,7 @@ class ChatEngine:
             raise ChatError(f"The adapter {ref.label} cannot be loaded onto {ref.base_model}: {err}") from None
         self._peft.eval()
         self._adapters[ref.location] = (name, stamp)
+        self._refs[name] = ref
         return name
 
     def _discard(self, name: str) -> None:
@@ -309,7 +338,9 @@ class ChatEngine:
             self._release()
 
     def _release(self) -> None:
+        self.decoder.reset("The model was unloaded: ask again once it is loaded.")
         self._base, self._peft, self._method, self._adapters, self.selected = None, None, None, {}, None
+        self._refs = {}
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -326,19 +357,14 @@ class ChatEngine:
         given a stop signal of its own (``stop=`` of ``stream_reply``/``stream_compare``): only that one ends it."""
         self._stop.set()
 
-    def _signal(self, stop: threading.Event | None) -> threading.Event:
-        """What ends this generation: the caller's own signal, else the engine's, cleared (an earlier ``stop()``
-        must not end a new answer). The caller holds the lock."""
-        if stop is not None:
-            return stop
-        self._stop.clear()
-        return self._stop
-
     @contextmanager
     def using(self, adapter: bool = True) -> Iterator[PeftModel]:
         """Hold the model (the lock) with the selected adapter enabled, or disabled for the base's answers."""
         with self._lock:
             self._require()
+            name = self.adapter_name(None)
+            if adapter and self._peft.active_adapter != name:  # the decoder may have switched to another one
+                self._peft.set_adapter(name)
             with self._adapter_enabled(adapter):
                 yield self._peft
 
@@ -353,8 +379,7 @@ class ChatEngine:
         token; without one, ``stop()`` does."""
         settings = settings or GenerationSettings()
         messages = build_messages(message, history, settings.system_prompt)
-        with self.using(use_adapter):
-            yield from self._stream(messages, settings, _seed(settings), self._signal(stop))
+        yield from self._stream(messages, settings, _seed(settings), self._begin(stop), use_adapter)
 
     def stream_compare(self, message: str, history: Sequence[Mapping[str, Any]] | None = None,
                        settings: GenerationSettings | None = None,
@@ -369,33 +394,128 @@ class ChatEngine:
         base_messages = build_messages(message, history if base_history is None else base_history,
                                        settings.system_prompt)
         messages = build_messages(message, history, settings.system_prompt)
-        with self._lock:
-            self._require()
-            signal = self._signal(stop)
-            base_text = ""
-            with self._adapter_enabled(False):
-                for base_text in self._stream(base_messages, settings, seed, signal):
-                    yield base_text, ""
-            if signal.is_set():
-                return
-            for adapter_text in self._stream(messages, settings, seed, signal):
-                yield base_text, adapter_text
+        signal = self._begin(stop)
+        base_text = ""
+        for base_text in self._stream(base_messages, settings, seed, signal, use_adapter=False):
+            yield base_text, ""
+        if signal.is_set():
+            return
+        for adapter_text in self._stream(messages, settings, seed, signal, use_adapter=True):
+            yield base_text, adapter_text
 
     def complete(self, messages: list[dict[str, str]], settings: GenerationSettings, *,
                  use_adapter: bool = True) -> str:
-        """The whole reply to ``messages`` at once (for evaluation): no thread, no streamer."""
-        with self.using(use_adapter) as model:
-            self._stop.clear()
-            ids = self._encode(messages)
-            criteria = _StopOn(ids.shape[1], self._stop)
-            output = model.generate(**self._generate_kwargs(ids, settings, _seed(settings), criteria))
-            return self._base.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+        """The whole reply to ``messages`` at once."""
+        return self.complete_many([messages], settings, use_adapter=use_adapter)[0]
+
+    def complete_many(self, conversations: Sequence[list[dict[str, str]]], settings: GenerationSettings, *,
+                      use_adapter: bool = True) -> list[str]:
+        """The whole reply to each conversation, decoded together in batches (evaluation's ``generate`` mode)."""
+        signal = self._begin(None)
+        if self._compiled():
+            return [_last(self._stream(m, settings, _seed(settings), signal, use_adapter)) for m in conversations]
+        replies: list[str] = []
+        fitted = [self.fit(m, settings.max_new_tokens)[:2] for m in conversations]
+        step = self.decoder.max_batch  # one batch at a time, so the queue keeps room for other callers
+        for start in range(0, len(conversations), step):
+            handles = [self.submit(self.request(ids, replace(settings, max_new_tokens=budget), _seed(settings),
+                                                use_adapter, signal))
+                       for ids, budget in fitted[start:start + step]]
+            replies += [self._base.tokenizer.decode([t.id for t in handle if not t.end], skip_special_tokens=True)
+                        for handle in handles]
+        return replies
+
+    # ---- the decoder's requests (also used by serving/api.py)
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt's token ids, rendered as in training."""
+        tokenizer = self._require().tokenizer
+        text, add_special_tokens = render_prompt(tokenizer, messages)
+        return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def adapter_name(self, ref: AdapterRef | None) -> str | None:
+        """The loaded adapter's name inside the PeftModel (None: the base model); ``ref`` None means the selected
+        adapter."""
+        ref = ref or (self.selected.adapter if self.selected else None)
+        known = self._adapters.get(ref.location) if ref else None
+        if known is None:
+            raise ChatError(f"The adapter {ref.label if ref else ''} is not loaded: select it first.")
+        return known[0]
+
+    def request(self, prompt_ids: list[int], settings: GenerationSettings, seed: int, use_adapter: bool | str,
+                *signals: threading.Event) -> Request:
+        """A decoder request for ``prompt_ids``; ``use_adapter``: True for the selected adapter, False for the base,
+        or a loaded adapter's name."""
+        if isinstance(use_adapter, str):
+            adapter = use_adapter
+        else:
+            adapter = self.adapter_name(None) if use_adapter else None
+        return Request(prompt_ids, adapter, settings.max_new_tokens, self.eos_ids(), settings.temperature,
+                       settings.top_p, seed, signals=signals)
+
+    def eos_ids(self) -> tuple[int, ...]:
+        """The model's own end tokens, plus the tokenizer's (a chat template's end-of-turn token, <|im_end|>)."""
+        base = self._require()
+        eos = base.model.generation_config.eos_token_id
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if base.tokenizer.eos_token_id is not None and base.tokenizer.eos_token_id not in eos_ids:
+            eos_ids.append(base.tokenizer.eos_token_id)
+        return tuple(eos_ids)
+
+    def submit(self, request: Request) -> Handle:
+        self._require()
+        return self.decoder.submit(request)
+
+    def _begin(self, stop: threading.Event | None) -> threading.Event:
+        """What ends this generation: the caller's own signal, else the engine's, cleared (an earlier ``stop()``
+        must not end a new answer)."""
+        if stop is not None:
+            return stop
+        self._stop.clear()
+        return self._stop
+
+    @property
+    def most_characters(self) -> int:
+        return context.most_characters(self.context_length)
+
+    def fit(self, messages: list[dict[str, str]], max_new_tokens: int) -> context.Fitted:
+        """``messages`` fitted to the model's context (serving/context.py)."""
+        return context.fit(messages, max_new_tokens, self.context_length, self.encode)
 
     def _stream(self, messages: list[dict[str, str]], settings: GenerationSettings, seed: int,
-                stop: threading.Event) -> Iterator[str]:
-        """Generate in a thread and yield the text as it grows, until done or ``stop`` is set; the caller holds the
-        lock."""
-        ids = self._encode(messages)
+                stop: threading.Event, use_adapter: bool) -> Iterator[str]:
+        """Yield the text as it grows, until done or ``stop`` is set."""
+        ids, budget, notice = self.fit(messages, settings.max_new_tokens)
+        settings = replace(settings, max_new_tokens=budget)
+        if self._compiled():
+            with self.using(use_adapter):
+                yield from self._stream_compiled(ids, settings, seed, stop, notice)
+            return
+        started = time.perf_counter()
+        handle = self.submit(self.request(ids, settings, seed, use_adapter, stop))
+        tokenizer = self._base.tokenizer
+        ids: list[int] = []
+        text, generated = "", 0
+        try:
+            for token in handle:
+                generated += 1
+                if token.end:
+                    continue
+                ids.append(token.id)
+                grown = tokenizer.decode(ids, skip_special_tokens=True)
+                if grown != text and not grown.endswith("\ufffd"):  # not in the middle of a character
+                    text = grown
+                    yield text
+        finally:
+            handle.close()
+            self.last_stats = GenerationStats(generated, time.perf_counter() - started, stop.is_set(), notice)
+        if not text:  # an empty reply (the model ended at once) still reaches the UI
+            yield text
+
+    def _stream_compiled(self, prompt: list[int], settings: GenerationSettings, seed: int,
+                         stop: threading.Event, notice: str | None) -> Iterator[str]:
+        """Compiled decoding: ``generate`` in a thread, one request at a time; the caller holds the lock."""
+        ids = torch.tensor([prompt], device=self.device)
         halt = threading.Event()  # set when the consumer goes away (e.g. the UI cancels), so the thread ends too
         criteria = _StopOn(ids.shape[1], stop, halt)
         streamer = TextIteratorStreamer(self._base.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -421,36 +541,32 @@ class ChatEngine:
         finally:
             halt.set()
             thread.join()
-            self.last_stats = GenerationStats(criteria.generated, time.perf_counter() - started, stop.is_set())
+            self.last_stats = GenerationStats(criteria.generated, time.perf_counter() - started, stop.is_set(),
+                                              notice)
         if failure:
             raise ChatError(f"Generation failed: {failure[0]}") from failure[0]
         if not yielded:  # an empty reply (the model ended at once) still reaches the UI
             yield text
 
-    def _encode(self, messages: list[dict[str, str]]) -> torch.Tensor:
-        text, add_special_tokens = render_prompt(self._base.tokenizer, messages)
-        ids = self._base.tokenizer(text, add_special_tokens=add_special_tokens, return_tensors="pt").input_ids
-        return ids.to(self.device)
-
     def _generate_kwargs(self, ids: torch.Tensor, settings: GenerationSettings, seed: int,
                          criteria: _StopOn) -> dict[str, Any]:
-        tokenizer = self._base.tokenizer
-        # The model's own end tokens, plus the tokenizer's (a chat template's end-of-turn token, e.g. <|im_end|>).
-        eos = self._base.model.generation_config.eos_token_id
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
-            eos_ids.append(tokenizer.eos_token_id)
         kwargs: dict[str, Any] = dict(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids or None,
+            pad_token_id=self._base.tokenizer.pad_token_id, eos_token_id=list(self.eos_ids()) or None,
             stopping_criteria=StoppingCriteriaList([criteria]), do_sample=settings.temperature > 0,
+            cache_implementation="static",  # with the compile config set in _warm_up: compiled decoding
         )
         if settings.temperature > 0:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-        if self._compiled():
-            kwargs["cache_implementation"] = "static"  # with the compile config set in _warm_up: compiled decoding
         torch.manual_seed(seed)  # under the lock, so the seed applies to this generate alone
         return kwargs
+
+
+def _last(texts: Iterator[str]) -> str:
+    text = ""
+    for text in texts:
+        pass
+    return text
 
 
 def _unloadable_base(ref: AdapterRef, err: Exception) -> ChatError:

@@ -39,6 +39,7 @@ import torch
 
 from denselora_app.config import StudioError
 from denselora_app.engine.data import IGNORE_INDEX, common_prefix_len, prepare_data
+from denselora_app.engine.formats import PAIR_COLUMNS
 from denselora_app.engine.sources import SAMPLES_DIR, DataError, read_source
 from denselora_app.runs import Run
 from denselora_app.serving.adapters import AdapterRef, ChatError, resolve_adapter
@@ -86,10 +87,11 @@ class EvalData:
     source: str
     questions: list[Question] | None  # None: training-format data, scored by loss only
     limit: int | None = None  # the first N questions or examples
+    pairs: bool = False  # preference pairs, scored by pairwise accuracy (serving/preference_eval.py)
 
     @property
     def kind(self) -> str:
-        return "choices" if self.questions is not None else "loss"
+        return "choices" if self.questions is not None else "pairs" if self.pairs else "loss"
 
 
 def load_eval_data(source: str | Path | None = None, limit: int | None = None) -> EvalData:
@@ -104,7 +106,8 @@ def load_eval_data(source: str | Path | None = None, limit: int | None = None) -
     path = Path(source).expanduser()
     sha = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else ""
     if not any("choices" in row for row in src.rows):
-        return EvalData(src.name, sha, source, None, limit)
+        pairs = any(all(c in row for c in PAIR_COLUMNS) for row in src.rows)
+        return EvalData(src.name, sha, source, None, limit, pairs=pairs)
     if src.problems:
         raise EvalError(src.problems[0][1])
     questions = [parse_question(row, f"{src.name} {where}") for row, where in zip(src.rows, src.where)]
@@ -265,6 +268,14 @@ def _score(engine: ChatEngine, questions: list[Question] | None, held_out: EvalD
                               "perplexity": None, "answer_tokens": 0}
     if questions is not None:
         scores.update(_choices(engine, questions, use_adapter=use_adapter, mode=mode, strict=strict, report=report))
+    if held_out is not None and held_out.kind == "pairs":
+        from denselora_app.serving.preference_eval import pairwise_scores
+
+        with engine.using(use_adapter) as model:
+            scores.update(pairwise_scores(lambda examples: _label_logprobs(model, examples), engine.tokenizer,
+                                          held_out.source, cutoff_len=cutoff_len, limit=held_out.limit,
+                                          batch_size=batch_size, report=report))
+        return scores
     if held_out is not None:
         try:
             prepared = prepare_data(held_out.source, engine.tokenizer, cutoff_len=cutoff_len, val_size=0)
@@ -289,9 +300,14 @@ def _choices(engine: ChatEngine, questions: list[Question], *, use_adapter: bool
              report: Callable[[int, int, str], None]) -> dict[str, Any]:
     items = []
     greedy = GenerationSettings(max_new_tokens=GENERATE_TOKENS, temperature=0.0, seed=0)
+    replies: list[str] = []  # generate mode: the current batch's replies, decoded together
     for n, q in enumerate(questions, start=1):
         if mode == "generate":
-            output = engine.complete(build_messages(choice_prompt(q)), greedy, use_adapter=use_adapter)
+            if not replies:
+                batch = questions[n - 1:n - 1 + engine.decoder.max_batch]
+                replies = engine.complete_many([build_messages(choice_prompt(b)) for b in batch], greedy,
+                                               use_adapter=use_adapter)
+            output = replies.pop(0)
             chosen = extract_choice(output, q, strict=strict)
         else:
             with engine.using(use_adapter) as model:
@@ -413,7 +429,7 @@ def evaluate(
     if mode not in MODES:
         raise EvalError(f"Unknown mode {mode!r}: use {' or '.join(MODES)}.")
     dataset = load_eval_data(data, limit)
-    held_out = dataset if dataset.kind == "loss" else None
+    held_out = dataset if dataset.kind in ("loss", "pairs") else None
     if loss_data is not None:
         if held_out is not None:
             raise EvalError(f"{dataset.name} is held-out data already: give loss data once.")
@@ -421,7 +437,7 @@ def evaluate(
         if held_out.kind != "loss":
             raise EvalError(f"{held_out.name} is a multiple-choice set; loss data is a file in a training format "
                             "(alpaca, messages, ...).")
-    mode = mode if dataset.kind == "choices" else "loss"
+    mode = mode if dataset.kind == "choices" else "pairwise" if dataset.kind == "pairs" else "loss"
     strict = strict and mode == "generate"  # only generated replies are read for a label
     engine = engine or ChatEngine(runs_root=root)
     refs = [refs] if isinstance(refs, (str, AdapterRef)) else list(refs)

@@ -9,7 +9,7 @@ import gradio as gr
 
 from denselora_app.hub import access
 from denselora_app.hub.hosting import on_space, space_owner, storage_notice
-from denselora_app.ui import chat_tab, evaluate_tab, publish_tab, runs_tab, train_tab
+from denselora_app.ui import chat_tab, evaluate_tab, publish_tab, runs_tab, server, train_tab
 from denselora_app.ui.messages import warn
 
 TITLE = "DenseLoRA Studio"
@@ -35,7 +35,7 @@ html { scroll-padding-bottom: 120px; }  /* a field scrolled to (the keyboard's f
 
 def build_app() -> gr.Blocks:
     """Build the app (no model is loaded here: the first page must be served within seconds)."""
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=server.CACHE_CLEANUP) as demo:
         gr.Markdown(f"# {TITLE}\nFine-tune a language model with **DenseLoRA**: about 30x fewer trainable "
                     "parameters than LoRA at the same rank.", elem_id="app-header")
         if on_space():

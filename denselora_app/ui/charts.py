@@ -23,6 +23,10 @@ FITS = "fits in cutoff"
 TRUNCATED = "truncated at cutoff"
 LENGTH_COLORS = {FITS: "#2563eb", TRUNCATED: "#dc2626"}
 HISTOGRAM_BINS = 16
+# Stage dpo's rewards, as TRL logs them (beta times the log-ratio of adapter to reference), by series name.
+REWARD_SERIES = {"rewards/chosen": "chosen", "rewards/rejected": "rejected", "rewards/margins": "margin"}
+REWARD_COLORS = {"chosen": "#16a34a", "rejected": "#dc2626", "margin": "#2563eb"}
+PREFERENCE_ACCURACY = "rewards/accuracies"  # the share of a batch's pairs whose chosen reward is the higher
 LOW_RATE_COLOR, HIGH_RATE_COLOR = "#2563eb", "#dc2626"  # a search's curves run from blue (lowest) to red (highest)
 
 
@@ -54,6 +58,25 @@ def loss_frame(rows: Iterable[Mapping[str, Any]], label: str = "") -> pd.DataFra
             series.append(name)
     return _frame({"step": steps, "loss": losses, "series": series},
                   {"step": "int64", "loss": "float64", "series": "str"})
+
+
+def rewards_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Columns step, reward, series: a dpo run's rewards of the chosen and the rejected answers and their margin,
+    every series there from the first draw (see ``loss_frame``)."""
+    steps, rewards, series = [], [], []
+    for row in rows:
+        for key, name in REWARD_SERIES.items():
+            if finite_number(row.get(key)) and "step" in row:
+                steps.append(int(row["step"]))
+                rewards.append(float(row[key]))
+                series.append(name)
+    for name in REWARD_SERIES.values():
+        if name not in series:
+            steps.append(min(steps, default=0))
+            rewards.append(math.nan)
+            series.append(name)
+    return _frame({"step": steps, "reward": rewards, "series": series},
+                  {"step": "int64", "reward": "float64", "series": "str"})
 
 
 def overlay_frame(runs: Mapping[str, Iterable[Mapping[str, Any]]]) -> pd.DataFrame:

@@ -163,6 +163,21 @@ def load_adapter(adapter: str | None, profile: gr.OAuthProfile | None = None) ->
     return _load(adapter, *engine_settings())
 
 
+def code_panel(request: gr.Request) -> str:
+    """How to call the app's /v1 (ui/openai_api.py) with the models the engine serves now: its base, its adapters."""
+    from denselora_app.ui.openai_api import code_panel as panel
+
+    headers = request.headers if request is not None else {}
+    host = headers.get("x-forwarded-host") or headers.get("host") or "127.0.0.1:7860"
+    scheme = headers.get("x-forwarded-proto") or ("https" if host.endswith(".hf.space") else "http")
+    served = []
+    if _engine is not None:  # no engine yet: nothing is loaded, and nothing need be imported to say so
+        from denselora_app.serving.api import engine_catalog
+
+        served = [model.name for model in engine_catalog(_engine)()]
+    return panel(f"{scheme}://{host}", served)
+
+
 def engine_settings() -> tuple[str | None, bool]:
     """How the engine loads bases (quantization) and decodes (compiled): handed to the work on the device as
     arguments, since on ZeroGPU that work runs on the engine's copy in a process forked for the GPU, possibly before
@@ -229,8 +244,9 @@ def _stats_line() -> str:
     if stats is None:
         return ""
     ended = " · stopped" if stats.stopped else ""
-    return (f"Last answer: {stats.tokens} tokens in {stats.seconds:.1f} s "
+    line = (f"Last answer: {stats.tokens} tokens in {stats.seconds:.1f} s "
             f"({stats.tokens_per_second:.1f} tokens/s){ended}")
+    return f"{line}\n\n{warn(stats.notice)}" if stats.notice else line
 
 
 def send(
@@ -402,11 +418,14 @@ def build(demo: gr.Blocks) -> ChatTab:
             compiled = gr.Checkbox(False, label="Compiled decoding",
                                    info="torch.compile: a slow first compile when the adapter loads, faster "
                                         "answers after it", elem_id="chat-compiled")
+    with gr.Accordion("Use it from your code", open=False, elem_id="chat-code"):
+        code = gr.Markdown(elem_id="chat-code-panel")
 
     refresh_button.click(refresh_adapters, inputs=[adapter], outputs=[adapter, notice, status],
                          api_name="chat_adapters")
     gr.on([load_button.click, adapter.select], load_adapter, inputs=[adapter], outputs=[status],
-          api_name="chat_load", **ENGINE_QUEUE)
+          api_name="chat_load", **ENGINE_QUEUE).then(code_panel, outputs=[code], api_visibility="private")
+    demo.load(code_panel, outputs=[code], api_visibility="private")
     gr.on([send_button.click, message.submit], send,
           inputs=[message, chatbot, base_chatbot, adapter, compare, system_prompt, temperature, top_p,
                   max_new_tokens, seed],

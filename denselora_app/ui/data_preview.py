@@ -15,8 +15,9 @@ from denselora_app.ui import charts, loaders
 from denselora_app.ui.messages import require, warn
 
 # The form fields the preview reads (its events get them as keyword arguments named like the RunConfig fields).
-PREVIEW_FIELDS = ("model", "trust_remote_code", "data", "data_format", "cutoff_len", "train_on_inputs")
+PREVIEW_FIELDS = ("model", "trust_remote_code", "data", "data_format", "cutoff_len", "train_on_inputs", "stage")
 TRAINED = "trained"  # the highlight class of trained tokens in the examples
+CHOSEN, REJECTED = "chosen", "rejected"  # the highlight classes of a preference pair's answers
 CELL_CHARS = 300
 
 
@@ -57,9 +58,48 @@ def _highlighted(examples: list[list[tuple[str, bool]]]) -> list[tuple[str, str 
     return pieces
 
 
+def _pair_pieces(examples: list[Any]) -> list[tuple[str, str | None]]:
+    pieces: list[tuple[str, str | None]] = []
+    for number, example in enumerate(examples, start=1):
+        pieces.append((f"\n── example {number} ──\n" if number > 1 else "── example 1 ──\n", None))
+        if hasattr(example, "label"):  # a kto completion
+            pieces += [(example.prompt, None), (example.completion, CHOSEN if example.label else REJECTED)]
+        else:
+            pieces += [(example.prompt, None), (example.chosen, CHOSEN), ("\n   or\n", None),
+                       (example.rejected, REJECTED)]
+    return pieces
+
+
+def _preview_pairs(cfg: RunConfig, tokenizer: Any) -> DataPreview:
+    """Stage dpo's and kto's preview: the first pairs side by side as the model reads them (prompt, chosen,
+    rejected through the chat template; for kto each completion with its label), what will be dropped with file
+    and line, and the lengths of prompt + the longer answer."""
+    from denselora_app.engine.preferences import preview_pairs
+
+    preview = preview_pairs(loaders.data_source(cfg), tokenizer, cutoff_len=cfg.cutoff_len, stage=cfg.stage)
+    report = preview["report"]
+    message = _dropped(report)
+    what = "pairs" if cfg.stage == "dpo" else "completions"
+    detected = (f"Layout: **{preview['format']}** (detected) · columns: "
+                + ", ".join(f"`{c}`" for c in preview["columns"]) + f" · {report.rows_used} {what} usable")
+    lengths = charts.length_histogram(preview["lengths"], cfg.cutoff_len)
+    if cfg.stage == "kto":
+        side_by_side = pd.DataFrame([[_cell(e.prompt), _cell(e.completion), CHOSEN if e.label else REJECTED]
+                                     for e in preview["examples"]],
+                                    columns=["prompt (as the model reads it)", "completion", "label"])
+    else:
+        side_by_side = pd.DataFrame([[_cell(p.prompt), _cell(p.chosen), _cell(p.rejected)]
+                                     for p in preview["examples"]],
+                                    columns=["prompt (as the model reads it)", CHOSEN, REJECTED])
+    return DataPreview(message=gr.Markdown(message, visible=bool(message)), detected=detected,
+                       box=gr.Column(visible=True), rows=side_by_side, examples=_pair_pieces(preview["examples"]),
+                       histogram=gr.BarPlot(lengths, sort=list(dict.fromkeys(lengths["tokens"]))),
+                       report=report.summary())
+
+
 def preview_data(
     profile: gr.OAuthProfile | None = None, *, model: str, trust_remote_code: bool, data: str, data_format: str,
-    cutoff_len: int, train_on_inputs: bool
+    cutoff_len: int, train_on_inputs: bool, stage: str = "sft"
 ) -> DataPreview:
     """What the data looks like to the model before any training: the rows that will be dropped (or why there is no
     preview), the detected format, the first rows, examples with trained tokens highlighted, the token-length
@@ -69,8 +109,9 @@ def preview_data(
 
     try:
         who = require(profile, Action.TRAIN)
-        cfg = RunConfig(model=model, data=data, data_format=data_format, cutoff_len=cutoff_len,
-                        train_on_inputs=train_on_inputs, trust_remote_code=trust_remote_code)
+        cfg = RunConfig(model=model, data=data, data_format=data_format if stage == "sft" else "auto",
+                        cutoff_len=cutoff_len, train_on_inputs=train_on_inputs, trust_remote_code=trust_remote_code,
+                        stage=stage)
         access.check_config(who, cfg)
     except (ConfigError, AccessError) as err:
         return DataPreview.nothing(warn(err))
@@ -80,17 +121,18 @@ def preview_data(
         tokenizer = loaders.tokenizer(cfg.model, cfg.trust_remote_code)
     except loaders.model_errors() as err:
         return DataPreview.nothing(warn(f"Cannot preview the data without the model's tokenizer: {err}"))
+    if cfg.stage != "sft":
+        try:
+            return _preview_pairs(cfg, tokenizer)
+        except DataError as err:
+            return DataPreview.nothing(warn(err))
     try:
         preview = render_preview(loaders.data_source(cfg), tokenizer, fmt=cfg.data_format,
                                  cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs)
     except DataError as err:
         return DataPreview.nothing(warn(err))
     report = preview["report"]
-    message = ""
-    if report.dropped:
-        dropped = sum(report.dropped.values())
-        message = warn(f"{dropped} of {report.rows_read} rows will be dropped:\n\n"
-                       + "\n".join(f"- {problem}" for problem in report.problems))
+    message = _dropped(report)
     how = "detected" if cfg.data_format == "auto" else "chosen"
     detected = (f"Format: **{preview['format']}** ({how}) · columns: "
                 + ", ".join(f"`{c}`" for c in preview["columns"]) + f" · {report.rows_used} rows usable")
@@ -126,3 +168,11 @@ def upload_data(file: str | None, profile: gr.OAuthProfile | None = None, **sett
     except (DataError, AccessError) as err:
         return None, gr.skip(), *DataPreview.nothing(warn(err))
     return None, stored, *preview_data(profile, **{**settings, "data": stored})
+
+
+def _dropped(report: Any) -> str:
+    """The warning listing the rows a data report drops, or "" when it drops none."""
+    if not report.dropped:
+        return ""
+    return warn(f"{sum(report.dropped.values())} of {report.rows_read} rows will be dropped:\n\n"
+                + "\n".join(f"- {problem}" for problem in report.problems))

@@ -127,7 +127,8 @@ def build(demo: gr.Blocks) -> EvaluateTab:
         with gr.Column(scale=1, min_width=140):
             refresh_button = gr.Button("Refresh list", size="sm", elem_id="eval-refresh")
     with gr.Row():
-        data_file = gr.File(label="Multiple-choice set (.jsonl of question, choices, answer); empty: the set "
+        data_file = gr.File(label="Multiple-choice set (.jsonl of question, choices, answer), or held-out "
+                                  "preference pairs (prompt, chosen, rejected: pairwise accuracy); empty: the set "
                                   "shipped with the app", file_types=[".jsonl", ".json"], height=130,
                             elem_id="eval-data", elem_classes=["dl-upload"])
         loss_file = gr.File(label="Optional held-out data in a training format, for loss and perplexity",

@@ -36,13 +36,17 @@ class LiveView(NamedTuple):
     trials_plot: Any  # a learning-rate search: one loss curve per trial
     chosen_row: Any  # a search that chose a rate: its trial and "Use this rate"
     chosen_plot: Any  # the chosen rate's trial
+    preference_row: Any  # a dpo run's charts, hidden for other stages
+    rewards_plot: Any  # rewards of the chosen and rejected answers, and their margin
+    accuracy_plot: Any  # preference accuracy (the share of pairs whose chosen reward is the higher)
 
     @classmethod
     def nothing(cls, header: str) -> LiveView:
         """No run to show: only ``header``, and the timer stopped."""
         return cls(header=header, progress="", run_box=gr.Column(visible=False), loss_plot=None, lr_plot=None,
                    grad_plot=None, speed_plot=None, outcome="", log="", timer=gr.Timer(active=False),
-                   trials_plot=gr.LinePlot(visible=False), chosen_row=gr.Row(visible=False), chosen_plot=None)
+                   trials_plot=gr.LinePlot(visible=False), chosen_row=gr.Row(visible=False), chosen_plot=None,
+                   preference_row=gr.Row(visible=False), rewards_plot=None, accuracy_plot=None)
 
 
 def live_status(run_id: str | None, profile: gr.OAuthProfile | None = None,
@@ -52,9 +56,8 @@ def live_status(run_id: str | None, profile: gr.OAuthProfile | None = None,
     if not run_id:
         return LiveView.nothing(NO_RUN)
     try:
-        run = resolve_run(run_id)
         who = access.identify(profile)
-        access.require(who, Action.VIEW, run)
+        run = access.visible_run(who, run_id)
     except (RunError, AccessError) as err:
         return LiveView.nothing(warn(err))
     problem = run_view.follow_job(run, who, token_of(oauth_token))  # a run on Hugging Face Jobs: what its job says
@@ -69,13 +72,16 @@ def live_status(run_id: str | None, profile: gr.OAuthProfile | None = None,
         lr_plot=shown.learning_rate,
         grad_plot=shown.grad_norm,
         speed_plot=shown.tokens_per_second,
-        outcome=run_view.outcome_markdown(run, facts),
-        log=run.own_log_tail(run_view.LOG_LINES),
+        outcome=run_view.outcome_markdown(run, facts, paths=who.owner),
+        log=access.shown_to(who, run.own_log_tail(run_view.LOG_LINES)),
         timer=gr.Timer(active=facts.state.active),
         trials_plot=(gr.LinePlot(search.trials, color_map=search.colors, visible=True) if search
                      else gr.LinePlot(visible=False)),
         chosen_row=gr.Row(visible=search is not None and search.chosen is not None),
         chosen_plot=search.chosen if search else None,
+        preference_row=gr.Row(visible=shown.rewards is not None),
+        rewards_plot=shown.rewards,
+        accuracy_plot=shown.preference_accuracy,
     )
 
 

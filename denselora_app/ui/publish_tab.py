@@ -16,13 +16,14 @@ from typing import Any
 
 import gradio as gr
 
-from denselora_app.config import ConfigError
+from denselora_app.config import ConfigError, StudioError
 from denselora_app.hub import cards, publish
 from denselora_app.hub.access import Action
 from denselora_app.hub.account import PublishError
 from denselora_app.hub.hosting import on_space
 from denselora_app.hub.publish import RepoFolder
-from denselora_app.runs import list_runs
+from denselora_app.rules import PUBLISH_FORMS
+from denselora_app.runs import list_runs, resolve_run
 from denselora_app.ui.messages import refusal, warn
 
 # The card's loss-curve image is a file of the repository, which the page cannot load: it is shown beside the card.
@@ -93,15 +94,22 @@ def _download(zip_path: Path) -> Any:
     return gr.DownloadButton(f"Download {zip_path.name}", value=str(zip_path), visible=True)
 
 
-def build_model(run_id: str | None, repo_id: str, base_model: str,
-                profile: gr.OAuthProfile | None = None) -> tuple[Any, ...]:
-    """Build the model repository: the message, the card preview, the file list, the loss curve, the zip."""
+def build_model(run_id: str | None, repo_id: str, base_model: str, profile: gr.OAuthProfile | None = None,
+                form: str = PUBLISH_FORMS[0], calibration: str = "") -> tuple[Any, ...]:
+    """Build the model repository (the adapter, or the export ``form`` of it): the message, the card preview, the
+    file list, the loss curve, the zip."""
     nothing = ("", "", None, gr.DownloadButton(visible=False))
     if problem := refusal(profile, Action.PUBLISH) or _missing(run_id, repo_id):
         return problem, *nothing
     try:
-        folder = publish.build_model_repo(run_id, repo_id.strip(), base_model=base_model.strip() or None)
-    except (PublishError, ConfigError) as err:
+        if form != PUBLISH_FORMS[0]:
+            from denselora_app.export.publishing import build_export_repo
+
+            folder = build_export_repo(resolve_run(run_id), form, repo_id.strip(),
+                                       base_model=base_model.strip() or None, calibration=calibration.strip() or None)
+        else:
+            folder = publish.build_model_repo(run_id, repo_id.strip(), base_model=base_model.strip() or None)
+    except StudioError as err:
         return warn(err), *nothing
     zip_path = _zip(folder)
     return (f"Built the repository in `{folder.path}`: this is exactly what **Publish to the Hub** uploads.",
@@ -109,10 +117,21 @@ def build_model(run_id: str | None, repo_id: str, base_model: str,
 
 
 def push_model(run_id: str | None, repo_id: str, private: bool, commit_message: str, base_model: str,
-               oauth_token: gr.OAuthToken | None, profile: gr.OAuthProfile | None = None) -> str:
-    """Build the model repository and upload it (creating the repository if needed)."""
+               oauth_token: gr.OAuthToken | None, profile: gr.OAuthProfile | None = None,
+               form: str = PUBLISH_FORMS[0], calibration: str = "") -> str:
+    """Build the model repository (the adapter, or the export ``form`` of it) and upload it (creating the repository
+    if needed)."""
     if problem := refusal(profile, Action.PUBLISH) or _missing(run_id, repo_id):
         return problem
+    if form != PUBLISH_FORMS[0]:
+        from denselora_app.export.publishing import publish_export
+
+        try:
+            return "✅ " + publish_export(resolve_run(run_id), form, repo_id.strip(), private=private,
+                                         commit_message=commit_message.strip() or None, token=_token(oauth_token),
+                                         base_model=base_model.strip() or None, calibration=calibration.strip() or None)
+        except StudioError as err:
+            return warn(err)
     try:
         result = publish.publish_model(run_id, repo_id.strip(), private=private,
                                        commit_message=commit_message.strip() or None, token=_token(oauth_token),
@@ -188,6 +207,14 @@ def build(demo: gr.Blocks) -> PublishTab:
         private = gr.Checkbox(False, label="Private", info="Applies when the repository is created",
                               elem_id="publish-private")
     with gr.Row():
+        form = gr.Radio(list(PUBLISH_FORMS), value=PUBLISH_FORMS[0], label="Publish as",
+                        info="denselora: the adapter itself (needs DenseLoRA to load). lora / merged / gguf: an export "
+                             "that loads anywhere (PEFT, vLLM, llama.cpp, Ollama); exact for activation identity",
+                        elem_id="publish-form")
+        calibration = gr.Textbox("", label="Calibration data (GELU/SiLU adapters)", placeholder="e.g. data/train.jsonl",
+                                 info="Rows to fit the export on and measure its fidelity; required unless the "
+                                      "adapter used activation identity", elem_id="publish-calibration")
+    with gr.Row():
         build_button = gr.Button("Build / preview", elem_id="publish-build")
         download = gr.DownloadButton("Download zip", visible=False, elem_id="publish-download")
         push_button = gr.Button("Publish to the Hub", variant="primary", elem_id="publish-push")
@@ -211,9 +238,10 @@ def build(demo: gr.Blocks) -> PublishTab:
     space_message = gr.Markdown(elem_id="publish-space-message")
 
     refresh_button.click(refresh_runs, inputs=[run], outputs=[run], api_name="publish_runs")
-    build_button.click(build_model, inputs=[run, repo_id, base_model],
+    build_button.click(build_model, inputs=[run, repo_id, base_model, form, calibration],
                        outputs=[message, card, files, curve, download], api_name="publish_build")
-    push_button.click(push_model, inputs=[run, repo_id, private, commit_message, base_model], outputs=[message],
+    push_button.click(push_model, inputs=[run, repo_id, private, commit_message, base_model, form, calibration],
+                      outputs=[message],
                       api_name="publish_model")
     space_build_button.click(build_space, inputs=[run, space_id, repo_id, bundle, base_model],
                              outputs=[space_message, space_download], api_name="publish_space_build")

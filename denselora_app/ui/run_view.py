@@ -58,7 +58,8 @@ def progress_html(status: Status, job: JobRecord | None = None) -> str:
     percent = 100.0 * step / total if total else 0.0
     if status.stopping:
         text = ("Stopping: the step under way finishes, then a checkpoint and the adapter are saved" if total
-                else "Stopping: it ends as soon as the model has loaded, before its first step")
+                else "Stopping: it ends before its first step, at once while the data is being prepared or as "
+                     "soon as the model has loaded")
     elif job is not None and state is RunState.QUEUED:
         text = f"Waiting for Hugging Face Jobs to start the job on {job.flavor}"
     elif job is not None and state is RunState.RUNNING and not total:
@@ -78,8 +79,9 @@ def progress_html(status: Status, job: JobRecord | None = None) -> str:
     )
 
 
-def outcome_markdown(run: Run, facts: RunFacts) -> str:
-    """Where the adapter is once a run ended, or why it failed and what to do; empty while it trains."""
+def outcome_markdown(run: Run, facts: RunFacts, *, paths: bool = True) -> str:
+    """Where the adapter is once a run ended, or why it failed and what to do; empty while it trains. Without
+    ``paths`` (what a Space's visitor sees) no folder of the server is named."""
     state, status = facts.state, facts.status
     if state.active:
         return ""
@@ -90,10 +92,10 @@ def outcome_markdown(run: Run, facts: RunFacts) -> str:
         return (f"**Training failed** ({status.error_kind or 'error'}): {status.error or ''}\n\n"
                 f"**Fix:** {status.fix or 'read the log below.'}")
     if facts.kind is RunKind.LR_SEARCH:
-        return search_outcome_markdown(run, status)
+        return search_outcome_markdown(run, status, paths=paths)
     note = f"\n\n{status.note}" if status.note else ""
     if facts.has_adapter:
-        where = f"**Your adapter is in** `{run.adapter_dir}`"
+        where = f"**Your adapter is in** `{run.adapter_dir}`" if paths else "Chat with its adapter in the Chat tab."
         if state is RunState.STOPPED:
             return (f"Run stopped; the adapter trained so far was saved. {where}\n\n"
                     f"Continue training with **Resume** in the Runs tab, or `python -m denselora_app resume "
@@ -105,7 +107,7 @@ def outcome_markdown(run: Run, facts: RunFacts) -> str:
     return f"Run {state}; it saved no adapter.{note}"
 
 
-def search_outcome_markdown(run: Run, status: Status) -> str:
+def search_outcome_markdown(run: Run, status: Status, *, paths: bool = True) -> str:
     """An ended search: its chosen rate and how to use it, and each finished trial."""
     search = run.lr_search()
     table = "| rate | loss (last steps) | diverged |\n|---:|---:|---|\n" + "".join(
@@ -116,8 +118,9 @@ def search_outcome_markdown(run: Run, status: Status) -> str:
     if search.chosen is None:
         return f"{note}\n\n{table}" if search.trials else note
     rate = format_rate(search.chosen)
-    return (f"**Best learning rate: {rate}**: {search.rule}. **Use this rate** puts it in the form; from the command "
-            f"line: `python -m denselora_app train {run.path / 'config.yaml'} --set learning_rate={rate}`\n\n"
+    command = (f"; from the command line: `python -m denselora_app train {run.path / 'config.yaml'} --set "
+               f"learning_rate={rate}`" if paths else "")
+    return (f"**Best learning rate: {rate}**: {search.rule}. **Use this rate** puts it in the form{command}\n\n"
             f"{rules.LR_SEARCH_LONG_RUNS}\n\n{table}\n{note}")
 
 
@@ -143,21 +146,26 @@ def search_charts(run: Run) -> SearchCharts | None:
 
 @dataclass
 class RunCharts:
-    """A run's four charts, each None while it has no points (see charts.shown)."""
+    """A run's charts, each None while it has no points (see charts.shown); the last two only a dpo run has."""
 
     loss: pd.DataFrame | None
     learning_rate: pd.DataFrame | None
     grad_norm: pd.DataFrame | None
     tokens_per_second: pd.DataFrame | None
+    rewards: pd.DataFrame | None = None  # of the chosen and rejected answers, and their margin
+    preference_accuracy: pd.DataFrame | None = None
 
 
 def run_charts(rows: list[dict[str, Any]]) -> RunCharts:
     metrics = {key: charts.shown(charts.metric_frame(rows, key), key)
                for key in ("learning_rate", "grad_norm", "tokens_per_second")}
-    return RunCharts(loss=charts.shown(charts.loss_frame(rows), "loss"), **metrics)
+    accuracy = charts.PREFERENCE_ACCURACY
+    return RunCharts(loss=charts.shown(charts.loss_frame(rows), "loss"), **metrics,
+                     rewards=charts.shown(charts.rewards_frame(rows), "reward"),
+                     preference_accuracy=charts.shown(charts.metric_frame(rows, accuracy), accuracy))
 
 
-TABLE_COLUMNS = ["Run", "State", "Method", "Rank", "Trainable %", "Train loss", "Validation loss", "Steps",
+TABLE_COLUMNS = ["Run", "State", "Stage", "Method", "Rank", "Trainable %", "Train loss", "Validation loss", "Steps",
                  "Duration", "Started", "Trained on"]
 
 
@@ -168,6 +176,7 @@ def table_row(facts: RunFacts) -> list[Any]:
     return [
         facts.run_id,
         facts.label,
+        cfg.stage if cfg else "-",
         (f"{cfg.method} · lr search" if facts.kind is RunKind.LR_SEARCH else cfg.method) if cfg else "-",
         cfg.r if cfg else "-",
         f"{facts.trainable_percent:.4f}" if facts.trainable_percent else "-",

@@ -50,8 +50,8 @@ def open_run(run_id: str | None, profile: gr.OAuthProfile | None = None) -> tupl
     if not run_id:
         return "Pick a run in the table or the list.", None, None, "", ""
     try:
-        run = resolve_run(run_id)
-        access.require(access.identify(profile), Action.VIEW, run)
+        who = access.identify(profile)
+        run = access.visible_run(who, run_id)
     except (RunError, AccessError) as err:
         return warn(err), None, None, "", ""
     facts = run.facts()
@@ -60,7 +60,8 @@ def open_run(run_id: str | None, profile: gr.OAuthProfile | None = None) -> tupl
     details = (f"{run_view.header_markdown(facts)}\n\n"
                f"Trainable: {row['Trainable %']}% · steps {row['Steps']} · duration {row['Duration']} · "
                f"final loss {row['Train loss']} (validation {row['Validation loss']})\n\n"
-               f"Folder: `{run.path}`\n\n{run_view.outcome_markdown(run, facts)}")
+               + (f"Folder: `{run.path}`\n\n" if who.owner else "")  # a visitor sees no path of the server
+               + run_view.outcome_markdown(run, facts, paths=who.owner))
     report = run.data_report()
     report_text = "\n".join(f"{key}: {value}" for key, value in report.items()) if report else "No data report yet."
     config_text = facts.config.to_yaml() if facts.config else ""
@@ -73,8 +74,7 @@ def compare_runs(run_ids: list[str] | None, profile: gr.OAuthProfile | None = No
     curves = {}
     for run_id in run_ids or []:
         try:
-            run = resolve_run(run_id)
-            access.require(who, Action.VIEW, run)
+            run = access.visible_run(who, run_id)
             cfg = run.config()
         except (RunError, AccessError, ConfigError):
             continue  # deleted meanwhile, damaged, or not the caller's to see: left out of the chart

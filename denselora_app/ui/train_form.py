@@ -21,6 +21,8 @@ from denselora_app.ui.messages import require, warn
 
 # (label, value) pairs of the choice controls whose values are not words a newcomer reads.
 METHOD_CHOICES = [("DenseLoRA", "denselora"), ("LoRA", "lora")]
+STAGE_CHOICES = [("Supervised fine-tuning (SFT)", "sft"), ("Preference pairs (DPO)", "dpo"),
+                 ("Good and bad answers (KTO)", "kto")]
 QUANTIZATION_CHOICES = [("full precision (dtype)", "none"), ("4-bit (NF4)", "4bit"), ("8-bit (LLM.int8)", "8bit")]
 
 
@@ -92,6 +94,20 @@ def benchmarks_link() -> str:
     if space:
         return f"[{BENCHMARKS_DOC}](https://huggingface.co/spaces/{space}/blob/main/{BENCHMARKS_DOC})"
     return f"`{BENCHMARKS_DOC}` in the studio's folder"
+
+
+def stage_changed(stage: str, data: str) -> tuple[Any, ...]:
+    """What the Stage choice shows: beta for dpo and kto, the DPO loss for dpo; the data format, packing and
+    train-on-inputs for sft (dpo and kto detect their layout); the stage's own sample when the data is another
+    stage's sample (kto trains on the sample pairs, unpaired). Returns updates for the preference settings row,
+    dpo_loss, data_format, packing, train_on_inputs and data."""
+    sft = stage == "sft"
+    samples = {"sft": C.SAMPLE_DATA, "dpo": C.SAMPLE_PAIRS, "kto": C.SAMPLE_PAIRS}
+    swapped = samples.get(stage) if data in samples.values() and data != samples.get(stage) else None
+    return (gr.update(visible=not sft), gr.update(visible=stage == "dpo"),
+            gr.update(visible=sft, **({} if sft else {"value": "auto"})),
+            gr.update(visible=sft, **({} if sft else {"value": False})), gr.update(visible=sft),
+            swapped if swapped else gr.skip())
 
 
 def checkpointing_for(quantization: str) -> Any:

@@ -96,8 +96,7 @@ def use_found_rate(run_id: str | None, profile: gr.OAuthProfile | None = None) -
     """"Use this rate": the watched search's chosen rate into the form's learning-rate field, and a message."""
     try:
         who = require(profile, Action.TRAIN)
-        run = resolve_run(run_id or "")
-        access.require(who, Action.VIEW, run)
+        run = access.visible_run(who, run_id or "")
     except StudioError as err:  # RunError, AccessError
         return gr.skip(), warn(err)
     search = run.lr_search()

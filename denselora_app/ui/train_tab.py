@@ -18,11 +18,20 @@ from denselora_app.hub import jobs
 from denselora_app.hub.hosting import space_id
 from denselora_app.rules import DEVICE_KINDS
 from denselora_app.ui import charts, forms, loaders
-from denselora_app.ui.data_preview import PREVIEW_FIELDS, TRAINED, DataPreview, preview_data, upload_data
+from denselora_app.ui.data_preview import (
+    CHOSEN,
+    PREVIEW_FIELDS,
+    REJECTED,
+    TRAINED,
+    DataPreview,
+    preview_data,
+    upload_data,
+)
 from denselora_app.ui.live_view import REFRESH_SECONDS, LiveView, chat_offer, live_status, restore_run
 from denselora_app.ui.train_form import (
     METHOD_CHOICES,
     QUANTIZATION_CHOICES,
+    STAGE_CHOICES,
     check_model,
     checkpointing_for,
     load_preset,
@@ -30,6 +39,7 @@ from denselora_app.ui.train_form import (
     preset_choices,
     save_preset,
     show_command,
+    stage_changed,
 )
 from denselora_app.ui.train_run import (
     ON_JOBS,
@@ -84,10 +94,18 @@ def build(demo: gr.Blocks) -> TrainTab:
                 check_button = gr.Button("Check model", scale=1, min_width=120, elem_id="check-model",
                                          elem_classes=["dl-end"])
             model_info = gr.Markdown(elem_id="model-info")
+            controls["stage"] = gr.Radio(STAGE_CHOICES, value=cfg.stage, label="Stage", info=field_help("stage"),
+                                         elem_id="cfg-stage")
+            with gr.Row(visible=cfg.stage != "sft", elem_id="dpo-settings") as dpo_settings:
+                number("beta", "Beta (DPO, KTO)")
+                dropdown("dpo_loss", "DPO loss", list(C.DPO_LOSSES), visible=cfg.stage == "dpo")
+                controls["init_adapter"] = gr.Textbox(cfg.init_adapter, label="Start from run (optional)",
+                                                      info=field_help("init_adapter"), elem_id="cfg-init_adapter")
             with gr.Row(equal_height=True):
                 controls["data"] = gr.Textbox(cfg.data, label="Training data", scale=3, elem_id="cfg-data",
                                               info="A file path, a Hub dataset (owner/name or owner/name:split), "
-                                                   f"or {C.SAMPLE_DATA} (the shipped sample).")
+                                                   f"or a shipped sample: {C.SAMPLE_DATA} (sft), "
+                                                   f"{C.SAMPLE_PAIRS} (dpo).")
                 upload = gr.File(label="Upload a dataset (.jsonl .json .csv .parquet .txt)",
                                  file_types=list(loaders.UPLOAD_TYPES), height=110, scale=2, min_width=200,
                                  elem_id="upload", elem_classes=["dl-upload"])
@@ -159,6 +177,14 @@ def build(demo: gr.Blocks) -> TrainTab:
                 with gr.Row():
                     checkbox("gradient_checkpointing", "Gradient checkpointing", cfg.checkpointing)
                     checkbox("trust_remote_code", "Trust remote code")
+                # Sharding takes several processes (torchrun or accelerate launch: Show command gives the line);
+                # the app's own runs train in one.
+                with gr.Row():
+                    checkbox("fsdp", "Shard over GPUs (FSDP2, under torchrun)")
+                    checkbox("fsdp_offload", "Offload shards to CPU")
+                controls["report_to"] = gr.CheckboxGroup(list(C.TRACKERS), value=cfg.report_to,
+                                                         label="Also report to", info=field_help("report_to"),
+                                                         elem_id="cfg-report_to")
 
         with gr.Column(scale=2, elem_id="train-data"):
             with gr.Row():
@@ -189,7 +215,8 @@ def build(demo: gr.Blocks) -> TrainTab:
                 report = gr.Textbox(label="Data report", lines=5, max_lines=14, interactive=False,
                                     elem_id="data-report")
                 examples = gr.HighlightedText(label="Examples as the model sees them (highlighted: trained tokens)",
-                                              color_map={TRAINED: "green"}, show_legend=True, elem_id="data-examples")
+                                              color_map={TRAINED: "green", CHOSEN: "green", REJECTED: "red"},
+                                              show_legend=True, elem_id="data-examples")
     assert set(controls) == set(forms.FIELDS), "every RunConfig field needs exactly one control"
     controls = {name: controls[name] for name in forms.FIELDS}  # RunConfig order, for load_preset's outputs
 
@@ -235,6 +262,12 @@ def build(demo: gr.Blocks) -> TrainTab:
             grad_plot = gr.LinePlot(x="step", y="grad_norm", title="Gradient norm", height=220, elem_id="grad-plot")
             speed_plot = gr.LinePlot(x="step", y="tokens_per_second", title="Tokens per second", height=220,
                                      elem_id="speed-plot")
+        with gr.Row(visible=False) as preference_row:  # a dpo run
+            rewards_plot = gr.LinePlot(x="step", y="reward", color="series", color_map=charts.REWARD_COLORS,
+                                       title="Rewards (DPO): chosen, rejected and their margin", height=240,
+                                       elem_id="rewards-plot")
+            accuracy_plot = gr.LinePlot(x="step", y=charts.PREFERENCE_ACCURACY, height=240, elem_id="accuracy-plot",
+                                        title="Preference accuracy (chosen reward above rejected)")
         with gr.Row(equal_height=True):
             outcome = gr.Markdown(elem_id="run-outcome")
             chat_button = gr.Button("Chat with this adapter", variant="primary", visible=False, scale=0,
@@ -251,7 +284,8 @@ def build(demo: gr.Blocks) -> TrainTab:
     live_outputs = list(LiveView(
         header=run_header, progress=progress, run_box=run_box, loss_plot=loss_plot, lr_plot=lr_plot,
         grad_plot=grad_plot, speed_plot=speed_plot, outcome=outcome, log=log_box, timer=timer,
-        trials_plot=trials_plot, chosen_row=chosen_row, chosen_plot=chosen_plot))
+        trials_plot=trials_plot, chosen_row=chosen_row, chosen_plot=chosen_plot, preference_row=preference_row,
+        rewards_plot=rewards_plot, accuracy_plot=accuracy_plot))
     preview_outputs = list(DataPreview(
         message=data_message, detected=detected, box=preview_box, rows=rows_table, examples=examples,
         histogram=histogram, report=report))
@@ -285,6 +319,13 @@ def build(demo: gr.Blocks) -> TrainTab:
     upload.upload(upload_data, inputs=[upload], inputs_kwargs=preview_inputs,
                   outputs=[upload, controls["data"], *preview_outputs], api_name="upload_data",
                   cancels=[preview_on_load], **preview_queue)
+    controls["stage"].input(stage_changed, inputs=[controls["stage"], controls["data"]],
+                            outputs=[dpo_settings, controls["dpo_loss"], controls["data_format"], controls["packing"],
+                                     controls["train_on_inputs"], controls["data"]], api_visibility="private") \
+        .then(preview_data, inputs_kwargs=preview_inputs, outputs=preview_outputs, api_visibility="private",
+              api_name="preview_data_after_stage", **preview_queue) \
+        .then(parameter_line, inputs_kwargs=controls, outputs=param_outputs, api_visibility="private",
+              api_name="parameter_line_after_stage", **count_queue)
     controls["quantization"].input(checkpointing_for, inputs=[controls["quantization"]],
                                    outputs=[controls["gradient_checkpointing"]], api_visibility="private") \
         .then(parameter_line, inputs_kwargs=controls, outputs=param_outputs, api_visibility="private",
