@@ -142,9 +142,24 @@ def _evaluation(engine: ChatEngine, questions: int, tokens: int) -> dict[str, An
     together = engine.complete_many(asked, greedy)
     batched = time.perf_counter() - began
     same = sum(a == b for a, b in zip(alone, together))
+    # Where the time goes: the prompts alone (one new token each) the same two ways, and the lengths involved.
+    first = GenerationSettings(max_new_tokens=1, temperature=0.0, seed=0)
+    began = time.perf_counter()
+    for m in asked:
+        engine.complete(m, first)
+    prefill_alone = time.perf_counter() - began
+    began = time.perf_counter()
+    engine.complete_many(asked, first)
+    prefill_batched = time.perf_counter() - began
+    prompt_tokens = [len(engine.encode(m)) for m in asked]
+    reply_tokens = [len(engine.tokenizer(reply, add_special_tokens=False)["input_ids"]) for reply in alone]
     return {"questions": len(asked), "one_at_a_time_seconds": round(one_at_a_time, 2),
             "batched_seconds": round(batched, 2), "speedup": round(one_at_a_time / batched, 2),
-            "identical": same, "identical_share": round(same / len(asked), 4)}
+            "identical": same, "identical_share": round(same / len(asked), 4),
+            "prefill_one_at_a_time_seconds": round(prefill_alone, 2),
+            "prefill_batched_seconds": round(prefill_batched, 2),
+            "prompt_tokens_mean": round(sum(prompt_tokens) / len(prompt_tokens), 1),
+            "reply_tokens_mean": round(sum(reply_tokens) / len(reply_tokens), 1)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -205,7 +220,9 @@ def render_markdown(results: dict[str, Any]) -> str:
     e = results["evaluation"]
     lines += ["", f"Evaluation, generate mode, {e['questions']} questions: one at a time {e['one_at_a_time_seconds']} s, "
               f"batched {e['batched_seconds']} s ({e['speedup']}x); identical greedy replies {e['identical']}/"
-              f"{e['questions']}.", "",
+              f"{e['questions']}. The prompts alone (one new token each): one at a time "
+              f"{e['prefill_one_at_a_time_seconds']} s, batched {e['prefill_batched_seconds']} s; prompts "
+              f"{e['prompt_tokens_mean']} tokens and replies {e['reply_tokens_mean']} tokens on average.", "",
               markdown_table(["target", "wanted", "measured", "met"],
                              [[k, f">= {v}", results["measured"][k],
                                "yes" if (results["measured"][k] or 0) >= v else "no"] for k, v in TARGETS.items()])]

@@ -102,7 +102,7 @@ def test_uploads_are_stored_once_under_a_safe_name(tmp_path, monkeypatch):
 
 # What a user decides first, in that order, outside the Advanced accordion; every other RunConfig field is inside it.
 ESSENTIALS = ("model", "data", "method", "r", "learning_rate", "max_steps", "num_epochs", "batch_size")
-# The format is chosen beside the data preview; the stage and its settings before the data (it picks the layouts).
+# The format is chosen beside the data preview, and so are the stage and its settings (the stage picks the layouts).
 OUTSIDE_ADVANCED = {*ESSENTIALS, "data_format", "stage", "beta", "dpo_loss", "init_adapter"}
 
 
@@ -318,7 +318,7 @@ def test_start_watch_refuse_stop_and_the_runs_tab(client, app, app_model_dir, ap
     reloaded.predict(api_name="/restore_run")
     assert run_id in reloaded.predict(api_name="/status")[0]
     table, _, _ = client.predict(api_name="/list_runs")
-    assert table["data"][0][:4] == [run_id, "stopped", "denselora", 4]
+    assert table["data"][0][:5] == [run_id, "stopped", "sft", "denselora", 4]
     details, loss, _, config_yaml, report = client.predict(run_id, api_name="/open_run")
     assert run_id in details and "Your adapter is in" in details and plot_points(loss)
     assert RunConfig.from_dict(yaml.safe_load(config_yaml)).r == 4 and "rows_used: 8" in report

@@ -200,7 +200,7 @@ def test_the_gpu_throughput_check_runs_its_parts_in_one_call(tmp_path):
 
 @pytest.mark.slow
 def test_accuracy_benchmark_writes_a_complete_table_and_reuses_finished_trials(tmp_path, monkeypatch):
-    model = save_tiny_model(tmp_path / "model")
+    model = save_tiny_model(tmp_path / "model", max_position_embeddings=512)  # room for the questions
     monkeypatch.setenv("DENSELORA_RUNS", str(tmp_path / "runs"))
     argv = ["--mode", "smoke", "--model", str(model), "--device", "cpu", "--work-dir", str(tmp_path / "work"),
             "--trials-dir", str(tmp_path / "trials"), "--out-dir", str(tmp_path), "--seeds", "2"]
@@ -324,3 +324,18 @@ def test_the_multi_process_benchmark_runs_each_arm_through_torchrun_and_writes_i
     assert {(row["arm"], row["gpus"]) for row in results["largest_fitting"]} == {
         (arm, gpus) for arm in ("ddp", "fsdp", "fsdp-4bit") for gpus in (2, 4, 8)}
     assert "| fsdp |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_serving_benchmark_writes_every_row_and_where_evaluation_time_goes(tmp_path):
+    import serving
+
+    serving.main(["--model", "tiny", "--clients", "1", "2", "--requests", "1", "--new-tokens", "3",
+                  "--eval-questions", "2", "--no-transformers-cb", "--out-dir", str(tmp_path)])
+    (written,) = tmp_path.glob("serving_*.json")
+    results = json.loads(written.read_text())
+    assert {(row["model"], row["clients"]) for row in results["throughput"]} == {
+        (model, clients) for model in ("base", "adapter") for clients in (1, 2)}
+    evaluation = results["evaluation"]
+    assert evaluation["questions"] == 2 and evaluation["prefill_batched_seconds"] > 0
+    assert evaluation["prompt_tokens_mean"] > 0 and "The prompts alone" in written.with_suffix(".md").read_text()

@@ -170,7 +170,9 @@ def test_the_app_finds_shows_and_applies_a_rate(app_model_dir, app_data_file, ru
     search = run.lr_search()
     assert len(search.trials) == rules.LR_SEARCH_COUNT and search.chosen is not None
 
-    header, _, _, loss_plot, *_, outcome, _, _, trials_plot, chosen_row, chosen_plot = train_tab.live_status(run_id)
+    shown = train_tab.live_status(run_id)
+    header, loss_plot, outcome, trials_plot = shown.header, shown.loss_plot, shown.outcome, shown.trials_plot
+    chosen_row, chosen_plot = shown.chosen_row, shown.chosen_plot
     assert "Learning-rate search" in header and not loss_plot.visible
     assert f"Best learning rate: {format_rate(search.chosen)}" in outcome and rules.LR_SEARCH_LONG_RUNS in outcome
     points = trials_plot.value["data"]

@@ -94,13 +94,6 @@ def build(demo: gr.Blocks) -> TrainTab:
                 check_button = gr.Button("Check model", scale=1, min_width=120, elem_id="check-model",
                                          elem_classes=["dl-end"])
             model_info = gr.Markdown(elem_id="model-info")
-            controls["stage"] = gr.Radio(STAGE_CHOICES, value=cfg.stage, label="Stage", info=field_help("stage"),
-                                         elem_id="cfg-stage")
-            with gr.Row(visible=cfg.stage != "sft", elem_id="dpo-settings") as dpo_settings:
-                number("beta", "Beta (DPO, KTO)")
-                dropdown("dpo_loss", "DPO loss", list(C.DPO_LOSSES), visible=cfg.stage == "dpo")
-                controls["init_adapter"] = gr.Textbox(cfg.init_adapter, label="Start from run (optional)",
-                                                      info=field_help("init_adapter"), elem_id="cfg-init_adapter")
             with gr.Row(equal_height=True):
                 controls["data"] = gr.Textbox(cfg.data, label="Training data", scale=3, elem_id="cfg-data",
                                               info="A file path, a Hub dataset (owner/name or owner/name:split), "
@@ -200,6 +193,15 @@ def build(demo: gr.Blocks) -> TrainTab:
                                             elem_classes=["dl-end"])
                 command_button = gr.Button("Show command", size="sm", elem_id="show-command")
                 command = gr.Markdown(elem_id="command")
+            # The stage decides which data layouts the run reads: it sits above the data preview, and leaves the left
+            # column to the settings that must fit the window above Start.
+            controls["stage"] = gr.Radio(STAGE_CHOICES, value=cfg.stage, label="Stage", info=field_help("stage"),
+                                         elem_id="cfg-stage")
+            with gr.Row(visible=cfg.stage != "sft", elem_id="dpo-settings") as dpo_settings:
+                number("beta", "Beta (DPO, KTO)")
+                dropdown("dpo_loss", "DPO loss", list(C.DPO_LOSSES), visible=cfg.stage == "dpo")
+                controls["init_adapter"] = gr.Textbox(cfg.init_adapter, label="Start from run (optional)",
+                                                      info=field_help("init_adapter"), elem_id="cfg-init_adapter")
             gr.Markdown("**The data as the model sees it**", elem_id="preview-heading")
             with gr.Row():
                 dropdown("data_format", "Data format", list(C.DATA_FORMATS), scale=2)
