@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from denselora_app.config import RunConfig, StudioError
+from denselora_app.engine.sharding import ShardsOnCpu
 from denselora_app.engine.train import Setup, SharedRate
 from denselora_app.runs import Run, RunError, resolve_run
 
@@ -25,12 +26,12 @@ log = logging.getLogger(__name__)
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of a PEFT model's adapter it uses as the reference
 
 
-class StudioDPOTrainer(SharedRate, DPOTrainer):
-    """TRL's DPOTrainer with DenseLoRA's shared-weight learning rate."""
+class StudioDPOTrainer(SharedRate, ShardsOnCpu, DPOTrainer):
+    """TRL's DPOTrainer with DenseLoRA's shared-weight learning rate (and fsdp on CPU processes too)."""
 
 
-class StudioKTOTrainer(SharedRate, KTOTrainer):
-    """TRL's KTOTrainer with DenseLoRA's shared-weight learning rate."""
+class StudioKTOTrainer(SharedRate, ShardsOnCpu, KTOTrainer):
+    """TRL's KTOTrainer with DenseLoRA's shared-weight learning rate (and fsdp on CPU processes too)."""
 
 
 TRAINERS: dict[str, type] = {"dpo": StudioDPOTrainer, "kto": StudioKTOTrainer}
