@@ -246,13 +246,18 @@ class AppProcess:
         return (self.workdir / "app.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_process(self.process, grace=30)
+
+
+def end_process(process: subprocess.Popen, grace: float) -> None:
+    """Ask ``process`` to end (SIGTERM), and kill it if it has not within ``grace`` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def launch_app(workdir: Path, timeout: float = 180.0) -> AppProcess:

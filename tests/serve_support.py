@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from conftest import free_port, tiny_tokenizer
+from conftest import end_process, free_port, tiny_tokenizer
 from peft import get_peft_model
 
 from denselora_app.config import RunConfig
@@ -61,12 +61,7 @@ class Served:
     log: Path
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        end_process(self.process, grace=20)
 
 
 def start_serve(runs: Path, *args: str, timeout: float = 90.0) -> Served:

@@ -408,3 +408,15 @@ def test_no_endpoint_takes_a_file_that_was_not_uploaded(space, owner):
                                    cookies=cookie, timeout=60).text
                 assert events.startswith("event: error") and "secret" not in events, (api_name, value, events)
     assert space.files() == before
+
+
+def test_a_visitor_reads_logs_without_the_servers_folders_and_with_every_other_path_intact(monkeypatch, tmp_path):
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("DENSELORA_RUNS", str(runs))
+    visitor = access.Caller(None, owner=False)
+    text = f"Adapter saved to {runs}/r1/adapter; data {tmp_path}/runs-old/x.jsonl; see /usr/lib/python3"
+    assert access.shown_to(visitor, text) == (
+        f"Adapter saved to runs/r1/adapter; data {tmp_path}/runs-old/x.jsonl; see /usr/lib/python3")
+    monkeypatch.chdir("/")  # a server started at the root: "/" is no folder to hide
+    assert access.shown_to(visitor, "see /usr/lib/python3") == "see /usr/lib/python3"
+    assert access.shown_to(access.Caller("alice", owner=True), text) == text

@@ -9,9 +9,6 @@ layer keeps only a reference to them, not a submodule).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -71,22 +68,6 @@ class ShardsOnCpu:
             state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
             state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
             self.is_fsdp_enabled = True
-
-    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        # The Trainer makes the optimizer once the model is sharded: each process's whole copy of the weights is
-        # garbage by then, and glibc keeps freed heap pages (every tensor under its 32 MiB mmap threshold) unless told
-        # to hand them back, so without this a CPU process would hold its whole copy's worth of memory on.
-        if self.is_fsdp_enabled and torch.device(self.args.device).type == "cpu":
-            gc.collect()
-            _trim_heap()
-        return super().create_optimizer(model)
-
-
-def _trim_heap() -> None:
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim this way
-        pass
 
 
 def full(param: torch.Tensor) -> torch.Tensor:

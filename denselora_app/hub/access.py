@@ -21,6 +21,7 @@ disk, or a file handed to an endpoint that gradio did not receive as an upload, 
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,10 @@ def shown_to(who: Caller, text: str) -> str:
     if who.owner:
         return text
     for folder, shown in ((runs_dir(), "runs"), (Path.cwd(), "."), (Path.home(), "~")):
-        text = text.replace(str(folder.resolve()), shown).replace(str(folder), shown)
+        for spelled in dict.fromkeys((str(folder.resolve()), str(folder))):
+            if spelled.strip("/"):  # "/" itself (a working directory at the root) is in every path: left alone
+                # the whole folder name only: /home/user, not the start of /home/username
+                text = re.sub(re.escape(spelled) + r"(?![\w.-])", shown, text)
     return text
 
 

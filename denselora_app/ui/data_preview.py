@@ -80,8 +80,7 @@ def _preview_pairs(cfg: RunConfig, tokenizer: Any) -> DataPreview:
     report = preview["report"]
     message = _dropped(report)
     what = "pairs" if cfg.stage == "dpo" else "completions"
-    detected = (f"Layout: **{preview['format']}** (detected) · columns: "
-                + ", ".join(f"`{c}`" for c in preview["columns"]) + f" · {report.rows_used} {what} usable")
+    detected = _found("Layout", preview["format"], "detected", preview["columns"], f"{report.rows_used} {what}")
     lengths = charts.length_histogram(preview["lengths"], cfg.cutoff_len)
     if cfg.stage == "kto":
         side_by_side = pd.DataFrame([[_cell(e.prompt), _cell(e.completion), CHOSEN if e.label else REJECTED]
@@ -134,8 +133,7 @@ def preview_data(
     report = preview["report"]
     message = _dropped(report)
     how = "detected" if cfg.data_format == "auto" else "chosen"
-    detected = (f"Format: **{preview['format']}** ({how}) · columns: "
-                + ", ".join(f"`{c}`" for c in preview["columns"]) + f" · {report.rows_used} rows usable")
+    detected = _found("Format", preview["format"], how, preview["columns"], f"{report.rows_used} rows")
     lengths = charts.length_histogram(preview["lengths"], cfg.cutoff_len)
     rows = pd.DataFrame([[_cell(row.get(c, "")) for c in preview["columns"]] for row in preview["rows"]],
                         columns=preview["columns"])
@@ -176,3 +174,9 @@ def _dropped(report: Any) -> str:
         return ""
     return warn(f"{sum(report.dropped.values())} of {report.rows_read} rows will be dropped:\n\n"
                 + "\n".join(f"- {problem}" for problem in report.problems))
+
+
+def _found(kind: str, layout: str, how: str, columns: list[str], usable: str) -> str:
+    """The line under the preview saying what the data is: its layout, how it was picked, its columns, and how many
+    rows (or pairs, completions) are usable."""
+    return f"{kind}: **{layout}** ({how}) · columns: " + ", ".join(f"`{c}`" for c in columns) + f" · {usable} usable"
